@@ -1,0 +1,106 @@
+"""Checkpoint files: atomic saving, safe loading (``weights_only=True``) and one helper
+that loads weights into a network from any of the layouts in use:
+
+- a plain state dict (the authors' CIFAR checkpoints, and our ``weights.pt``),
+- the same with every key prefixed ``module.`` (DataParallel / DDP),
+- a dict wrapping it under ``'state_dict'`` (the authors' ImageNet checkpoint) or
+  ``'model'`` (our full checkpoints).
+
+When keys or shapes do not fit, ``CheckpointError`` names a few of them and the setting
+that is most likely wrong.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit; the message says how to fix it."""
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """torch.save to a temp file in the same folder, then rename: a crash never leaves a
+    half-written checkpoint behind."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_file(path: str, map_location: str | torch.device = "cpu") -> Any:
+    """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the user
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is corrupt, truncated or not a PyTorch "
+            f"checkpoint ({first[:200]})") from None
+
+
+def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded checkpoint, with any ``module.`` prefix removed."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise CheckpointError("the checkpoint holds no state dict (expected a dict of tensors, "
+                              "optionally wrapped as {'state_dict': ...})")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _likely_cause(missing: list[str], unexpected: list[str],
+                  shapes: list[tuple[str, tuple, tuple]]) -> str:
+    keys = missing + unexpected
+    if keys and all(k.startswith("auxiliary_head.") for k in keys):
+        return ("--auxiliary (the checkpoint has an auxiliary head)" if unexpected else
+                "--auxiliary (the checkpoint has no auxiliary head)")
+    if any(k.startswith(("stem0.", "stem1.")) for k in keys) and any(
+            k.startswith("stem.") for k in keys):
+        return "the dataset (a CIFAR network and an ImageNet network do not share weights)"
+    if shapes and all(k.startswith(("classifier.", "auxiliary_head.classifier.")) for k, _, _ in shapes):
+        return "the number of classes (--cifar100 / --dataset)"
+    cell_ids = {int(k.split(".")[1]) for k in keys if k.startswith("cells.")}
+    if cell_ids and (unexpected and not missing or missing and not unexpected):
+        return "--layers (the number of cells)"
+    if shapes and not keys:
+        return "--init_channels (the tensor shapes differ)"
+    return "--arch (the cells have different operations)"
+
+
+def load_weights(model: nn.Module, obj: Any, source: str = "checkpoint") -> None:
+    """Load a checkpoint object (already read from disk) into ``model`` with strict key
+    and shape checking; raise CheckpointError with a helpful message otherwise."""
+    state = extract_state_dict(obj)
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in state)
+    unexpected = sorted(k for k in state if k not in own)
+    shapes = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) e.g. {', '.join(unexpected[:3])}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es) e.g. " + ", ".join(
+                f"{k} {list(a)} vs {list(b)} in the network" for k, a, b in shapes[:2]))
+        raise CheckpointError(
+            f"{source} does not fit the network: {'; '.join(parts)}. "
+            f"Check {_likely_cause(missing, unexpected, shapes)}.")
+    model.load_state_dict(state, strict=True)

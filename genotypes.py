@@ -1,0 +1,232 @@
+"""Cell genotypes: the ``Genotype`` record, the op list, the published cells, and
+lookup by name or JSON file (SPEC section 3).
+
+A genotype lists, for each intermediate node i, two (op name, input) pairs at positions
+2i and 2i+1. Input 0 is c_{k-2}, input 1 is c_{k-1}, input j >= 2 is intermediate node
+j - 2. The JSON form, written by the search and read by every script::
+
+    {"normal": [["sep_conv_3x3", 0], ...], "normal_concat": [2, 3, 4, 5],
+     "reduce": [["max_pool_3x3", 0], ...], "reduce_concat": [2, 3, 4, 5]}
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import namedtuple
+from typing import Any
+
+Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
+
+# The search space, in the order that switches, alphas and saved files use.
+PRIMITIVES = [
+    "none",
+    "max_pool_3x3",
+    "avg_pool_3x3",
+    "skip_connect",
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "dil_conv_3x3",
+    "dil_conv_5x5",
+]
+# Ops that published cells of other papers use; the evaluation networks build them too.
+EXTRA_PRIMITIVES = ["sep_conv_7x7", "conv_7x1_1x7"]
+KNOWN_OPS = PRIMITIVES + EXTRA_PRIMITIVES
+
+NASNet = Genotype(
+    normal=[
+        ("sep_conv_5x5", 1), ("sep_conv_3x3", 0),
+        ("sep_conv_5x5", 0), ("sep_conv_3x3", 0),
+        ("avg_pool_3x3", 1), ("skip_connect", 0),
+        ("avg_pool_3x3", 0), ("avg_pool_3x3", 0),
+        ("sep_conv_3x3", 1), ("skip_connect", 1),
+    ],
+    normal_concat=[2, 3, 4, 5, 6],
+    reduce=[
+        ("sep_conv_5x5", 1), ("sep_conv_7x7", 0),
+        ("max_pool_3x3", 1), ("sep_conv_7x7", 0),
+        ("avg_pool_3x3", 1), ("sep_conv_5x5", 0),
+        ("skip_connect", 3), ("avg_pool_3x3", 2),
+        ("sep_conv_3x3", 2), ("max_pool_3x3", 1),
+    ],
+    reduce_concat=[4, 5, 6],
+)
+
+AmoebaNet = Genotype(
+    normal=[
+        ("avg_pool_3x3", 0), ("max_pool_3x3", 1),
+        ("sep_conv_3x3", 0), ("sep_conv_5x5", 2),
+        ("sep_conv_3x3", 0), ("avg_pool_3x3", 3),
+        ("sep_conv_3x3", 1), ("skip_connect", 1),
+        ("skip_connect", 0), ("avg_pool_3x3", 1),
+    ],
+    normal_concat=[4, 5, 6],
+    reduce=[
+        ("avg_pool_3x3", 0), ("sep_conv_3x3", 1),
+        ("max_pool_3x3", 0), ("sep_conv_7x7", 2),
+        ("sep_conv_7x7", 0), ("avg_pool_3x3", 1),
+        ("max_pool_3x3", 0), ("max_pool_3x3", 1),
+        ("conv_7x1_1x7", 0), ("sep_conv_3x3", 5),
+    ],
+    reduce_concat=[3, 4, 6],
+)
+
+DARTS_V1 = Genotype(
+    normal=[
+        ("sep_conv_3x3", 1), ("sep_conv_3x3", 0),
+        ("skip_connect", 0), ("sep_conv_3x3", 1),
+        ("skip_connect", 0), ("sep_conv_3x3", 1),
+        ("sep_conv_3x3", 0), ("skip_connect", 2),
+    ],
+    normal_concat=[2, 3, 4, 5],
+    reduce=[
+        ("max_pool_3x3", 0), ("max_pool_3x3", 1),
+        ("skip_connect", 2), ("max_pool_3x3", 0),
+        ("max_pool_3x3", 0), ("skip_connect", 2),
+        ("skip_connect", 2), ("avg_pool_3x3", 0),
+    ],
+    reduce_concat=[2, 3, 4, 5],
+)
+
+DARTS_V2 = Genotype(
+    normal=[
+        ("sep_conv_3x3", 0), ("sep_conv_3x3", 1),
+        ("sep_conv_3x3", 0), ("sep_conv_3x3", 1),
+        ("sep_conv_3x3", 1), ("skip_connect", 0),
+        ("skip_connect", 0), ("dil_conv_3x3", 2),
+    ],
+    normal_concat=[2, 3, 4, 5],
+    reduce=[
+        ("max_pool_3x3", 0), ("max_pool_3x3", 1),
+        ("skip_connect", 2), ("max_pool_3x3", 1),
+        ("max_pool_3x3", 0), ("skip_connect", 2),
+        ("skip_connect", 2), ("max_pool_3x3", 1),
+    ],
+    reduce_concat=[2, 3, 4, 5],
+)
+
+DARTS = DARTS_V2
+
+PDARTS = Genotype(
+    normal=[
+        ("skip_connect", 0), ("dil_conv_3x3", 1),
+        ("skip_connect", 0), ("sep_conv_3x3", 1),
+        ("sep_conv_3x3", 1), ("sep_conv_3x3", 3),
+        ("sep_conv_3x3", 0), ("dil_conv_5x5", 4),
+    ],
+    normal_concat=[2, 3, 4, 5],
+    reduce=[
+        ("avg_pool_3x3", 0), ("sep_conv_5x5", 1),
+        ("sep_conv_3x3", 0), ("dil_conv_5x5", 2),
+        ("max_pool_3x3", 0), ("dil_conv_3x3", 1),
+        ("dil_conv_3x3", 1), ("dil_conv_5x5", 3),
+    ],
+    reduce_concat=[2, 3, 4, 5],
+)
+
+
+class GenotypeError(ValueError):
+    """A genotype name or file that cannot be used; the message says why and how to fix it."""
+
+
+def known_genotypes() -> list[str]:
+    """Names of the cells defined in this module (``DARTS`` is an alias of ``DARTS_V2``)."""
+    return sorted(name for name, value in globals().items() if isinstance(value, Genotype))
+
+
+def validate_genotype(genotype: Genotype, source: str = "genotype") -> Genotype:
+    """Check ops, pair counts, input indices and concat lists; return a normalised copy
+    (tuples for pairs, lists for concat) or raise GenotypeError."""
+    fields = {}
+    for kind in ("normal", "reduce"):
+        pairs = getattr(genotype, kind)
+        if not isinstance(pairs, (list, tuple)) or len(pairs) < 2 or len(pairs) % 2:
+            got = f"{len(pairs)} pairs" if isinstance(pairs, (list, tuple)) else repr(pairs)
+            raise GenotypeError(
+                f"{source}: '{kind}' must list two (op, input) pairs per intermediate node "
+                f"(8 pairs for a P-DARTS cell), got {got}")
+        normalised = []
+        for k, pair in enumerate(pairs):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise GenotypeError(f"{source}: {kind}[{k}] must be a pair [op, input], got {pair!r}")
+            op, index = pair
+            if op not in KNOWN_OPS:
+                raise GenotypeError(
+                    f"{source}: {kind}[{k}] has unknown op {op!r}; known ops: {', '.join(KNOWN_OPS)}")
+            node = k // 2
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 2 + node:
+                raise GenotypeError(
+                    f"{source}: {kind}[{k}] feeds intermediate node {node}, whose input index "
+                    f"must be an integer in 0..{1 + node}, got {index!r}")
+            normalised.append((op, index))
+        steps = len(pairs) // 2
+        concat = getattr(genotype, kind + "_concat")
+        try:
+            concat = [int(c) for c in concat]
+        except (TypeError, ValueError):
+            raise GenotypeError(f"{source}: '{kind}_concat' must be a list of node indices") from None
+        if not concat or any(not 0 <= c < 2 + steps for c in concat):
+            raise GenotypeError(
+                f"{source}: '{kind}_concat' must list node indices in 0..{1 + steps}, got {concat}")
+        fields[kind] = normalised
+        fields[kind + "_concat"] = concat
+    return Genotype(**fields)
+
+
+def genotype_to_dict(genotype: Genotype) -> dict[str, Any]:
+    return {
+        "normal": [[op, int(i)] for op, i in genotype.normal],
+        "normal_concat": [int(c) for c in genotype.normal_concat],
+        "reduce": [[op, int(i)] for op, i in genotype.reduce],
+        "reduce_concat": [int(c) for c in genotype.reduce_concat],
+    }
+
+
+def genotype_from_dict(data: Any, source: str = "genotype") -> Genotype:
+    if not isinstance(data, dict):
+        raise GenotypeError(f"{source}: expected a JSON object with keys normal, normal_concat, "
+                            "reduce, reduce_concat")
+    missing = [k for k in Genotype._fields if k not in data]
+    if missing:
+        raise GenotypeError(f"{source}: missing key(s) {', '.join(missing)}")
+    return validate_genotype(Genotype(**{k: data[k] for k in Genotype._fields}), source)
+
+
+def save_genotype(genotype: Genotype, path: str) -> None:
+    """Write a genotype as JSON (atomically: temp file, then rename)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(genotype_to_dict(genotype), f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def load_genotype_file(path: str) -> Genotype:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise GenotypeError(f"cannot read genotype file {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise GenotypeError(f"{path} is not valid JSON ({e})") from None
+    return genotype_from_dict(data, source=path)
+
+
+def get_genotype(name_or_path: str) -> Genotype:
+    """Look a cell up by name (``PDARTS``) or read it from a genotype JSON file. Never eval."""
+    if name_or_path.endswith(".json") or os.path.sep in name_or_path or os.path.isfile(name_or_path):
+        return load_genotype_file(name_or_path)
+    value = globals().get(name_or_path)
+    if not isinstance(value, Genotype):
+        raise GenotypeError(
+            f"unknown genotype {name_or_path!r}: use one of {', '.join(known_genotypes())} "
+            "or the path to a genotype JSON file")
+    return validate_genotype(value, name_or_path)
+
+
+def format_genotype(genotype: Genotype) -> str:
+    """The ``Genotype(...)`` line that can be pasted into this module."""
+    g = genotype_to_dict(genotype)
+    normal = ", ".join(f"('{op}', {i})" for op, i in g["normal"])
+    reduce = ", ".join(f"('{op}', {i})" for op, i in g["reduce"])
+    return (f"Genotype(normal=[{normal}], normal_concat={g['normal_concat']}, "
+            f"reduce=[{reduce}], reduce_concat={g['reduce_concat']})")
