@@ -63,8 +63,16 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _num_cells(keys) -> int:
+    """Number of cells in a state dict (1 + the largest ``cells.<i>.`` index)."""
+    ids = [int(k.split(".")[1]) for k in keys
+           if k.startswith("cells.") and k.split(".")[1].isdigit()]
+    return max(ids) + 1 if ids else 0
+
+
 def _likely_cause(missing: list[str], unexpected: list[str],
-                  shapes: list[tuple[str, tuple, tuple]]) -> str:
+                  shapes: list[tuple[str, tuple, tuple]],
+                  num_cells: tuple[int, int] = (0, 0)) -> str:
     keys = missing + unexpected
     if keys and all(k.startswith("auxiliary_head.") for k in keys):
         return ("--auxiliary (the checkpoint has an auxiliary head)" if unexpected else
@@ -72,6 +80,11 @@ def _likely_cause(missing: list[str], unexpected: list[str],
     if any(k.startswith(("stem0.", "stem1.")) for k in keys) and any(
             k.startswith("stem.") for k in keys):
         return "the dataset (a CIFAR network and an ImageNet network do not share weights)"
+    if num_cells[0] != num_cells[1]:
+        # Fewer or more cells also moves the reduction cells, so keys and shapes differ
+        # all over; the cell count is the telling difference.
+        return (f"--layers (the checkpoint has {num_cells[0]} cells, "
+                f"the network {num_cells[1]})")
     if shapes and all(k.startswith(("classifier.", "auxiliary_head.classifier.")) for k, _, _ in shapes):
         return "the number of classes (--cifar100 / --dataset)"
     cell_ids = {int(k.split(".")[1]) for k in keys if k.startswith("cells.")}
@@ -102,5 +115,5 @@ def load_weights(model: nn.Module, obj: Any, source: str = "checkpoint") -> None
                 f"{k} {list(a)} vs {list(b)} in the network" for k, a, b in shapes[:2]))
         raise CheckpointError(
             f"{source} does not fit the network: {'; '.join(parts)}. "
-            f"Check {_likely_cause(missing, unexpected, shapes)}.")
+            f"Check {_likely_cause(missing, unexpected, shapes, (_num_cells(state), _num_cells(own)))}.")
     model.load_state_dict(state, strict=True)

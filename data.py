@@ -1,0 +1,247 @@
+"""Datasets and input pipelines.
+
+- CIFAR-10/100 from the standard python-version folders (``cifar-10-batches-py``,
+  ``cifar-100-python``) under the data directory, read with a restricted unpickler and
+  no checksum check, so any correct pickle-format folder works. ``--download`` fetches
+  the official archive with torchvision.
+- ``demo``: a deterministic, generated, learnable 10-class 32x32 RGB task, for the
+  README's first command and the tests.
+- A user's own ImageFolder tree (class subfolders), resized to ``image_size``.
+- ImageNet from ``imagenet/train`` and ``imagenet/val`` class folders.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from torch.utils.data import Dataset
+
+from utils import UserError
+
+CIFAR10_MEAN = (0.49139968, 0.48215827, 0.44653124)
+CIFAR10_STD = (0.24703233, 0.24348505, 0.26158768)
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CIFAR_FOLDERS = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "labels", 10),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", 100),
+}
+
+
+class DataError(UserError):
+    """A dataset folder that is missing or unreadable."""
+
+
+def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std used for a dataset name (demo uses CIFAR-10's; folder and imagenet
+    use ImageNet's)."""
+    if dataset == "cifar100":
+        return CIFAR100_MEAN, CIFAR100_STD
+    if dataset in ("cifar10", "demo"):
+        return CIFAR10_MEAN, CIFAR10_STD
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+# ---------------------------------------------------------------------------------------
+# In-memory uint8 image arrays (CIFAR and demo)
+# ---------------------------------------------------------------------------------------
+
+class ArrayDataset(Dataset):
+    """Images as a uint8 N x H x W x 3 array and integer labels; each item goes through
+    ``transform`` as a PIL image, exactly as torchvision's CIFAR datasets do."""
+
+    def __init__(self, data: np.ndarray, targets, transform=None) -> None:
+        self.data = data
+        self.targets = [int(t) for t in targets]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        img = Image.fromarray(self.data[index])
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]
+
+    @property
+    def num_classes(self) -> int:
+        return max(self.targets) + 1
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Only what the CIFAR pickles need: numpy arrays, dtypes and bytes."""
+
+    _ALLOWED = {"_reconstruct", "ndarray", "dtype", "_frombuffer", "scalar"}
+
+    def find_class(self, module: str, name: str):
+        if (module.startswith("numpy") and name in self._ALLOWED) or (module, name) == ("_codecs", "encode"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")
+
+
+def _read_batch(path: str) -> dict:
+    with open(path, "rb") as f:
+        batch = _CifarUnpickler(f, encoding="bytes").load()
+    # The official files were pickled by Python 2 (bytes keys); accept str keys too.
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+
+
+def cifar_folder(root: str, dataset: str) -> str:
+    return os.path.join(root, CIFAR_FOLDERS[dataset][0])
+
+
+def load_cifar_arrays(root: str, dataset: str, train: bool,
+                      download: bool = False) -> tuple[np.ndarray, list[int]]:
+    """Read a CIFAR split into (uint8 N x 32 x 32 x 3, labels)."""
+    folder_name, train_files, test_files, label_key, _ = CIFAR_FOLDERS[dataset]
+    folder = os.path.join(root, folder_name)
+    if not os.path.isdir(folder) and download:
+        from torchvision import datasets
+
+        cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
+        try:
+            cls(root, train=train, download=True)
+        except Exception as e:  # noqa: BLE001 - network failures come in many types
+            raise DataError(f"could not download {dataset} into {root}: {e}") from None
+    files = train_files if train else test_files
+    if not os.path.isdir(folder):
+        raise DataError(
+            f"{dataset} not found: expected the python-version folder {folder} "
+            f"(with {', '.join(files)}). Set --tmp_data_dir to the folder that contains "
+            f"{folder_name}, or add --download to fetch it.")
+    data, labels = [], []
+    for name in files:
+        path = os.path.join(folder, name)
+        try:
+            batch = _read_batch(path)
+            x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            y = list(batch[label_key])
+        except (OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
+            raise DataError(f"cannot read {path}: {e}. Expected a CIFAR python-version batch "
+                            "file; re-download the dataset.") from None
+        if len(y) != len(x):
+            raise DataError(f"{path}: {len(x)} images but {len(y)} labels")
+        data.append(x)
+        labels.extend(int(v) for v in y)
+    return np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1)), labels
+
+
+def make_demo_arrays(train: bool, num_train: int = 1000, num_test: int = 500,
+                     seed: int = 0) -> tuple[np.ndarray, list[int]]:
+    """A deterministic, learnable 10-class task: each class is a coloured oriented
+    grating of its own frequency and hue on a noisy background, at a random phase and
+    position. A small network gets well above chance (10%) in a few epochs."""
+    n = num_train if train else num_test
+    g = torch.Generator().manual_seed(seed + (0 if train else 1))
+    labels = torch.arange(n) % 10
+    labels = labels[torch.randperm(n, generator=g)]
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    angle = labels.float() * (torch.pi / 10)                     # orientation per class
+    freq = 0.25 + 0.1 * (labels % 5).float()                    # frequency per class
+    phase = torch.rand(n, generator=g) * 2 * torch.pi
+    proj = (xx[None] * torch.cos(angle)[:, None, None] + yy[None] * torch.sin(angle)[:, None, None])
+    pattern = torch.sin(proj * freq[:, None, None] + phase[:, None, None])   # n x 32 x 32
+    hue = torch.stack([torch.cos(labels * 0.63), torch.cos(labels * 0.63 + 2.1),
+                       torch.cos(labels * 0.63 + 4.2)], dim=1)               # n x 3
+    img = 0.5 + 0.25 * pattern[:, None] * (0.6 + 0.4 * hue[:, :, None, None])
+    img = img + 0.08 * torch.randn(n, 3, 32, 32, generator=g)
+    data = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return data.numpy(), labels.tolist()
+
+
+# ---------------------------------------------------------------------------------------
+# Transforms
+# ---------------------------------------------------------------------------------------
+
+class Cutout:
+    """Zero one square of side ``length`` at a uniformly random centre, clipped at the
+    border (applied to the normalised tensor, as in the release)."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        y = int(torch.randint(h, (1,)))
+        x = int(torch.randint(w, (1,)))
+        y1, y2 = max(0, y - self.length // 2), min(h, y + self.length // 2)
+        x1, x2 = max(0, x - self.length // 2), min(w, x + self.length // 2)
+        img = img.clone()
+        img[..., y1:y2, x1:x2] = 0.0
+        return img
+
+
+def cifar_transforms(dataset: str, train: bool, cutout_length: int = 0, image_size: int = 32):
+    """Random crop with 4 pixels of zero padding, horizontal flip, normalise, optional
+    cutout (training); normalise only (evaluation)."""
+    mean, std = normalization(dataset)
+    if not train:
+        return T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    steps = [T.RandomCrop(image_size, padding=image_size // 8), T.RandomHorizontalFlip(),
+             T.ToTensor(), T.Normalize(mean, std)]
+    if cutout_length > 0:
+        steps.append(Cutout(cutout_length))
+    return T.Compose(steps)
+
+
+def folder_transforms(train: bool, image_size: int = 32):
+    """A user's ImageFolder for the search: resize the short side to ``image_size`` and
+    centre-crop, then the CIFAR augmentation (crop with padding image_size/8, flip);
+    normalised with the ImageNet mean and std."""
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    base = [T.Resize(image_size), T.CenterCrop(image_size)]
+    if train:
+        base += [T.RandomCrop(image_size, padding=image_size // 8), T.RandomHorizontalFlip()]
+    return T.Compose(base + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+def imagenet_transforms(train: bool):
+    """The release's ImageNet augmentation (train) and resize 256 / centre crop 224 (eval)."""
+    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    if train:
+        return T.Compose([
+            T.RandomResizedCrop(224), T.RandomHorizontalFlip(),
+            T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2),
+            T.ToTensor(), normalize])
+    return T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalize])
+
+
+# ---------------------------------------------------------------------------------------
+# Dataset builders
+# ---------------------------------------------------------------------------------------
+
+def get_image_folder(path: str, transform, what: str = "image folder"):
+    """torchvision ImageFolder with a clear error when the folder is missing or empty."""
+    from torchvision import datasets
+
+    if not os.path.isdir(path):
+        raise DataError(f"{what} not found: expected a folder of class subfolders at {path}")
+    try:
+        return datasets.ImageFolder(path, transform=transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"cannot use {path} as {what}: {e}") from None
+
+
+def get_dataset(name: str, root: str, train: bool, transform, download: bool = False):
+    """``cifar10``, ``cifar100`` (from ``root``) or ``demo`` (generated) as an
+    ArrayDataset with the given transform."""
+    if name in CIFAR_FOLDERS:
+        data, labels = load_cifar_arrays(root, name, train, download)
+    elif name == "demo":
+        data, labels = make_demo_arrays(train)
+    else:
+        raise UserError(f"unknown dataset {name!r}")
+    return ArrayDataset(data, labels, transform)
+
+
+def num_classes_of(name: str) -> int:
+    return {"cifar10": 10, "cifar100": 100, "demo": 10, "imagenet": 1000}[name]

@@ -1,0 +1,89 @@
+"""Shared test setup: import the project's top-level modules, keep tests on CPU and quick."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def fixtures_dir():
+    path = os.path.join(SHARED, "fixtures")
+    if not os.path.isdir(path):
+        pytest.skip("../shared/fixtures is not beside the checkout")
+    return path
+
+
+def write_cifar_folder(root: str, num_classes: int = 10, per_file: int = 20, seed: int = 0) -> str:
+    """Write a tiny CIFAR-10 (``cifar-10-batches-py``: 5 train batches + test_batch) or
+    CIFAR-100 (``cifar-100-python``: train + test) folder in the real pickle format.
+    Images are the generated demo task's, so a network can learn them."""
+    import pickle
+
+    import numpy as np
+
+    from data import make_demo_arrays
+
+    rng = np.random.default_rng(seed)
+    if num_classes == 10:
+        folder = os.path.join(root, "cifar-10-batches-py")
+        files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+        label_key = "labels"
+    else:
+        folder = os.path.join(root, "cifar-100-python")
+        files = ["train", "test"]
+        label_key = "fine_labels"
+    os.makedirs(folder, exist_ok=True)
+    imgs, labels = make_demo_arrays(True, num_train=per_file * len(files))
+    for k, name in enumerate(files):
+        x = imgs[k * per_file:(k + 1) * per_file]
+        y = labels[k * per_file:(k + 1) * per_file]
+        if num_classes != 10:
+            y = [int(v) + 10 * int(rng.integers(num_classes // 10)) for v in y]
+        batch = {"batch_label": name, label_key: y,
+                 "data": x.transpose(0, 3, 1, 2).reshape(len(x), -1).copy(),
+                 "filenames": [f"{name}_{i}.png" for i in range(len(x))]}
+        if num_classes != 10:
+            batch["coarse_labels"] = [v // 5 for v in y]
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    return root
+
+
+def write_image_folder(root: str, num_classes: int = 3, per_class: int = 4, size: int = 40) -> str:
+    """A tiny ImageFolder tree of generated JPEGs: root/class_k/img_i.jpg."""
+    from PIL import Image
+
+    from data import make_demo_arrays
+
+    imgs, labels = make_demo_arrays(True, num_train=num_classes * per_class * 4)
+    counts = [0] * num_classes
+    for img, y in zip(imgs, labels):
+        if y >= num_classes or counts[y] >= per_class:
+            continue
+        d = os.path.join(root, f"class_{y}")
+        os.makedirs(d, exist_ok=True)
+        Image.fromarray(img).resize((size, size)).save(os.path.join(d, f"img_{counts[y]}.jpg"))
+        counts[y] += 1
+    return root
+
+
+@pytest.fixture
+def cifar10_dir(tmp_path):
+    return write_cifar_folder(str(tmp_path / "data"), 10)
+
+
+@pytest.fixture
+def cifar100_dir(tmp_path):
+    return write_cifar_folder(str(tmp_path / "data"), 100)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return write_image_folder(str(tmp_path / "images"))
