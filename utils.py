@@ -41,7 +41,7 @@ def run_dir_name(save: str, kind: str, note: str) -> str:
 def setup_logging(run_dir: str | None, is_main: bool = True) -> logging.Logger:
     """One log format to stdout and ``run_dir/log.txt`` (rank 0 only; other ranks log
     warnings and errors to stderr)."""
-    logger.handlers.clear()
+    close_logging()  # close (not just drop) the handlers of a previous run in this process
     logger.propagate = False
     fmt = logging.Formatter("%(asctime)s %(message)s", datefmt="%m/%d %I:%M:%S %p")
     if is_main:
@@ -228,8 +228,11 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 def get_rng_state() -> dict:
     import numpy as np
 
+    # numpy's state holds an ndarray, which torch.load(weights_only=True) refuses: store
+    # it as plain Python values so a checkpoint with RNG states loads safely.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": np.random.get_state()}
+             "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -240,7 +243,8 @@ def set_rng_state(state: dict) -> None:
 
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

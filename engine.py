@@ -1,0 +1,538 @@
+"""The training and evaluation loop shared by train_cifar.py, train_imagenet.py and test.py.
+
+- ``train_step`` / ``train_one_epoch`` / ``evaluate``: one SGD step, one epoch, one pass
+  over a test set; each epoch function returns a dict of averages. Metrics stay on the
+  device; the host reads them only at report points and at the end of an epoch.
+- ``fit``: the whole evaluation-network training run (SPEC section 5): per-epoch learning
+  rate and drop-path rate, DistributedDataParallel under torchrun, per-epoch checkpoints
+  (``weights.pt`` + ``checkpoint.pt``, written atomically), ``metrics.jsonl``, resume.
+- The command-line flags both training scripts share, the checkpoint format and the
+  helpers that rebuild a network from a checkpoint.
+
+Scale: one process on CPU or one GPU, or ``torchrun`` on many GPUs and nodes. Under
+torchrun ``--batch_size`` and ``--learning_rate`` stay global (the paper's 1024 at lr 0.5
+is 8 x 128): each process takes ``batch_size / world_size`` images per step and the
+learning rate is not rescaled. Evaluation is sharded over the processes (each takes every
+world_size-th test image, nothing padded or repeated) and the sums are all-reduced, so
+every process reports the exact test-set figures.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from checkpoint import CheckpointError, load_file, save_atomic
+from genotypes import Genotype, format_genotype, genotype_from_dict, genotype_to_dict
+from model import NetworkCIFAR, NetworkImageNet, format_summary, model_summary
+from utils import (
+    AverageMeter,
+    DistInfo,
+    MetricsWriter,
+    Progress,
+    UserError,
+    accuracy,
+    barrier,
+    broadcast_object,
+    check_finite,
+    log_run_start,
+    logger,
+    peak_memory_mb,
+    reset_peak_memory,
+    run_dir_name,
+    seed_everything,
+    setup_logging,
+)
+
+WEIGHTS_NAME = "weights.pt"        # the release's name: a plain state dict
+CHECKPOINT_NAME = "checkpoint.pt"  # everything needed to resume or rebuild
+METRICS_NAME = "metrics.jsonl"
+CHECKPOINT_FORMAT = "pdarts-eval-checkpoint/1"
+TOPK = (1, 5)
+
+# Flags that may differ from the saved run on --resume: they change where things are
+# read and how often they are reported, not what is computed.
+RESUME_FREE_FLAGS = {"resume", "tmp_data_dir", "data", "workers", "report_freq", "device",
+                     "save", "note", "download", "deterministic"}
+
+
+# ---------------------------------------------------------------------------------------
+# Schedules (pure functions of the epoch)
+# ---------------------------------------------------------------------------------------
+
+def cosine_lr(lr0: float, epoch: int, epochs: int, lr_min: float = 0.0) -> float:
+    """Cosine annealing set once per epoch: epoch 0 uses lr0, epoch ``epochs`` would reach
+    lr_min (SPEC section 5)."""
+    return lr_min + (lr0 - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+def drop_path_at(drop_path_prob: float, epoch: int, epochs: int) -> float:
+    """Drop-path rate grows linearly from 0: ``drop_path_prob * epoch / epochs``."""
+    return drop_path_prob * epoch / epochs
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ---------------------------------------------------------------------------------------
+# Flags both training scripts share
+# ---------------------------------------------------------------------------------------
+
+def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int,
+                      learning_rate: float, weight_decay: float | None, init_channels: int,
+                      layers: int, drop_path_prob: float, report_freq: int, workers: int) -> None:
+    """The release's flags common to train_cifar.py and train_imagenet.py, with each
+    script's paper defaults."""
+    p = parser
+    p.add_argument("--tmp_data_dir", type=str, default="../data", help="data directory")
+    p.add_argument("--workers", type=int, default=workers,
+                   help="data-loading worker processes (per process under torchrun)")
+    p.add_argument("--batch_size", type=int, default=batch_size,
+                   help="GLOBAL batch size: under torchrun each process takes batch_size / world_size")
+    p.add_argument("--learning_rate", "--lr", type=float, default=learning_rate,
+                   help="GLOBAL initial learning rate (not rescaled with the number of processes)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    wd_help = "weight decay" if weight_decay is not None else "weight decay (default 3e-4, 5e-4 on CIFAR-100)"
+    p.add_argument("--weight_decay", type=float, default=weight_decay, help=wd_help)
+    p.add_argument("--report_freq", type=int, default=report_freq, help="report every N steps")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--init_channels", type=int, default=init_channels, help="C of the network")
+    p.add_argument("--layers", type=int, default=layers, help="number of cells")
+    p.add_argument("--auxiliary", action="store_true", default=False, help="use the auxiliary tower")
+    p.add_argument("--auxiliary_weight", type=float, default=0.4, help="weight of the auxiliary loss")
+    p.add_argument("--drop_path_prob", type=float, default=drop_path_prob,
+                   help="final drop-path rate (grows linearly from 0)")
+    p.add_argument("--save", type=str, default="",
+                   help="prefix of the run folder: {save}eval-{note}-{YYYYmmdd-HHMMSS}")
+    p.add_argument("--note", type=str, default="try", help="note in the run folder name")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", type=str, default="PDARTS",
+                   help="a cell name from genotypes.py or a genotype JSON file from a search run")
+    p.add_argument("--grad_clip", type=float, default=5.0, help="gradient norm clipping (0: off)")
+    p.add_argument("--resume", type=str, default=None, metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="continue a run from its folder (or its checkpoint.pt) at the next epoch")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--sync_bn", action="store_true",
+                   help="synchronise batch-norm statistics across GPUs under torchrun "
+                        "(off by default, matching the release's DataParallel statistics)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms (slower; for tests and debugging)")
+
+
+def check_sizes(C: int, layers: int, kind: str) -> None:
+    if layers < 2:
+        raise UserError(f"--layers must be at least 2 (got {layers})")
+    if C < 2 or (kind == "imagenet" and C % 2):
+        raise UserError(f"--init_channels must be {'an even number ' if kind == 'imagenet' else ''}"
+                        f"of at least 2 (got {C})")
+
+
+def per_process_batch(global_batch: int, world_size: int, flag: str = "--batch_size") -> int:
+    if global_batch < 1:
+        raise UserError(f"{flag} must be positive (got {global_batch})")
+    if global_batch % world_size:
+        raise UserError(f"{flag} {global_batch} is global and must divide evenly over the "
+                        f"{world_size} processes")
+    return global_batch // world_size
+
+
+# ---------------------------------------------------------------------------------------
+# Networks described by plain dicts (stored in checkpoints)
+# ---------------------------------------------------------------------------------------
+
+def network_info(kind: str, dataset: str, C: int, layers: int, num_classes: int,
+                 auxiliary: bool) -> dict[str, Any]:
+    """What test.py needs to rebuild the network without flags."""
+    return {"kind": kind, "dataset": dataset, "C": int(C), "layers": int(layers),
+            "num_classes": int(num_classes), "auxiliary": bool(auxiliary)}
+
+
+def build_network(info: dict[str, Any], genotype: Genotype) -> nn.Module:
+    check_sizes(info["C"], info["layers"], info["kind"])
+    cls = NetworkImageNet if info["kind"] == "imagenet" else NetworkCIFAR
+    return cls(info["C"], info["num_classes"], info["layers"], info["auxiliary"], genotype)
+
+
+# ---------------------------------------------------------------------------------------
+# Data loaders
+# ---------------------------------------------------------------------------------------
+
+class ShardSampler(Sampler[int]):
+    """Every ``world_size``-th index from ``rank``, in order: an evaluation shard with no
+    padding, so the all-reduced sums cover each test image exactly once."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def make_loader(dataset: Dataset, batch_size: int, env: DistInfo, *, train: bool,
+                workers: int, seed: int = 0) -> DataLoader:
+    """Training: reshuffled every epoch by ``sampler.set_epoch`` (DistributedSampler, also
+    for a single process, so one code path serves both). Evaluation: a ShardSampler."""
+    if train:
+        # Deviation: the release shuffles with DataLoader(shuffle=True), drawing from the
+        # global RNG; here the order is a function of (seed, epoch), the same for every
+        # process count and for a resumed run. Same distribution over orders.
+        sampler: Sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank,
+                                              shuffle=True, seed=seed)
+        # Deviation: a last batch of one image would stop training with a batch-norm error
+        # in the auxiliary head (1x1 maps); only that batch is dropped.
+        drop_last = len(sampler) % batch_size == 1
+    else:
+        sampler = ShardSampler(len(dataset), env.rank, env.world_size)
+        drop_last = False
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=env.device.type == "cuda", drop_last=drop_last)
+
+
+# ---------------------------------------------------------------------------------------
+# One step, one epoch, one evaluation
+# ---------------------------------------------------------------------------------------
+
+def train_step(model: nn.Module, images: torch.Tensor, target: torch.Tensor,
+               optimizer: torch.optim.Optimizer, criterion: nn.Module,
+               auxiliary_weight: float = 0.0, grad_clip: float = 0.0):
+    """One SGD step; returns (loss, logits), both detached, on the device (no sync)."""
+    optimizer.zero_grad(set_to_none=True)
+    logits, logits_aux = model(images)
+    loss = criterion(logits, target)
+    if logits_aux is not None:
+        # Faithful to the release: the reported training loss includes the weighted
+        # auxiliary loss.
+        loss = loss + auxiliary_weight * criterion(logits_aux, target)
+    loss.backward()
+    if grad_clip > 0:  # over all parameters, the auxiliary head's included, as the release
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
+def _stop_if_nonfinite(meter: AverageMeter, what: str, device: torch.device) -> None:
+    """Raise NonFiniteLossError if the running loss is not finite on any process (all of
+    them stop together under torchrun)."""
+    value = meter.avg
+    bad = not math.isfinite(value)
+    if dist.is_available() and dist.is_initialized():
+        flag = torch.tensor([1.0 if bad else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = bool(flag.item())
+    if bad:
+        check_finite(value if not math.isfinite(value) else float("nan"), what)
+
+
+def _meters(topk: Sequence[int]) -> dict[str, AverageMeter]:
+    return {"loss": AverageMeter(), **{f"top{k}": AverageMeter() for k in topk}}
+
+
+def _update(meters: dict[str, AverageMeter], loss: torch.Tensor, logits: torch.Tensor,
+            target: torch.Tensor, topk: Sequence[int]) -> None:
+    n = target.size(0)
+    meters["loss"].update(loss, n)
+    for k, acc in zip(topk, accuracy(logits, target, topk)):
+        meters[f"top{k}"].update(acc, n)
+
+
+def _averages(meters: dict[str, AverageMeter]) -> dict[str, float]:
+    for m in meters.values():
+        m.all_reduce()
+    stats = {k: m.avg for k, m in meters.items()}
+    stats["count"] = meters["loss"].count
+    return stats
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
+                    criterion: nn.Module, device: torch.device, *, auxiliary_weight: float = 0.0,
+                    grad_clip: float = 0.0, topk: Sequence[int] = TOPK, report_freq: int = 50,
+                    desc: str = "train", show: bool = True) -> dict[str, float]:
+    """One pass over ``loader``; returns the averages over all processes:
+    {'loss', 'top1', 'top5', 'count'}. Stops with NonFiniteLossError at a report point or
+    at the end if the loss is not finite."""
+    model.train()
+    meters = _meters(topk)
+    progress = Progress(len(loader), desc, report_freq, enabled=show)
+    for step, (images, target) in enumerate(loader, 1):
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        loss, logits = train_step(model, images, target, optimizer, criterion,
+                                  auxiliary_weight, grad_clip)
+        _update(meters, loss, logits, target, topk)
+        progress.update(step, meters)
+        if step % report_freq == 0:
+            _stop_if_nonfinite(meters["loss"], "training loss", device)
+    stats = _averages(meters)
+    check_finite(stats["loss"], "training loss")
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.device, *,
+             topk: Sequence[int] = TOPK, report_freq: int = 50, desc: str = "test",
+             show: bool = True) -> dict[str, float]:
+    """Loss and top-k accuracy (percent) over ``loader`` in eval mode, summed over all
+    processes: {'loss', 'top1', 'top5', 'count'}. Pass the bare model, not the DDP
+    wrapper: shards may differ in length, so no collective may run per batch."""
+    model.eval()
+    meters = _meters(topk)
+    progress = Progress(len(loader), desc, report_freq, enabled=show)
+    for step, (images, target) in enumerate(loader, 1):
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        logits, _ = model(images)
+        _update(meters, criterion(logits, target), logits, target, topk)
+        progress.update(step, meters)
+    return _averages(meters)
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints and resume
+# ---------------------------------------------------------------------------------------
+
+def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+                     args: argparse.Namespace, genotype: Genotype, network: dict,
+                     best: dict, last: dict) -> dict[str, Any]:
+    """The full checkpoint: plain types and tensors only, so ``torch.load(...,
+    weights_only=True)`` reads it. ``epoch`` counts the epochs completed."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
+        "genotype": genotype_to_dict(genotype),
+        "network": network,
+        "best_acc_on_test": best["acc"],        # chosen on the test set: optimistic
+        "best_epoch_on_test": best["epoch"],
+        "last_acc": last.get("top1"),            # the headline: the final epoch's
+        "last_top5": last.get("top5"),
+        "last_loss": last.get("loss"),
+    }
+
+
+def is_training_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
+
+
+def checkpoint_genotype(obj: dict, source: str) -> Genotype:
+    return genotype_from_dict(obj.get("genotype"), source=f"{source} (genotype)")
+
+
+def resume_path(path: str) -> str:
+    return os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
+
+
+def load_resume(args: argparse.Namespace,
+                defaults: dict[str, Any]) -> tuple[argparse.Namespace, dict | None]:
+    """For ``--resume``: read the run's checkpoint and return its saved arguments (plus
+    the flags in RESUME_FREE_FLAGS from this command line) and the checkpoint. A recipe
+    flag given with a value other than the saved one is an error, so a resumed run
+    continues exactly the run it resumes. Without ``--resume``: (args, None)."""
+    if not args.resume:
+        return args, None
+    path = resume_path(args.resume)
+    ckpt = load_file(path)
+    if not is_training_checkpoint(ckpt):
+        raise CheckpointError(
+            f"{path} is not a full training checkpoint of this project (weights.pt holds "
+            f"weights only); resume from the run folder or its {CHECKPOINT_NAME}")
+    saved = ckpt["args"]
+    conflicts = [k for k, v in sorted(vars(args).items())
+                 if k not in RESUME_FREE_FLAGS and k in saved and v != defaults.get(k)
+                 and v != saved[k]]
+    if conflicts:
+        raise UserError(
+            "--resume continues the saved run with its own settings; these flags differ from "
+            "them: " + ", ".join(f"--{k} {getattr(args, k)} (saved: {saved[k]})" for k in conflicts)
+            + ". Drop them, or start a new run")
+    merged = {**vars(args), **saved}
+    merged.update({k: getattr(args, k) for k in RESUME_FREE_FLAGS if hasattr(args, k)})
+    merged["resume"] = path
+    return argparse.Namespace(**merged), ckpt
+
+
+def _open_run_dir(args: argparse.Namespace, env: DistInfo, resumed: bool) -> str:
+    """Rank 0 creates ``{save}eval-{note}-{time}`` (or reuses the resumed run's folder) and
+    tells the other processes its name."""
+    run_dir = None
+    if env.is_main:
+        if resumed:
+            run_dir = os.path.dirname(os.path.abspath(args.resume))
+        else:
+            base = run_dir_name(args.save, "eval", args.note)
+            run_dir, k = base, 0
+            while os.path.exists(run_dir):  # two runs started in the same second
+                k += 1
+                run_dir = f"{base}-{k}"
+            try:
+                os.makedirs(run_dir)
+            except OSError as e:
+                raise UserError(f"cannot create the run folder {run_dir}: {e.strerror}") from None
+    return broadcast_object(run_dir)
+
+
+def _truncate_metrics(path: str, start_epoch: int) -> None:
+    """On resume, drop lines of epochs that the checkpoint does not include."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("epoch", -1) < start_epoch]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """A seed per (run seed, epoch, process): every epoch starts from a known random
+    state, so a resumed run draws the same augmentation and drop-path masks as an
+    uninterrupted one, whatever happened before."""
+    digest = hashlib.sha256(f"{seed}/{epoch}/{rank}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """Give every process rank 0's batch-norm statistics before evaluating and saving
+    (DDP broadcasts them before each forward; each process then updates its own copy
+    with its own last batch)."""
+    if dist.is_available() and dist.is_initialized():
+        for buf in model.buffers():
+            dist.broadcast(buf, 0)
+
+
+# ---------------------------------------------------------------------------------------
+# The training run
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class RunSpec:
+    """What differs between the CIFAR and ImageNet recipes."""
+    genotype: Genotype
+    network: dict[str, Any]            # network_info(...)
+    train_set: Dataset
+    test_set: Dataset
+    lr_at: Callable[[int], float]      # learning rate of an epoch
+    train_criterion: nn.Module
+    eval_criterion: nn.Module
+    input_size: tuple[int, int, int, int]
+
+
+def fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | None = None) -> int:
+    """Train ``spec``'s network for ``args.epochs`` epochs (from the resumed epoch), test
+    after each epoch, save ``weights.pt`` and ``checkpoint.pt`` after each epoch."""
+    device = env.device
+    batch = per_process_batch(args.batch_size, env.world_size)
+    seed_everything(args.seed, args.deterministic)
+    model = build_network(spec.network, spec.genotype).to(device)
+    summary = model_summary(model, spec.input_size)
+
+    run_dir = _open_run_dir(args, env, resume is not None)
+    setup_logging(run_dir, env.is_main)
+    metrics_path = os.path.join(run_dir, METRICS_NAME) if env.is_main else None
+    metrics = MetricsWriter(metrics_path)
+    log_run_start(args, device)
+    logger.info("run folder %s; %d process(es), %d images per process per step",
+                run_dir, env.world_size, batch)
+    logger.info("genotype = %s", format_genotype(spec.genotype))
+    logger.info(format_summary(summary))
+
+    optimizer = torch.optim.SGD(model.parameters(), args.learning_rate, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    start_epoch, best, last = 0, {"acc": None, "epoch": None}, {}
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        start_epoch = resume["epoch"]
+        best = {"acc": resume["best_acc_on_test"], "epoch": resume["best_epoch_on_test"]}
+        last = {"top1": resume["last_acc"], "top5": resume["last_top5"], "loss": resume["last_loss"]}
+        if env.is_main:
+            _truncate_metrics(metrics_path, start_epoch)
+        logger.info("resumed from %s at epoch %d of %d", args.resume, start_epoch, args.epochs)
+
+    # Deviation: DistributedDataParallel, one process per GPU, instead of the release's
+    # DataParallel. Faithful to the release: batch-norm statistics stay per GPU (no
+    # SyncBatchNorm unless --sync_bn), and the batch and learning rate are global.
+    train_model: nn.Module = model
+    if env.distributed:
+        if args.sync_bn:
+            if device.type != "cuda":
+                raise UserError("--sync_bn needs GPUs (batch-norm synchronisation is CUDA-only)")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    train_loader = make_loader(spec.train_set, batch, env, train=True, workers=args.workers,
+                               seed=args.seed)
+    test_loader = make_loader(spec.test_set, batch, env, train=False, workers=args.workers)
+
+    for epoch in range(start_epoch, args.epochs):
+        # Deviation: reseeded every epoch (the release seeds once) so --resume is exact.
+        seed_everything(epoch_seed(args.seed, epoch, env.rank), args.deterministic)
+        lr = spec.lr_at(epoch)
+        set_lr(optimizer, lr)
+        model.drop_path_prob = drop_path_at(args.drop_path_prob, epoch, args.epochs)
+        train_loader.sampler.set_epoch(epoch)
+        logger.info("epoch %d/%d lr %e drop_path_prob %f", epoch, args.epochs, lr, model.drop_path_prob)
+        reset_peak_memory(device)
+
+        start = time.time()
+        train = train_one_epoch(train_model, train_loader, optimizer, spec.train_criterion, device,
+                                auxiliary_weight=args.auxiliary_weight, grad_clip=args.grad_clip,
+                                report_freq=args.report_freq, desc=f"train {epoch}", show=env.is_main)
+        train_time = time.time() - start
+        _sync_buffers(model)
+        test = evaluate(model, test_loader, spec.eval_criterion, device, report_freq=args.report_freq,
+                        desc=f"test {epoch}", show=env.is_main)
+        check_finite(test["loss"], "test loss")
+        epoch_time = time.time() - start
+
+        last = test
+        if best["acc"] is None or test["top1"] > best["acc"]:
+            best = {"acc": test["top1"], "epoch": epoch}
+        images_per_sec = train["count"] / max(train_time, 1e-9)
+        logger.info("train_loss %.4f train_acc %.2f%% (top-5 %.2f%%)",
+                    train["loss"], train["top1"], train["top5"])
+        logger.info("test_loss %.4f test_acc %.2f%% (top-5 %.2f%%); best epoch chosen on the "
+                    "test set: %.2f%% (epoch %d)", test["loss"], test["top1"], test["top5"],
+                    best["acc"], best["epoch"])
+        logger.info("epoch time %.1fs (train %.1fs, %.0f images/s)", epoch_time, train_time,
+                    images_per_sec)
+        metrics.write({
+            "epoch": epoch, "lr": lr, "drop_path_prob": model.drop_path_prob,
+            "train_loss": train["loss"], "train_acc": train["top1"], "train_top5": train["top5"],
+            "test_loss": test["loss"], "test_acc": test["top1"], "test_top5": test["top5"],
+            "best_acc_on_test": best["acc"], "best_epoch_on_test": best["epoch"],
+            "train_images": train["count"], "test_images": test["count"],
+            "epoch_time": epoch_time, "train_time": train_time, "images_per_sec": images_per_sec,
+            "peak_memory_mb": peak_memory_mb(device), "world_size": env.world_size,
+        })
+        if env.is_main:
+            # Faithful to the release: weights.pt, a plain state dict, every epoch (without
+            # the 'module.' prefix DataParallel gave the release's). checkpoint.pt is new.
+            save_atomic(checkpoint_state(model, optimizer, epoch + 1, args, spec.genotype,
+                                         spec.network, best, last),
+                        os.path.join(run_dir, CHECKPOINT_NAME))
+            save_atomic(model.state_dict(), os.path.join(run_dir, WEIGHTS_NAME))
+        barrier()
+
+    if last.get("top1") is not None:
+        logger.info("final test accuracy (last epoch, the result to report): %.2f%% top-1, "
+                    "%.2f%% top-5", last["top1"], last["top5"])
+        logger.info("best epoch, chosen on the test set (optimistic, not a result): %.2f%% at "
+                    "epoch %d", best["acc"], best["epoch"])
+    return 0

@@ -1,0 +1,127 @@
+"""Train a P-DARTS evaluation network on ImageNet (mobile setting) with the paper's recipe.
+
+The recipe (SPEC section 5) is the default: 250 epochs, global batch 1024 (8 GPUs x 128), SGD lr 0.5
+with the release's linear decay (``--lr_scheduler cosine`` as an option) and 5 warm-up
+epochs when the batch is over 256, momentum 0.9, weight decay 3e-5, label smoothing 0.1,
+gradient clip 5, no drop path, 14 cells, C = 48; ``--auxiliary`` (weight 0.4) as in the
+release's command line. Data: ``--tmp_data_dir/imagenet/{train,val}`` class folders::
+
+    python train_imagenet.py --tmp_data_dir DATA --save LOG --auxiliary --note NOTE
+    torchrun --nproc_per_node 8 train_imagenet.py --tmp_data_dir DATA --auxiliary   # the paper's 8 GPUs
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
+        train_imagenet.py ...        # --batch_size and --learning_rate stay global
+
+Writes ``{save}eval-{note}-{time}/`` with log.txt, metrics.jsonl, weights.pt and
+checkpoint.pt; ``--resume RUN_DIR`` continues a run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from functools import partial
+
+import torch.nn as nn
+
+from data import DataError, get_image_folder, imagenet_transforms
+from engine import (
+    RunSpec,
+    add_training_args,
+    check_sizes,
+    checkpoint_genotype,
+    cosine_lr,
+    fit,
+    load_resume,
+    network_info,
+)
+from genotypes import get_genotype
+from utils import UserError, init_distributed, run_main
+
+WARMUP_EPOCHS = 5       # warm-up (Goyal et al.) when the global batch is over WARMUP_BATCH
+WARMUP_BATCH = 256
+LINEAR_TAIL_EPOCHS = 5  # the release's linear schedule changes slope for the last 5 epochs
+
+
+def imagenet_lr(lr0: float, epoch: int, epochs: int, scheduler: str = "linear",
+                batch_size: int = 1024) -> float:
+    """Learning rate of ``epoch`` (set once per epoch), SPEC section 5.
+
+    linear (the release's): lr0 * (E - 5 - e) / (E - 5) while E - e > 5, then
+    lr0 * (E - e) / ((E - 5) * 5). cosine: lr0 * (1 + cos(pi e / E)) / 2. Either is
+    multiplied by (e + 1) / 5 in the first 5 epochs when the global batch is over 256.
+    """
+    if scheduler == "cosine":
+        lr = cosine_lr(lr0, epoch, epochs)
+    elif scheduler == "linear":
+        tail = LINEAR_TAIL_EPOCHS
+        if epochs - epoch > tail:
+            lr = lr0 * (epochs - tail - epoch) / (epochs - tail)
+        else:
+            lr = lr0 * (epochs - epoch) / ((epochs - tail) * tail)
+    else:
+        raise UserError(f"unknown --lr_scheduler {scheduler!r}: use linear or cosine")
+    if epoch < WARMUP_EPOCHS and batch_size > WARMUP_BATCH:
+        lr = lr * (epoch + 1) / WARMUP_EPOCHS
+    return lr
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_training_args(p, epochs=250, batch_size=1024, learning_rate=0.5, weight_decay=3e-5,
+                      init_channels=48, layers=14, drop_path_prob=0.0, report_freq=100, workers=8)
+    p.add_argument("--label_smooth", type=float, default=0.1, help="label smoothing epsilon")
+    p.add_argument("--lr_scheduler", choices=["linear", "cosine"], default="linear",
+                   help="linear: the release's schedule; cosine: cosine annealing to 0")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def imagenet_split(root: str, split: str, train: bool):
+    return get_image_folder(os.path.join(root, "imagenet", split), imagenet_transforms(train),
+                            what=f"the ImageNet {split} folder (--tmp_data_dir/imagenet/{split})")
+
+
+def main(args: argparse.Namespace) -> int:
+    env = init_distributed(args.device)
+    args, resume = load_resume(args, vars(parse_args([])))
+    genotype = checkpoint_genotype(resume, args.resume) if resume else get_genotype(args.arch)
+    check_sizes(args.init_channels, args.layers, "imagenet")
+    if args.epochs < 1:
+        raise UserError(f"--epochs must be positive (got {args.epochs})")
+    # Deviation: the release's formula divides by (epochs - 5); refuse instead of training
+    # with a negative or infinite learning rate.
+    if args.lr_scheduler == "linear" and args.epochs <= LINEAR_TAIL_EPOCHS:
+        raise UserError(f"the release's linear schedule needs --epochs > {LINEAR_TAIL_EPOCHS}; "
+                        "use --lr_scheduler cosine for shorter runs")
+
+    train_set = imagenet_split(args.tmp_data_dir, "train", True)
+    test_set = imagenet_split(args.tmp_data_dir, "val", False)
+    if train_set.classes != test_set.classes:
+        raise DataError(f"imagenet/train has {len(train_set.classes)} classes and imagenet/val "
+                        f"{len(test_set.classes)}; the class folders must be the same")
+
+    spec = RunSpec(
+        genotype=genotype,
+        # Deviation: the number of classes comes from the folders (the release fixes 1000),
+        # so a subset of ImageNet or a small ImageFolder trains as well.
+        network=network_info("imagenet", "imagenet", args.init_channels, args.layers,
+                             len(train_set.classes), args.auxiliary),
+        train_set=train_set, test_set=test_set,
+        lr_at=partial(imagenet_lr, args.learning_rate, epochs=args.epochs,
+                      scheduler=args.lr_scheduler, batch_size=args.batch_size),
+        # Label smoothing: torch's label_smoothing=eps trains against the release's target
+        # (1 - eps) * one_hot + eps / K (tests/test_train_imagenet.py checks it by hand).
+        # The auxiliary loss uses it too; the test loss does not.
+        train_criterion=nn.CrossEntropyLoss(label_smoothing=args.label_smooth),
+        eval_criterion=nn.CrossEntropyLoss(),
+        input_size=(1, 3, 224, 224),
+    )
+    return fit(args, env, spec, resume)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, parse_args()))
