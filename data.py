@@ -16,6 +16,7 @@ import pickle
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import Dataset
@@ -245,3 +246,103 @@ def get_dataset(name: str, root: str, train: bool, transform, download: bool = F
 
 def num_classes_of(name: str) -> int:
     return {"cifar10": 10, "cifar100": 100, "demo": 10, "imagenet": 1000}[name]
+
+
+# ---------------------------------------------------------------------------------------
+# Device-side input pipeline (CIFAR and demo arrays): the images stay on the GPU as
+# uint8 and crop, flip, normalisation and cutout run on whole batches there.
+# ---------------------------------------------------------------------------------------
+
+def augment_batch(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                  crop_offsets: torch.Tensor | None = None, flips: torch.Tensor | None = None,
+                  cutout_centres: torch.Tensor | None = None, padding: int = 4,
+                  cutout_length: int = 0) -> torch.Tensor:
+    """The CIFAR transforms applied to a uint8 B x H x W x 3 batch with given random draws.
+
+    ``crop_offsets`` (B x 2, each in 0..2*padding) picks the crop of the zero-padded
+    image, ``flips`` (B, bool) mirrors horizontally, ``cutout_centres`` (B x 2) zeroes a
+    square of side ``cutout_length`` after normalisation. Same arithmetic as
+    RandomCrop(padding, fill 0) + RandomHorizontalFlip + ToTensor + Normalize + Cutout.
+    """
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    B, _, H, W = x.shape
+    if crop_offsets is not None:
+        x = F.pad(x, (padding, padding, padding, padding))
+        rows = crop_offsets[:, 0, None] + torch.arange(H, device=x.device)       # B x H
+        cols = crop_offsets[:, 1, None] + torch.arange(W, device=x.device)       # B x W
+        b = torch.arange(B, device=x.device)[:, None, None]
+        x = x.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    if flips is not None:
+        x = torch.where(flips[:, None, None, None], x.flip(3), x)
+    x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    if cutout_centres is not None and cutout_length > 0:
+        half = cutout_length // 2
+        ys = torch.arange(H, device=x.device)
+        xs = torch.arange(W, device=x.device)
+        cy, cx = cutout_centres[:, 0, None], cutout_centres[:, 1, None]
+        in_y = (ys >= (cy - half).clamp(min=0)) & (ys < (cy + half).clamp(max=H))   # B x H
+        in_x = (xs >= (cx - half).clamp(min=0)) & (xs < (cx + half).clamp(max=W))   # B x W
+        keep = ~(in_y[:, :, None] & in_x[:, None, :])
+        x = x * keep[:, None].to(x.dtype)
+    return x.contiguous()
+
+
+class DeviceLoader:
+    """Iterates batches of an ArrayDataset kept on ``device`` as uint8, in the order
+    given by ``sampler`` (the same sampler a DataLoader would use, so the batches and
+    their order are the same, tail batch included), augmenting on the device.
+
+    The random draws come from a generator on the device: the augmentations have the
+    same distribution as the torchvision transforms, not the same samples.
+    """
+
+    def __init__(self, dataset: ArrayDataset, batch_size: int, sampler, device: torch.device,
+                 train: bool, mean, std, cutout_length: int = 0, padding: int = 4,
+                 drop_last: bool = False, seed: int = 0) -> None:
+        self.images = torch.from_numpy(dataset.data).to(device)
+        self.targets = torch.tensor(dataset.targets, dtype=torch.long, device=device)
+        self.batch_size = batch_size
+        self.sampler = sampler
+        self.device = device
+        self.train = train
+        self.mean = torch.tensor(mean, device=device)
+        self.std = torch.tensor(std, device=device)
+        self.cutout_length = cutout_length
+        self.padding = padding
+        self.drop_last = drop_last
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def draw(self, B: int, H: int, W: int):
+        """Random draws for a batch: crop offsets uniform on 0..2*padding (RandomCrop),
+        flips with probability 1/2 (RandomHorizontalFlip), cutout centres uniform over
+        the image (Cutout)."""
+        g, dev = self.generator, self.device
+        offsets = torch.randint(0, 2 * self.padding + 1, (B, 2), device=dev, generator=g)
+        flips = torch.rand(B, device=dev, generator=g) < 0.5
+        centres = None
+        if self.cutout_length > 0:
+            centres = torch.stack([torch.randint(0, H, (B,), device=dev, generator=g),
+                                   torch.randint(0, W, (B,), device=dev, generator=g)], dim=1)
+        return offsets, flips, centres
+
+    def __iter__(self):
+        order = torch.as_tensor(list(iter(self.sampler)), dtype=torch.long).to(self.device)
+        H, W = self.images.shape[1:3]
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            if self.drop_last and len(idx) < self.batch_size:
+                break
+            images = self.images[idx]
+            B = len(idx)
+            if self.train:
+                offsets, flips, centres = self.draw(B, H, W)
+                x = augment_batch(images, self.mean, self.std, offsets, flips, centres,
+                                  self.padding, self.cutout_length)
+            else:
+                x = augment_batch(images, self.mean, self.std)
+            yield x, self.targets[idx]

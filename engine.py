@@ -34,8 +34,10 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from checkpoint import CheckpointError, load_file, save_atomic
+from data import ArrayDataset, DeviceLoader
 from genotypes import Genotype, format_genotype, genotype_from_dict, genotype_to_dict
 from model import NetworkCIFAR, NetworkImageNet, format_summary, model_summary
+from speed import add_speed_args, autocast, grad_scaler, prepare_input, prepare_model
 from utils import (
     AverageMeter,
     DistInfo,
@@ -64,7 +66,8 @@ TOPK = (1, 5)
 # Flags that may differ from the saved run on --resume: they change where things are
 # read and how often they are reported, not what is computed.
 RESUME_FREE_FLAGS = {"resume", "tmp_data_dir", "data", "workers", "report_freq", "device",
-                     "save", "note", "download", "deterministic"}
+                     "save", "note", "download", "deterministic", "host_data", "channels_last",
+                     "compile"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -130,6 +133,10 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
                         "(off by default, matching the release's DataParallel statistics)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms (slower; for tests and debugging)")
+    p.add_argument("--host_data", action="store_true",
+                   help="on CUDA, keep CIFAR augmentation in DataLoader workers on the CPU "
+                        "instead of the default GPU pipeline (same distribution, other draws)")
+    add_speed_args(p)
 
 
 def check_sizes(C: int, layers: int, kind: str) -> None:
@@ -185,9 +192,13 @@ class ShardSampler(Sampler[int]):
 
 
 def make_loader(dataset: Dataset, batch_size: int, env: DistInfo, *, train: bool,
-                workers: int, seed: int = 0) -> DataLoader:
+                workers: int, seed: int = 0, device_augment: dict | None = None):
     """Training: reshuffled every epoch by ``sampler.set_epoch`` (DistributedSampler, also
-    for a single process, so one code path serves both). Evaluation: a ShardSampler."""
+    for a single process, so one code path serves both). Evaluation: a ShardSampler.
+
+    With ``device_augment`` (mean, std, cutout_length) and an in-memory ArrayDataset on
+    CUDA, the images stay on the GPU and are augmented there in batches (DeviceLoader):
+    the same batches in the same order, augmentations of the same distribution."""
     if train:
         # Deviation: the release shuffles with DataLoader(shuffle=True), drawing from the
         # global RNG; here the order is a function of (seed, epoch), the same for every
@@ -200,6 +211,11 @@ def make_loader(dataset: Dataset, batch_size: int, env: DistInfo, *, train: bool
     else:
         sampler = ShardSampler(len(dataset), env.rank, env.world_size)
         drop_last = False
+    if device_augment is not None and env.device.type == "cuda" and isinstance(dataset, ArrayDataset):
+        return DeviceLoader(dataset, batch_size, sampler, env.device, train=train,
+                            mean=device_augment["mean"], std=device_augment["std"],
+                            cutout_length=device_augment.get("cutout_length", 0) if train else 0,
+                            drop_last=drop_last, seed=seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=env.device.type == "cuda", drop_last=drop_last)
 
@@ -210,19 +226,29 @@ def make_loader(dataset: Dataset, batch_size: int, env: DistInfo, *, train: bool
 
 def train_step(model: nn.Module, images: torch.Tensor, target: torch.Tensor,
                optimizer: torch.optim.Optimizer, criterion: nn.Module,
-               auxiliary_weight: float = 0.0, grad_clip: float = 0.0):
+               auxiliary_weight: float = 0.0, grad_clip: float = 0.0, amp: str = "none",
+               scaler=None):
     """One SGD step; returns (loss, logits), both detached, on the device (no sync)."""
     optimizer.zero_grad(set_to_none=True)
-    logits, logits_aux = model(images)
-    loss = criterion(logits, target)
-    if logits_aux is not None:
-        # Faithful to the release: the reported training loss includes the weighted
-        # auxiliary loss.
-        loss = loss + auxiliary_weight * criterion(logits_aux, target)
-    loss.backward()
+    with autocast(images.device, amp):
+        logits, logits_aux = model(images)
+        loss = criterion(logits.float(), target)
+        if logits_aux is not None:
+            # Faithful to the release: the reported training loss includes the weighted
+            # auxiliary loss.
+            loss = loss + auxiliary_weight * criterion(logits_aux.float(), target)
+    if scaler is not None:  # fp16 only
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
     if grad_clip > 0:  # over all parameters, the auxiliary head's included, as the release
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     return loss.detach(), logits.detach()
 
 
@@ -262,7 +288,8 @@ def _averages(meters: dict[str, AverageMeter]) -> dict[str, float]:
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
                     criterion: nn.Module, device: torch.device, *, auxiliary_weight: float = 0.0,
                     grad_clip: float = 0.0, topk: Sequence[int] = TOPK, report_freq: int = 50,
-                    desc: str = "train", show: bool = True) -> dict[str, float]:
+                    desc: str = "train", show: bool = True, amp: str = "none",
+                    channels_last: bool = False, scaler=None) -> dict[str, float]:
     """One pass over ``loader``; returns the averages over all processes:
     {'loss', 'top1', 'top5', 'count'}. Stops with NonFiniteLossError at a report point or
     at the end if the loss is not finite."""
@@ -270,10 +297,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
     meters = _meters(topk)
     progress = Progress(len(loader), desc, report_freq, enabled=show)
     for step, (images, target) in enumerate(loader, 1):
-        images = images.to(device, non_blocking=True)
+        images = prepare_input(images.to(device, non_blocking=True), channels_last)
         target = target.to(device, non_blocking=True)
         loss, logits = train_step(model, images, target, optimizer, criterion,
-                                  auxiliary_weight, grad_clip)
+                                  auxiliary_weight, grad_clip, amp, scaler)
         _update(meters, loss, logits, target, topk)
         progress.update(step, meters)
         if step % report_freq == 0:
@@ -286,7 +313,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.device, *,
              topk: Sequence[int] = TOPK, report_freq: int = 50, desc: str = "test",
-             show: bool = True) -> dict[str, float]:
+             show: bool = True, amp: str = "none", channels_last: bool = False) -> dict[str, float]:
     """Loss and top-k accuracy (percent) over ``loader`` in eval mode, summed over all
     processes: {'loss', 'top1', 'top5', 'count'}. Pass the bare model, not the DDP
     wrapper: shards may differ in length, so no collective may run per batch."""
@@ -294,9 +321,11 @@ def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.devic
     meters = _meters(topk)
     progress = Progress(len(loader), desc, report_freq, enabled=show)
     for step, (images, target) in enumerate(loader, 1):
-        images = images.to(device, non_blocking=True)
+        images = prepare_input(images.to(device, non_blocking=True), channels_last)
         target = target.to(device, non_blocking=True)
-        logits, _ = model(images)
+        with autocast(device, amp):
+            logits, _ = model(images)
+        logits = logits.float()
         _update(meters, criterion(logits, target), logits, target, topk)
         progress.update(step, meters)
     return _averages(meters)
@@ -430,6 +459,7 @@ class RunSpec:
     train_criterion: nn.Module
     eval_criterion: nn.Module
     input_size: tuple[int, int, int, int]
+    device_augment: dict | None = None  # mean, std, cutout_length: GPU pipeline for arrays
 
 
 def fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | None = None) -> int:
@@ -452,7 +482,8 @@ def fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | N
     logger.info(format_summary(summary))
 
     optimizer = torch.optim.SGD(model.parameters(), args.learning_rate, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+                                weight_decay=args.weight_decay, foreach=True)
+    scaler = grad_scaler(device, args.amp)
     start_epoch, best, last = 0, {"acc": None, "epoch": None}, {}
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -467,6 +498,7 @@ def fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | N
     # Deviation: DistributedDataParallel, one process per GPU, instead of the release's
     # DataParallel. Faithful to the release: batch-norm statistics stay per GPU (no
     # SyncBatchNorm unless --sync_bn), and the batch and learning rate are global.
+    prepare_model(model, channels_last=args.channels_last)
     train_model: nn.Module = model
     if env.distributed:
         if args.sync_bn:
@@ -475,14 +507,22 @@ def fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | N
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+    device_augment = None if args.host_data else spec.device_augment
 
     train_loader = make_loader(spec.train_set, batch, env, train=True, workers=args.workers,
-                               seed=args.seed)
-    test_loader = make_loader(spec.test_set, batch, env, train=False, workers=args.workers)
+                               seed=args.seed, device_augment=device_augment)
+    test_loader = make_loader(spec.test_set, batch, env, train=False, workers=args.workers,
+                              device_augment=device_augment)
+    if isinstance(train_loader, DeviceLoader):
+        logger.info("input pipeline: images on the GPU as uint8, augmented there in batches")
 
     for epoch in range(start_epoch, args.epochs):
         # Deviation: reseeded every epoch (the release seeds once) so --resume is exact.
         seed_everything(epoch_seed(args.seed, epoch, env.rank), args.deterministic)
+        if isinstance(train_loader, DeviceLoader):
+            train_loader.generator.manual_seed(epoch_seed(args.seed, epoch, env.rank))
         lr = spec.lr_at(epoch)
         set_lr(optimizer, lr)
         model.drop_path_prob = drop_path_at(args.drop_path_prob, epoch, args.epochs)
@@ -493,11 +533,13 @@ def fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | N
         start = time.time()
         train = train_one_epoch(train_model, train_loader, optimizer, spec.train_criterion, device,
                                 auxiliary_weight=args.auxiliary_weight, grad_clip=args.grad_clip,
-                                report_freq=args.report_freq, desc=f"train {epoch}", show=env.is_main)
+                                report_freq=args.report_freq, desc=f"train {epoch}", show=env.is_main,
+                                amp=args.amp, channels_last=args.channels_last, scaler=scaler)
         train_time = time.time() - start
         _sync_buffers(model)
         test = evaluate(model, test_loader, spec.eval_criterion, device, report_freq=args.report_freq,
-                        desc=f"test {epoch}", show=env.is_main)
+                        desc=f"test {epoch}", show=env.is_main, amp=args.amp,
+                        channels_last=args.channels_last)
         check_finite(test["loss"], "test loss")
         epoch_time = time.time() - start
 

@@ -23,7 +23,7 @@ from functools import partial
 
 import torch.nn as nn
 
-from data import cifar_transforms, get_dataset, num_classes_of
+from data import cifar_transforms, get_dataset, normalization, num_classes_of
 from engine import (
     RunSpec,
     add_training_args,
@@ -95,6 +95,8 @@ def main(args: argparse.Namespace) -> int:
         lr_at=partial(cosine_lr, args.learning_rate, epochs=args.epochs, lr_min=args.learning_rate_min),
         train_criterion=nn.CrossEntropyLoss(), eval_criterion=nn.CrossEntropyLoss(),
         input_size=(1, 3, 32, 32),
+        device_augment={"mean": normalization(args.dataset)[0], "std": normalization(args.dataset)[1],
+                        "cutout_length": cutout},
     )
     return fit(args, env, spec, resume)
 
