@@ -1,0 +1,196 @@
+"""train_search.py end to end on tiny settings: every output file, the per-epoch
+schedules in metrics.jsonl, --derive on the search's own arch_state.json, exact resume,
+the ImageFolder path and a 2-process gloo (DDP) search."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_search as ts
+from genotypes import format_genotype, load_genotype_file
+from utils import close_logging, run_main
+from visualize import graphviz_available
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 3/4/5 cells of C=4 on 16x16 images, 2 epochs per stage (1 weights-only, 1 with alphas).
+TINY = ["--init_channels", "4", "--layers", "3", "--add_layers", "1", "--add_layers", "2",
+        "--epochs", "2", "--arch_warmup_epochs", "1", "--batch_size", "10", "--image_size", "16",
+        "--workers", "0", "--report_freq", "2", "--seed", "3", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_globals():
+    det = torch.are_deterministic_algorithms_enabled()
+    threads = torch.get_num_threads()
+    yield
+    torch.use_deterministic_algorithms(det)
+    torch.set_num_threads(threads)
+    close_logging()
+
+
+def search(argv, capsys):
+    """Run main() in this process; return (exit code, stdout lines)."""
+    rc = run_main(ts.main, ts.parse_args(argv))
+    close_logging()
+    out = capsys.readouterr().out
+    return rc, out.strip().splitlines()
+
+
+def only_run_dir(save):
+    dirs = glob.glob(os.path.join(save, "search-*"))
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
+def test_search_writes_every_output(cifar10_dir, tmp_path, capsys):
+    save = str(tmp_path / "runs") + "/"
+    os.makedirs(save)
+    rc, lines = search(["--tmp_data_dir", cifar10_dir, "--save", save, "--note", "tiny",
+                        "--dropout_rate", "0.1", "--dropout_rate", "0.4", "--dropout_rate", "0.7",
+                        *TINY], capsys)
+    assert rc == 0
+    run_dir = only_run_dir(save)
+    assert os.path.basename(run_dir).startswith("search-tiny-")   # {save}search-{note}-{time}
+    for name in ("log.txt", "metrics.jsonl", "genotype.json", "genotypes_by_skip_budget.json",
+                 "arch_state.json", "checkpoint.pt"):
+        assert os.path.isfile(os.path.join(run_dir, name)), name
+    if graphviz_available():
+        for name in ("normal", "reduction", "stage1_normal", "stage2_reduction", "stage3_normal"):
+            assert os.path.isfile(os.path.join(run_dir, f"{name}.pdf")), name
+
+    # The last stdout line is the pasteable Genotype(...) of genotype.json, at most 2 skips.
+    genotype = load_genotype_file(os.path.join(run_dir, "genotype.json"))
+    assert lines[-1] == format_genotype(genotype)
+    assert sum(op == "skip_connect" for op, _ in genotype.normal) <= 2
+    assert all(op != "none" for op, _ in genotype.normal + genotype.reduce)
+
+    # metrics.jsonl: one line per epoch with the schedules of SPEC section 2.
+    records = read_metrics(run_dir)
+    assert [(r["stage"], r["epoch"]) for r in records] == [(s, e) for s in (1, 2, 3) for e in (0, 1)]
+    for r in records:
+        rate = [0.1, 0.4, 0.7][r["stage"] - 1]
+        assert r["lr"] == pytest.approx(ts.learning_rate(r["epoch"], 2, 0.025, 0.0))
+        assert r["skip_dropout"] == pytest.approx(ts.skip_dropout_rate(r["epoch"], 2, rate, 1))
+        assert r["valid_acc"] is not None                 # last 5 epochs: all of them here
+        assert (r["arch_loss"] is None) == (r["epoch"] < 1)
+        for key in ("train_acc", "train_loss", "epoch_time_s", "images_per_s", "peak_memory_mb"):
+            assert isinstance(r[key], (int, float)), key
+        cols = ts.OPS_PER_STAGE[r["stage"] - 1]
+        assert len(r["alphas_normal_softmax"]) == 14 and len(r["alphas_normal_softmax"][0]) == cols
+        assert sum(r["alphas_reduce_softmax"][5]) == pytest.approx(1.0, abs=1e-5)
+
+    # arch_state.json: raw alphas and switches of each stage; 8/5/3 columns; cells of 2/3/4.
+    with open(os.path.join(run_dir, "arch_state.json")) as f:
+        state = json.load(f)
+    assert [s["layers"] for s in state["stages"]] == [3, 4, 5]
+    for s, stage in enumerate(state["stages"]):
+        assert len(stage["alphas_normal"]) == 14 and len(stage["alphas_reduce"][0]) == ts.OPS_PER_STAGE[s]
+        assert all(sum(row) == ts.OPS_PER_STAGE[s] for row in stage["switches_normal"])
+    assert state["genotype"] == json.load(open(os.path.join(run_dir, "genotype.json")))
+
+    with open(os.path.join(run_dir, "genotypes_by_skip_budget.json")) as f:
+        budgets = json.load(f)
+    n = budgets["num_skip_connects"]
+    assert sorted(map(int, budgets["by_max_skip"]), reverse=True) == [m for m in range(8, -1, -1) if n > m]
+
+    # --derive on the search's own file gives the same cell, for the default budget.
+    rc, derived = search(["--derive", os.path.join(run_dir, "arch_state.json")], capsys)
+    assert rc == 0 and derived[-1] == lines[-1]
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    assert "restricting skip-connects" in log and "stage 3 peak device memory" in log
+
+
+def test_resume_gives_the_same_genotype(cifar10_dir, tmp_path, capsys):
+    # Alpha steps from epoch 0, so the checkpoint holds Adam's state too.
+    common = ["--tmp_data_dir", cifar10_dir, "--deterministic", *TINY, "--arch_warmup_epochs", "0"]
+    full, cut = str(tmp_path / "full") + "/", str(tmp_path / "cut") + "/"
+    os.makedirs(full)
+    os.makedirs(cut)
+    rc, full_lines = search(["--save", full, *common], capsys)
+    assert rc == 0
+    # Killed mid stage 2 (after its epoch 0 of 2), then resumed.
+    rc, _ = search(["--save", cut, "--stop_after_epochs", "3", *common], capsys)
+    assert rc == 0
+    run_dir = only_run_dir(cut)
+    assert not os.path.exists(os.path.join(run_dir, "genotype.json"))
+    assert len(read_metrics(run_dir)) == 3
+    rc, resumed_lines = search(["--resume", run_dir, "--workers", "0"], capsys)
+    assert rc == 0
+    assert resumed_lines[-1] == full_lines[-1]
+    a = json.load(open(os.path.join(only_run_dir(full), "arch_state.json")))
+    b = json.load(open(os.path.join(run_dir, "arch_state.json")))
+    for sa, sb in zip(a["stages"], b["stages"]):
+        assert sa["alphas_normal"] == sb["alphas_normal"] and sa["alphas_reduce"] == sb["alphas_reduce"]
+    ma, mb = read_metrics(only_run_dir(full)), read_metrics(run_dir)
+    assert [(r["stage"], r["epoch"], r["train_loss"]) for r in ma] == \
+        [(r["stage"], r["epoch"], r["train_loss"]) for r in mb]
+
+
+def test_resume_of_a_missing_run_is_an_error(tmp_path, capsys):
+    rc = run_main(ts.main, ts.parse_args(["--resume", str(tmp_path)]))
+    assert rc == 2 and "checkpoint not found" in capsys.readouterr().err
+
+
+def test_search_on_an_image_folder(image_folder, tmp_path, capsys):
+    save = str(tmp_path / "runs") + "/"
+    os.makedirs(save)
+    rc, lines = search(["--dataset", "folder", "--tmp_data_dir", image_folder, "--save", save,
+                        *TINY, "--batch_size", "3", "--epochs", "1", "--arch_warmup_epochs", "0"],
+                       capsys)
+    assert rc == 0 and lines[-1].startswith("Genotype(normal=[")
+    run_dir = only_run_dir(save)
+    assert os.path.isfile(os.path.join(run_dir, "genotype.json"))
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    assert "3 classes" in log and "resized to 16x16" in log
+
+
+def test_two_process_ddp_search_agrees(cifar10_dir, tmp_path):
+    save = str(tmp_path / "runs") + "/"
+    os.makedirs(save)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "train_search.py"), "--tmp_data_dir", cifar10_dir, "--save", save,
+           "--threads", "1", *TINY]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cells = [ln for ln in proc.stdout.splitlines() if ln.startswith("Genotype(")]
+    assert len(cells) == 2 and cells[0] == cells[1]     # each rank prints the cell it derived
+    run_dir = only_run_dir(save)
+    assert format_genotype(load_genotype_file(os.path.join(run_dir, "genotype.json"))) == cells[0]
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    # --batch_size is global: 10 = 2 x 5; each rank takes half of every epoch's 50 weight
+    # images, 5 steps of 5, as one process takes 5 steps of 10.
+    assert "data-parallel over 2 processes: batch 10 = 2 x 5 per process" in log
+    assert "step 004/5" in log
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(cifar10_dir, tmp_path, capsys,
+                                                             monkeypatch):
+    real_step, calls = ts.search_step, []
+
+    def step_going_nan(*args, **kwargs):
+        logits, loss_w, loss_a = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) > 5:          # the weight half is 5 batches: epoch 1 goes wrong
+            loss_w = loss_w * float("nan")
+        return logits, loss_w, loss_a
+
+    monkeypatch.setattr(ts, "search_step", step_going_nan)
+    save = str(tmp_path / "runs") + "/"
+    os.makedirs(save)
+    rc = run_main(ts.main, ts.parse_args(["--tmp_data_dir", cifar10_dir, "--save", save, *TINY]))
+    err = capsys.readouterr().err
+    assert rc == 2 and "nan" in err and "checkpoint" in err
+    run_dir = only_run_dir(save)
+    ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
+    assert (ckpt["stage"], ckpt["epoch"]) == (0, 1)      # the last good epoch
+    assert len(read_metrics(run_dir)) == 1

@@ -1,0 +1,981 @@
+"""P-DARTS architecture search: three progressive stages (SPEC section 2, paper Sec. 3).
+
+    python train_search.py --demo                    # the whole algorithm on built-in data, CPU, ~2 min
+    python train_search.py --tmp_data_dir DATA --save LOG --add_layers 6 --add_layers 12 \\
+        --dropout_rate 0.1 --dropout_rate 0.4 --dropout_rate 0.7 --note NOTE [--cifar100]
+    torchrun --nproc_per_node 4 train_search.py ...  # data-parallel; --batch_size stays global
+    python train_search.py --resume RUN_DIR          # continue after the last completed epoch
+    python train_search.py --derive RUN_DIR/arch_state.json --max_skip 3   # re-derive, no training
+
+Stage s builds a fresh search network of ``--layers + add_layers[s]`` cells with the ops
+still switched on (8, 5, then 3 per edge) and fresh alphas, trains only the weights for
+``--arch_warmup_epochs`` epochs, then alternates one first-order alpha step (on the alpha
+half of the training split) and one weight step (on the weight half). After the stage
+the lowest-weighted ops of every edge are switched off. After the last stage the cell
+keeps the 2 strongest non-``none`` edges per node, and the normal cell is refined to at
+most ``--max_skip`` skip-connects. The last line on stdout is the ``Genotype(...)`` line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from checkpoint import CheckpointError, load_file, save_atomic
+from data import (
+    CIFAR_FOLDERS,
+    DataError,
+    cifar_transforms,
+    folder_transforms,
+    get_dataset,
+    get_image_folder,
+    normalization,
+)
+from genotypes import PRIMITIVES, Genotype, format_genotype, genotype_to_dict, save_genotype
+from model_search import (
+    NUM_EDGES,
+    Network,
+    Switches,
+    all_on_switches,
+    count_skips,
+    derive_cell_switches,
+    derive_genotype,
+    ops_on,
+    prune_switches,
+    skip_budget_genotypes,
+)
+from utils import (
+    AverageMeter,
+    DistInfo,
+    MetricsWriter,
+    Progress,
+    UserError,
+    accuracy,
+    barrier,
+    broadcast_object,
+    check_finite,
+    get_rng_state,
+    init_distributed,
+    log_run_start,
+    logger,
+    peak_memory_mb,
+    reset_peak_memory,
+    run_dir_name,
+    run_main,
+    seed_everything,
+    set_rng_state,
+    setup_logging,
+)
+
+# ---------------------------------------------------------------------------------------
+# The algorithm's constants (paper Sec. 4.1.1)
+# ---------------------------------------------------------------------------------------
+
+NUM_STAGES = 3
+# Candidate ops per edge in stages 1, 2, 3 ("the size of operation space is set to be
+# 8, 5 and 3"), and how many of the lowest-weighted ones each stage switches off: after
+# the last stage one op per edge is left, and `none` is always among those dropped.
+OPS_PER_STAGE = (8, 5, 3)
+DROPS_PER_STAGE = (3, 2, 2)
+assert all(k - d == nxt for k, d, nxt in zip(OPS_PER_STAGE, DROPS_PER_STAGE, OPS_PER_STAGE[1:] + (1,)))
+VALID_LAST_EPOCHS = 5       # validation accuracy is reported in the last 5 epochs of a stage
+DROPOUT_DECAY = 0.2         # p = rate * exp(-(e - W) * 0.2) after the warm-up
+# Skip-connect dropout rates per stage (paper Sec. 4.1.1); other datasets use CIFAR-10's.
+PAPER_DROPOUT_RATES = {"cifar10": (0.0, 0.4, 0.7), "cifar100": (0.1, 0.2, 0.3)}
+
+CHECKPOINT = "checkpoint.pt"
+ARCH_STATE = "arch_state.json"
+GENOTYPE_FILE = "genotype.json"
+BUDGETS_FILE = "genotypes_by_skip_budget.json"
+METRICS_FILE = "metrics.jsonl"
+
+# Flags whose default depends on --demo (None on the command line = not given).
+PAPER_DEFAULTS = dict(dataset="cifar10", epochs=25, arch_warmup_epochs=10, batch_size=96,
+                      init_channels=16, layers=5, add_layers=[0, 6, 12], workers=2,
+                      report_freq=50, note="try", image_size=32, threads=0)
+# The demo: the full three-stage algorithm, scaled down to run on a 2-core CPU in 2-3 min.
+DEMO_DEFAULTS = dict(dataset="demo", epochs=6, arch_warmup_epochs=2, batch_size=50,
+                     init_channels=4, layers=3, add_layers=[0, 1, 2], workers=0,
+                     report_freq=5, note="demo", image_size=16, threads=1)
+# On --resume these come from the new command line; everything else from the run itself.
+RUNTIME_FLAGS = ("resume", "workers", "report_freq", "device", "tmp_data_dir", "download",
+                 "stop_after_epochs", "derive", "threads")
+
+
+# ---------------------------------------------------------------------------------------
+# Schedules (pure functions, checked against SPEC's formulas by the tests)
+# ---------------------------------------------------------------------------------------
+
+def learning_rate(epoch: int, epochs: int, lr0: float, lr_min: float) -> float:
+    """Cosine annealing set once per epoch; epoch 0 uses ``lr0``."""
+    return lr_min + (lr0 - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+def skip_dropout_rate(epoch: int, epochs: int, rate: float, warmup: int) -> float:
+    """Skip-connect dropout rate for an epoch (paper Sec. 3.3): a linear decay during the
+    weights-only warm-up, then an exponential one."""
+    if epoch < warmup:
+        return rate * (epochs - epoch - 1) / epochs
+    return rate * math.exp(-(epoch - warmup) * DROPOUT_DECAY)
+
+
+def is_validation_epoch(epoch: int, epochs: int) -> bool:
+    """Validation accuracy is reported in the last VALID_LAST_EPOCHS epochs of a stage."""
+    return epoch >= epochs - VALID_LAST_EPOCHS
+
+
+def stage_values(given: Sequence | None, flag: str, default: Sequence,
+                 implicit_first: bool) -> list:
+    """The three per-stage values of a repeated flag.
+
+    ``implicit_first``: the release's ``--add_layers``/``--add_width`` lists start with an
+    implicit 0 for stage 1, so two flags (``--add_layers 6 --add_layers 12``) mean 0, 6, 12;
+    three flags are taken as given.
+    """
+    if given is None:
+        return list(default)
+    values = list(given)
+    if implicit_first and len(values) == NUM_STAGES - 1:
+        return [type(values[0])(0)] + values
+    if len(values) == NUM_STAGES:
+        return values
+    # Deviation: the release silently falls back to its defaults here.
+    forms = "2 (stage 1 is then 0) or 3" if implicit_first else "3"
+    raise ValueError(f"{flag} was given {len(values)} time(s); give it {forms} times, one "
+                     f"value per stage (got {values})")
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Show a flag's default unless it is None/False (those say theirs in the text)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="P-DARTS progressive architecture search (3 stages of 5/11/17 cells). "
+                    "First try: python train_search.py --demo",
+        formatter_class=_HelpFormatter)
+    d = DEMO_DEFAULTS
+    g = p.add_argument_group("data")
+    g.add_argument("--tmp_data_dir", "--data", default="data",
+                   help="folder holding cifar-10-batches-py / cifar-100-python; for "
+                        "--dataset folder, the ImageFolder tree itself (class subfolders)")
+    g.add_argument("--dataset", choices=["cifar10", "cifar100", "folder", "demo"], default=None,
+                   help="cifar10 (default), cifar100, folder (your own ImageFolder tree, "
+                        "normalised with the ImageNet mean/std), demo (built-in generated "
+                        "10-class task; the default with --demo)")
+    g.add_argument("--cifar100", action="store_true", help="same as --dataset cifar100")
+    g.add_argument("--download", action="store_true",
+                   help="download CIFAR into --tmp_data_dir if it is missing")
+    g.add_argument("--image_size", type=int, default=None,
+                   help="image side; --dataset folder: resized and centre-cropped to it; "
+                        "CIFAR/demo: resized to it when not 32 (default 32, demo 16)")
+    g.add_argument("--train_portion", type=float, default=0.5,
+                   help="first part of the training split trains the weights, the rest the alphas")
+    g.add_argument("--workers", type=int, default=None,
+                   help=f"data loader processes (default {PAPER_DEFAULTS['workers']}, demo {d['workers']})")
+
+    g = p.add_argument_group("search")
+    g.add_argument("--epochs", type=int, default=None,
+                   help=f"epochs per stage (default {PAPER_DEFAULTS['epochs']}, demo {d['epochs']})")
+    g.add_argument("--arch_warmup_epochs", type=int, default=None,
+                   help="epochs per stage that train only the weights "
+                        f"(default {PAPER_DEFAULTS['arch_warmup_epochs']}, demo {d['arch_warmup_epochs']})")
+    g.add_argument("--batch_size", type=int, default=None,
+                   help="batch of each half per step, over all processes together "
+                        f"(default {PAPER_DEFAULTS['batch_size']}, demo {d['batch_size']})")
+    g.add_argument("--learning_rate", type=float, default=0.025, help="initial weight learning rate")
+    g.add_argument("--learning_rate_min", type=float, default=0.0, help="cosine schedule floor")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight_decay", type=float, default=3e-4, help="SGD weight decay")
+    g.add_argument("--grad_clip", type=float, default=5.0,
+                   help="gradient norm clip for the weights and for the alphas")
+    g.add_argument("--arch_learning_rate", type=float, default=6e-4, help="Adam lr of the alphas")
+    g.add_argument("--arch_weight_decay", type=float, default=1e-3, help="Adam weight decay of the alphas")
+    g.add_argument("--init_channels", type=int, default=None,
+                   help=f"C of stage 1 (default {PAPER_DEFAULTS['init_channels']}, "
+                        f"demo {d['init_channels']})")
+    g.add_argument("--layers", type=int, default=None,
+                   help=f"cells in stage 1 (default {PAPER_DEFAULTS['layers']}, demo {d['layers']})")
+    g.add_argument("--add_layers", type=int, action="append", default=None,
+                   help="cells added per stage; repeat: twice means 0, A, B (the release's "
+                        "form), three times gives all three (default 0, 6, 12 -> 5/11/17 cells; "
+                        "demo 0, 1, 2)")
+    g.add_argument("--add_width", type=int, action="append", default=None,
+                   help="channels added to C per stage; repeat like --add_layers (default 0, 0, 0)")
+    g.add_argument("--dropout_rate", type=float, action="append", default=None,
+                   help="skip-connect dropout rate per stage; give it 3 times. Default: the "
+                        "paper's rates, CIFAR-10 (and demo/folder) 0.0 0.4 0.7, CIFAR-100 0.1 0.2 0.3 "
+                        "(the authors' README example: 0.1 0.4 0.7)")
+    # Deviation: the budget M is a flag (the paper's M = 2 is the default).
+    g.add_argument("--max_skip", type=int, default=2,
+                   help="at most this many skip-connects in the final normal cell (paper: 2); "
+                        "-1 = no restriction")
+
+    g = p.add_argument_group("run")
+    # Deviation: the default folder is runs/ (ignored by git).
+    g.add_argument("--save", default="runs/",
+                   help="run folder prefix: the run goes to {save}search-{note}-{timestamp}")
+    g.add_argument("--note", default=None, help="name part of the run folder (default try, demo demo)")
+    g.add_argument("--seed", type=int, default=2, help="seeds everything (the release's default)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms (slower); with it a resumed CPU run equals "
+                        "an uninterrupted one")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto = CUDA when available")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch; 0 = PyTorch's default (all cores). The demo "
+                        "uses 1: its tensors are too small to gain from more, and on a busy "
+                        "machine several threads per tiny op slow it down many times")
+    g.add_argument("--report_freq", type=int, default=None,
+                   help=f"steps between progress lines (default {PAPER_DEFAULTS['report_freq']}, "
+                        f"demo {d['report_freq']})")
+    g.add_argument("--demo", action="store_true",
+                   help="run the whole algorithm on the built-in demo data at a tiny size "
+                        "(flags given with it override its presets)")
+    g.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue the run in RUN_DIR from its last completed epoch")
+    g.add_argument("--derive", metavar="FILE", default=None,
+                   help="no training: re-derive the final cell from saved alphas (arch_state.json) "
+                        "at --max_skip and print it")
+    # For tests of resume: stop (as if killed) after this many epochs of this process.
+    g.add_argument("--stop_after_epochs", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume:
+        # A resumed run keeps its own settings; only run-time flags given here change.
+        probe = build_parser()
+        for action in probe._actions:
+            action.default = argparse.SUPPRESS
+        given = vars(probe.parse_args(argv))
+        args.resume_overrides = sorted(k for k in given if k in RUNTIME_FLAGS)
+    if args.cifar100:
+        if args.dataset not in (None, "cifar100"):
+            parser.error(f"--cifar100 contradicts --dataset {args.dataset}")
+        args.dataset = "cifar100"
+    presets = DEMO_DEFAULTS if args.demo else PAPER_DEFAULTS
+    for key, value in presets.items():
+        if getattr(args, key) is None:
+            setattr(args, key, list(value) if isinstance(value, list) else value)
+    try:
+        args.add_layers = stage_values(args.add_layers, "--add_layers", presets["add_layers"], True)
+        args.add_width = stage_values(args.add_width, "--add_width", [0, 0, 0], True)
+        # Deviation: no --dropout_rate means the paper's rates, not the release's fallback.
+        rates = PAPER_DROPOUT_RATES.get(args.dataset, PAPER_DROPOUT_RATES["cifar10"])
+        args.dropout_rate = stage_values(args.dropout_rate, "--dropout_rate", rates, False)
+    except ValueError as e:
+        parser.error(str(e))
+    problems = [
+        (args.epochs < 1, "--epochs must be at least 1"),
+        (args.arch_warmup_epochs < 0, "--arch_warmup_epochs must be >= 0"),
+        (args.batch_size < 1, "--batch_size must be at least 1"),
+        (not 0 < args.train_portion < 1, "--train_portion must be between 0 and 1"),
+        (any(args.layers + a < 1 for a in args.add_layers), "every stage needs at least 1 cell"),
+        (any(not 0 <= r < 1 for r in args.dropout_rate), "--dropout_rate values must be in [0, 1)"),
+        (args.max_skip < -1 or args.max_skip > 8, "--max_skip must be -1 (no limit) or 0..8"),
+        (args.image_size < 8, "--image_size must be at least 8"),
+    ]
+    for bad, message in problems:
+        if bad:
+            parser.error(message)
+    return args
+
+
+# ---------------------------------------------------------------------------------------
+# Data: the training split, divided in order into a weight half and an alpha half
+# ---------------------------------------------------------------------------------------
+
+def _seed_for(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (run seed, stage, epoch, stream, rank)."""
+    h = 0x9E3779B97F4A7C15
+    for part in parts:
+        h = ((h ^ (int(part) + 0x632BE5AB)) * 0x100000001B3) % (2 ** 63 - 1)
+    return h
+
+
+class EpochSampler(Sampler[int]):
+    """A fixed set of indices in a new random order every epoch, the order a function of
+    (seed, stage, epoch, stream) only, so a resumed run sees the same batches.
+
+    With several processes every rank draws the same order and takes every
+    ``world_size``-th index from ``rank`` on (like DistributedSampler). ``num_samples``
+    (per rank) longer than one pass appends further passes.
+    """
+
+    def __init__(self, indices: Sequence[int], seed: int, stream: int, rank: int = 0,
+                 world_size: int = 1, num_samples: int | None = None, shuffle: bool = True) -> None:
+        self.indices = list(indices)
+        self.seed, self.stream, self.shuffle = seed, stream, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.num_samples = num_samples or math.ceil(len(self.indices) / world_size)
+        self.stage, self.epoch = 0, 0
+
+    def set_epoch(self, stage: int, epoch: int) -> None:
+        self.stage, self.epoch = stage, epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(_seed_for(self.seed, self.stage, self.epoch, self.stream))
+        total = self.num_samples * self.world_size
+        order: list[int] = []
+        while len(order) < total:
+            order += (torch.randperm(len(self.indices), generator=g).tolist() if self.shuffle
+                      else list(range(len(self.indices))))
+        return iter([self.indices[i] for i in order[:total][self.rank::self.world_size]])
+
+
+def _resize_images(images, size: int):
+    """Resize uint8 N x H x W x 3 images (antialiased bilinear), once, before augmentation."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def build_search_data(args: argparse.Namespace) -> tuple[Dataset, int, str]:
+    """The training split with the training augmentation, its number of classes, and a
+    line describing it."""
+    size = args.image_size
+    if args.dataset in CIFAR_FOLDERS:
+        folder = os.path.join(args.tmp_data_dir, CIFAR_FOLDERS[args.dataset][0])
+        data = get_dataset(args.dataset, args.tmp_data_dir, True,
+                           cifar_transforms(args.dataset, True, image_size=size), download=args.download)
+        num_classes = CIFAR_FOLDERS[args.dataset][4]
+        where = f"from {folder}"
+    elif args.dataset == "demo":
+        data = get_dataset("demo", args.tmp_data_dir, True,
+                           cifar_transforms("demo", True, image_size=size))
+        num_classes, where = 10, "(built-in, generated)"
+    elif args.dataset == "folder":
+        data = get_image_folder(args.tmp_data_dir, folder_transforms(True, args.image_size),
+                                "image folder (--dataset folder)")
+        num_classes = len(data.classes)
+        where = f"from {args.tmp_data_dir}, resized to {args.image_size}x{args.image_size}"
+        if num_classes < 2:
+            raise DataError(f"{args.tmp_data_dir} has {num_classes} class folder(s); "
+                            "a search needs 2 or more")
+    else:
+        raise UserError(f"unknown dataset {args.dataset!r}")
+    if args.dataset != "folder":
+        if size != data.data.shape[1]:
+            # Deviation (CIFAR/demo only when asked): smaller images make the demo fast.
+            data.data = _resize_images(data.data, size)
+            where += f", resized to {size}x{size}"
+    mean, std = normalization(args.dataset)
+    text = (f"{args.dataset} {where}: {len(data)} training images, {num_classes} classes, "
+            f"normalised with mean {tuple(mean)} std {tuple(std)}")
+    return data, num_classes, text
+
+
+class SearchData:
+    """The loaders of one run: weight half and alpha half (both shuffled per epoch, the
+    alpha half as long as the weight half so the two step in lockstep), and the alpha
+    half in order for validation.
+
+    Deviation: each step's alpha batch is the next one of the alpha half, reshuffled every
+    epoch (sampling without replacement, SPEC section 2), and every epoch's order is a
+    function of (seed, stage, epoch) so that resuming is exact.
+    Faithful to the release: the last, smaller batch of an epoch is kept.
+    """
+
+    def __init__(self, dataset: Dataset, args: argparse.Namespace, env: DistInfo) -> None:
+        n = len(dataset)
+        split = int(math.floor(args.train_portion * n))
+        if split < 1 or n - split < 1:
+            raise DataError(f"{n} training images cannot be split into a weight and an alpha "
+                            f"half at --train_portion {args.train_portion}")
+        weight_idx, alpha_idx = range(split), range(split, n)
+        rank, world = env.rank, env.world_size
+        self.w_sampler = EpochSampler(weight_idx, args.seed, 0, rank, world)
+        self.a_sampler = EpochSampler(alpha_idx, args.seed, 1, rank, world,
+                                      num_samples=len(self.w_sampler))
+        self.v_sampler = EpochSampler(alpha_idx, args.seed, 2, rank, world, shuffle=False)
+        self.seed, self.rank = args.seed, rank
+        self.generator = torch.Generator()  # worker seeds, reseeded per epoch
+        # --batch_size is global (as in the training scripts): each process takes its share.
+        kw = dict(batch_size=args.batch_size // world, num_workers=args.workers,
+                  pin_memory=env.device.type == "cuda", generator=self.generator)
+        self.weights = DataLoader(dataset, sampler=self.w_sampler, **kw)
+        self.alphas = DataLoader(dataset, sampler=self.a_sampler, **kw)
+        self.valid = DataLoader(dataset, sampler=self.v_sampler, **kw)
+        self.sizes = (split, n - split)
+
+    def set_epoch(self, stage: int, epoch: int) -> None:
+        for s in (self.w_sampler, self.a_sampler, self.v_sampler):
+            s.set_epoch(stage, epoch)
+        self.generator.manual_seed(_seed_for(self.seed, stage, epoch, 3, self.rank))
+
+
+# ---------------------------------------------------------------------------------------
+# One step, one epoch, validation
+# ---------------------------------------------------------------------------------------
+
+# Deviation: data-parallel with torchrun and hand-averaged gradients (the release used
+# DataParallel). No DistributedDataParallel wrapper: its reducer does not fit a step that
+# differentiates two parameter groups separately.
+def average_gradients(params: Sequence[torch.Tensor], world_size: int) -> None:
+    """Average the gradients of ``params`` over all ranks with one all_reduce. Parameters
+    without a gradient are left out (every rank runs the same network, so the same ones)."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(world_size)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(p)
+        offset += g.numel()
+
+
+def search_step(model: Network, batch_w: tuple[torch.Tensor, torch.Tensor],
+                batch_a: tuple[torch.Tensor, torch.Tensor] | None,
+                w_opt: torch.optim.Optimizer, a_opt: torch.optim.Optimizer, grad_clip: float,
+                update_arch: bool, world_size: int = 1
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One search step: with ``update_arch`` first one first-order alpha step on
+    ``batch_a`` (the gradient of its loss at the current weights, for the alphas only),
+    then one weight step on ``batch_w`` (alphas held fixed). Returns the weight batch's
+    logits and loss and the alpha batch's loss, detached, on the device (no host sync)."""
+    alphas = model.arch_parameters()
+    weights = w_opt.param_groups[0]["params"]
+    loss_a = None
+    if update_arch:
+        x_a, y_a = batch_a
+        loss_a = F.cross_entropy(model(x_a), y_a)
+        # Gradients for the alphas only: autograd skips every weight gradient. An alpha
+        # matrix no cell uses (a network too shallow for normal cells) keeps no gradient.
+        for p, g in zip(alphas, torch.autograd.grad(loss_a, alphas, allow_unused=True)):
+            p.grad = g
+        if world_size > 1:
+            average_gradients(alphas, world_size)
+        nn.utils.clip_grad_norm_(alphas, grad_clip)
+        a_opt.step()
+        loss_a = loss_a.detach()
+
+    x_w, y_w = batch_w
+    w_opt.zero_grad(set_to_none=True)
+    for a in alphas:  # the weight step sees the alphas as constants: no graph through them
+        a.requires_grad_(False)
+    try:
+        logits = model(x_w)
+        loss_w = F.cross_entropy(logits, y_w)
+        loss_w.backward()
+    finally:
+        for a in alphas:
+            a.requires_grad_(True)
+    if world_size > 1:
+        average_gradients(weights, world_size)
+    nn.utils.clip_grad_norm_(weights, grad_clip)
+    w_opt.step()
+    return logits.detach(), loss_w.detach(), loss_a
+
+
+def _to(batch, device: torch.device):
+    x, y = batch
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _stop_if_nonfinite(meter: AverageMeter, what: str, device: torch.device, world_size: int) -> None:
+    """Raise NonFiniteLossError on every rank at once if any rank's running loss is not
+    finite (one host sync; called at report points and at the end of an epoch)."""
+    value = meter.avg
+    if world_size > 1:
+        t = torch.tensor([value], dtype=torch.float64,
+                         device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        value = float(t.item())
+    check_finite(value, what)
+
+
+def train_epoch(model: Network, data: SearchData, w_opt: torch.optim.Optimizer,
+                a_opt: torch.optim.Optimizer, args: argparse.Namespace, update_arch: bool,
+                env: DistInfo, desc: str = "train") -> dict[str, float]:
+    """One epoch of the search. Returns averages over all ranks: ``train_loss``,
+    ``train_acc``, ``arch_loss`` (None without alpha steps) and ``images`` (all ranks)."""
+    model.train()
+    meters = {"loss": AverageMeter(), "acc": AverageMeter(), "arch_loss": AverageMeter()}
+    alpha_batches = iter(data.alphas) if update_arch else None
+    progress = Progress(len(data.weights), desc, args.report_freq, enabled=env.is_main)
+    images = 0
+    for step, batch in enumerate(data.weights, 1):
+        batch_w = _to(batch, env.device)
+        batch_a = _to(next(alpha_batches), env.device) if update_arch else None
+        logits, loss_w, loss_a = search_step(model, batch_w, batch_a, w_opt, a_opt,
+                                             args.grad_clip, update_arch, env.world_size)
+        n = batch_w[1].shape[0]
+        meters["loss"].update(loss_w, n)
+        meters["acc"].update(accuracy(logits, batch_w[1])[0], n)
+        images += n
+        if loss_a is not None:
+            meters["arch_loss"].update(loss_a, batch_a[1].shape[0])
+            images += batch_a[1].shape[0]
+        if step % args.report_freq == 0:
+            _stop_if_nonfinite(meters["loss"], "training loss", env.device, env.world_size)
+        progress.update(step, {"loss": meters["loss"], "acc": meters["acc"]})
+    for m in meters.values():
+        m.all_reduce()
+    check_finite(meters["loss"].avg, "training loss")
+    if update_arch:
+        check_finite(meters["arch_loss"].avg, "alpha-step loss")
+    return {"train_loss": meters["loss"].avg, "train_acc": meters["acc"].avg,
+            "arch_loss": meters["arch_loss"].avg if update_arch else None,
+            "images": images * env.world_size}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    """Loss and top-1 accuracy in eval mode (averaged over all ranks)."""
+    model.eval()
+    loss, acc = AverageMeter(), AverageMeter()
+    for batch in loader:
+        x, y = _to(batch, device)
+        logits = model(x)
+        loss.update(F.cross_entropy(logits, y), y.shape[0])
+        acc.update(accuracy(logits, y)[0], y.shape[0])
+    loss.all_reduce()
+    acc.all_reduce()
+    model.train()
+    return {"valid_loss": loss.avg, "valid_acc": acc.avg}
+
+
+# ---------------------------------------------------------------------------------------
+# Derivation from saved alphas (--derive) and reporting of cells
+# ---------------------------------------------------------------------------------------
+
+def prune_after_stage(stage: int, switches_normal: Switches, switches_reduce: Switches,
+                      probs_normal, probs_reduce) -> tuple[Switches, Switches]:
+    """Switch off the DROPS_PER_STAGE[stage] lowest-weighted ops of every edge (stage is
+    0-based); after the last stage `none` is always among them (paper Sec. 3.2)."""
+    last = stage == NUM_STAGES - 1
+    return (prune_switches(switches_normal, probs_normal, DROPS_PER_STAGE[stage], drop_none=last),
+            prune_switches(switches_reduce, probs_reduce, DROPS_PER_STAGE[stage], drop_none=last))
+
+
+def _softmax_rows(alphas: Sequence[Sequence[float]]) -> torch.Tensor:
+    # float32, as in the search, so a re-derivation ranks exactly as the search did.
+    return F.softmax(torch.tensor(alphas, dtype=torch.float32), dim=-1)
+
+
+def replay_stages(stages: Sequence[dict], source: str = "arch state") -> list[tuple[Switches, Switches]]:
+    """The switches each stage ran with, recomputed from the raw alphas of all stages,
+    starting with all ops on and pruning after each stage as the search does."""
+    if not isinstance(stages, list) or len(stages) != NUM_STAGES:
+        raise UserError(f"{source}: 'stages' must be a list of {NUM_STAGES} objects")
+    sw_n, sw_r = all_on_switches(), all_on_switches()
+    result = []
+    for s, stage in enumerate(stages):
+        for key in ("alphas_normal", "alphas_reduce"):
+            rows = stage.get(key) if isinstance(stage, dict) else None
+            ok = (isinstance(rows, list) and len(rows) == NUM_EDGES
+                  and all(isinstance(r, list) and len(r) == OPS_PER_STAGE[s]
+                          and all(isinstance(v, (int, float)) for v in r) for r in rows))
+            if not ok:
+                raise UserError(f"{source}: stage {s + 1} needs '{key}' as {NUM_EDGES} rows of "
+                                f"{OPS_PER_STAGE[s]} numbers (one column per op on, PRIMITIVES order)")
+        result.append((sw_n, sw_r))
+        sw_n, sw_r = prune_after_stage(s, sw_n, sw_r, _softmax_rows(stage["alphas_normal"]),
+                                       _softmax_rows(stage["alphas_reduce"]))
+    return result
+
+
+def final_cells(sw_n: Switches, sw_r: Switches, probs_n, probs_r, max_skip: int
+                ) -> tuple[Genotype, Genotype, int, list[tuple[int, Genotype]]]:
+    """(chosen cell at max_skip, unrestricted cell, its skip-connect count, the cell for
+    every budget from 8 down that the unrestricted cell exceeds).
+
+    Faithful to the release: the skip-connect budget restricts the normal cell only."""
+    unrestricted = derive_genotype(sw_n, sw_r, probs_n, probs_r, None)
+    num_skips = count_skips(derive_cell_switches(sw_n, probs_n, None))
+    budgets = skip_budget_genotypes(sw_n, sw_r, probs_n, probs_r)
+    chosen = unrestricted if max_skip < 0 else derive_genotype(sw_n, sw_r, probs_n, probs_r, max_skip)
+    return chosen, unrestricted, num_skips, budgets
+
+
+def run_derive(args: argparse.Namespace) -> int:
+    """``--derive FILE``: print the cell for every skip budget, then the chosen one last."""
+    try:
+        with open(args.derive) as f:
+            state = json.load(f)
+    except OSError as e:
+        raise UserError(f"cannot read {args.derive}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{args.derive} is not valid JSON ({e})") from None
+    if not isinstance(state, dict) or "stages" not in state:
+        raise UserError(f"{args.derive}: expected a JSON object with a top-level 'stages' list")
+    switches = replay_stages(state["stages"], args.derive)
+    sw_n, sw_r = switches[-1]
+    last = state["stages"][-1]
+    chosen, unrestricted, num_skips, budgets = final_cells(
+        sw_n, sw_r, _softmax_rows(last["alphas_normal"]), _softmax_rows(last["alphas_reduce"]),
+        args.max_skip)
+    print(f"unrestricted cell ({num_skips} skip-connects in the normal cell): "
+          f"{format_genotype(unrestricted)}")
+    for m, g in budgets:
+        print(f"max_skip {m}: {format_genotype(g)}")
+    print(format_genotype(chosen))
+    return 0
+
+
+def _names(row: Sequence[bool]) -> str:
+    return ",".join(PRIMITIVES[k] for k in ops_on(row))
+
+
+def _log_switches(stage: int, sw_n: Switches, sw_r: Switches) -> None:
+    for kind, sw in (("normal", sw_n), ("reduce", sw_r)):
+        logger.info("stage %d %s cell, ops kept per edge:", stage, kind)
+        for e, row in enumerate(sw):
+            logger.info("  edge %2d: %s", e, _names(row))
+
+
+def _draw(genotype: Genotype, out_dir: str, prefix: str) -> None:
+    from visualize import draw_genotype, graphviz_available
+
+    if not graphviz_available():
+        logger.info("graphviz not installed: no diagram %s*.pdf", prefix)
+        return
+    try:
+        paths = draw_genotype(genotype, out_dir, "pdf", prefix)
+        logger.info("diagrams: %s", ", ".join(os.path.basename(p) for p in paths))
+    except Exception as e:  # noqa: BLE001 - a drawing failure must not lose the search
+        logger.warning("could not draw %s cells: %s", prefix or "final", e)
+
+
+def _write_json(obj, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_arch_state(run_dir: str, stages: list[dict], extra: dict | None = None) -> None:
+    _write_json({"primitives": PRIMITIVES, "stages": stages, **(extra or {})},
+                os.path.join(run_dir, ARCH_STATE))
+
+
+# ---------------------------------------------------------------------------------------
+# Run folder, resume, checkpoints
+# ---------------------------------------------------------------------------------------
+
+def _open_run_dir(args: argparse.Namespace, env: DistInfo) -> str:
+    if args.resume:
+        if not os.path.isdir(args.resume):
+            raise UserError(f"--resume: no run folder {args.resume}")
+        return args.resume
+    run_dir = None
+    if env.is_main:
+        # Faithful to the release: --save is a prefix, the folder is {save}search-{note}-{time}.
+        # Deviation: a folder that already exists gets a -2, -3, ... suffix.
+        base = run_dir_name(args.save, "search", args.note)
+        run_dir, k = base, 1
+        while os.path.exists(run_dir):
+            k += 1
+            run_dir = f"{base}-{k}"
+        os.makedirs(run_dir)
+    return broadcast_object(run_dir)
+
+
+def _load_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
+    """The run's checkpoint and its settings, with the run-time flags of this command."""
+    ckpt = load_file(os.path.join(args.resume, CHECKPOINT))
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "pdarts-search":
+        raise CheckpointError(f"{args.resume}/{CHECKPOINT} is not a train_search.py checkpoint")
+    saved = dict(ckpt["args"])
+    overrides = set(getattr(args, "resume_overrides", [])) | {"resume", "stop_after_epochs", "derive"}
+    for key in overrides:
+        saved[key] = getattr(args, key)
+    saved["resume_overrides"] = sorted(overrides)
+    return argparse.Namespace(**saved), ckpt
+
+
+def _truncate_metrics(path: str, stage: int, epochs_done: int) -> None:
+    """Drop metric lines of epochs after the checkpoint (they will be run again)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    keep = []
+    for ln in lines:
+        rec = json.loads(ln)
+        if (rec["stage"] - 1, rec["epoch"]) < (stage, epochs_done):
+            keep.append(ln)
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def _gather(obj, env: DistInfo) -> list:
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast_model(model: nn.Module) -> None:
+    """Every rank starts a stage from rank 0's weights and alphas."""
+    for t in model.state_dict().values():
+        dist.broadcast(t, 0)
+
+
+# ---------------------------------------------------------------------------------------
+# The search
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class SearchRun:
+    """What every stage of one run shares."""
+    args: argparse.Namespace
+    env: DistInfo
+    data: SearchData
+    num_classes: int
+    run_dir: str
+    metrics: MetricsWriter
+    stages_done: list[dict] = field(default_factory=list)   # arch_state.json's "stages"
+    epochs_run: int = 0                                     # epochs run by this process
+
+
+def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: Switches,
+                 ckpt: dict | None = None) -> Network | None:
+    """Train one stage (resuming from ``ckpt`` if given) and return its network, or None
+    when --stop_after_epochs stopped the run."""
+    args, env = run.args, run.env
+    layers = args.layers + args.add_layers[stage]
+    C = args.init_channels + args.add_width[stage]
+    rate = args.dropout_rate[stage]
+    # Every stage starts afresh: new network, new alphas, new optimizers; only the
+    # switches carry over (paper Sec. 3.2).
+    # Deviation: seeded per stage (the release seeds once) so a resume rebuilds it.
+    torch.manual_seed(_seed_for(args.seed, stage))
+    model = Network(C, run.num_classes, layers, switches_n, switches_r, drop_rate=rate).to(env.device)
+    if env.distributed:
+        _broadcast_model(model)
+        if env.rank > 0:  # different dropout masks and augmentations per rank
+            torch.manual_seed(_seed_for(args.seed, stage, env.rank))
+    w_opt = torch.optim.SGD(model.weight_parameters(), lr=args.learning_rate,
+                            momentum=args.momentum, weight_decay=args.weight_decay)
+    a_opt = torch.optim.Adam(model.arch_parameters(), lr=args.arch_learning_rate,
+                             betas=(0.5, 0.999), weight_decay=args.arch_weight_decay)
+    first_epoch = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        w_opt.load_state_dict(ckpt["w_opt"])
+        a_opt.load_state_dict(ckpt["a_opt"])
+        rng = ckpt["rng"]
+        set_rng_state(rng[env.rank] if len(rng) == env.world_size else rng[0])
+        first_epoch = ckpt["epoch"]
+    reset_peak_memory(env.device)
+    logger.info("=== stage %d/%d: %d cells, C=%d, %d ops per edge, skip dropout %.2f, "
+                "%.3fM weights ===", stage + 1, NUM_STAGES, layers, C, OPS_PER_STAGE[stage],
+                rate, sum(p.numel() for p in model.weight_parameters()) / 1e6)
+
+    for epoch in range(first_epoch, args.epochs):
+        t0 = time.time()
+        lr = learning_rate(epoch, args.epochs, args.learning_rate, args.learning_rate_min)
+        for group in w_opt.param_groups:
+            group["lr"] = lr
+        drop = skip_dropout_rate(epoch, args.epochs, rate, args.arch_warmup_epochs)
+        model.set_drop_rate(drop)
+        update_arch = epoch >= args.arch_warmup_epochs
+        run.data.set_epoch(stage, epoch)
+        logger.info("stage %d epoch %d/%d lr %.6e skip-dropout %.4f %s", stage + 1, epoch,
+                    args.epochs, lr, drop, "weights+alphas" if update_arch else "weights only")
+        stats = train_epoch(model, run.data, w_opt, a_opt, args, update_arch, env,
+                            desc=f"stage {stage + 1} epoch {epoch}")
+        valid = {"valid_loss": None, "valid_acc": None}
+        if is_validation_epoch(epoch, args.epochs):
+            # Faithful to the release: the alpha half is validated with the training
+            # augmentation (it is the same dataset object).
+            valid = evaluate(model, run.data.valid, env.device)
+        seconds = time.time() - t0
+        probs_n, probs_r = model.arch_probs()
+        record = {
+            "stage": stage + 1, "epoch": epoch, "lr": lr, "skip_dropout": drop,
+            "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
+            "arch_loss": stats["arch_loss"], **valid, "epoch_time_s": round(seconds, 3),
+            "images_per_s": round(stats["images"] / max(seconds, 1e-9), 2),
+            "peak_memory_mb": round(peak_memory_mb(env.device), 1),
+            "alphas_normal_softmax": probs_n.tolist(), "alphas_reduce_softmax": probs_r.tolist(),
+        }
+        logger.info("stage %d epoch %d: train_acc %.2f train_loss %.4f%s, %.1fs, %.0f img/s",
+                    stage + 1, epoch, stats["train_acc"], stats["train_loss"],
+                    "" if valid["valid_acc"] is None else
+                    f", valid_acc {valid['valid_acc']:.2f} valid_loss {valid['valid_loss']:.4f}",
+                    seconds, record["images_per_s"])
+        state = {
+            "kind": "pdarts-search", "version": 1, "args": vars(args),
+            "stage": stage, "epoch": epoch + 1, "world_size": env.world_size,
+            "switches_normal": switches_n, "switches_reduce": switches_r,
+            "model_args": {"C": C, "num_classes": run.num_classes, "layers": layers},
+            "model": model.state_dict(), "w_opt": w_opt.state_dict(), "a_opt": a_opt.state_dict(),
+            "lr": lr, "skip_dropout": drop, "stages_done": run.stages_done,
+            "rng": _gather(get_rng_state(), env),
+        }
+        if env.is_main:
+            run.metrics.write(record)   # a resume drops lines after its checkpoint
+            save_atomic(state, os.path.join(run.run_dir, CHECKPOINT))
+        run.epochs_run += 1
+        if args.stop_after_epochs is not None and run.epochs_run >= args.stop_after_epochs:
+            logger.info("stopping after %d epoch(s) as asked (--stop_after_epochs); continue "
+                        "with --resume %s", run.epochs_run, run.run_dir)
+            return None
+    return model
+
+
+def end_stage(run: SearchRun, stage: int, model: Network, switches_n: Switches,
+              switches_r: Switches) -> tuple[Switches, Switches]:
+    """Record the stage (alphas, switches, its cell, peak memory) and switch off the
+    lowest-weighted ops of every edge; return the next stage's switches."""
+    args, env = run.args, run.env
+    probs_n, probs_r = model.arch_probs()
+    peak = peak_memory_mb(env.device)
+    logger.info("stage %d peak device memory: %s", stage + 1,
+                f"{peak:.0f} MiB" if env.device.type == "cuda" else "n/a on CPU")
+    stage_cell = derive_genotype(switches_n, switches_r, probs_n, probs_r,
+                                 None if args.max_skip < 0 else args.max_skip)
+    logger.info("stage %d cell (derived with the final rule): %s", stage + 1,
+                format_genotype(stage_cell))
+    run.stages_done.append({
+        "stage": stage + 1, "layers": args.layers + args.add_layers[stage],
+        "init_channels": args.init_channels + args.add_width[stage],
+        "ops_per_edge": OPS_PER_STAGE[stage], "dropout_rate": args.dropout_rate[stage],
+        "alphas_normal": model.alphas_normal.detach().float().cpu().tolist(),
+        "alphas_reduce": model.alphas_reduce.detach().float().cpu().tolist(),
+        "switches_normal": switches_n, "switches_reduce": switches_r,
+        "genotype": genotype_to_dict(stage_cell), "peak_memory_mb": round(peak, 1),
+    })
+    last = stage == NUM_STAGES - 1
+    logger.info("------ dropping %d ops per edge%s ------", DROPS_PER_STAGE[stage],
+                " (none first)" if last else "")
+    new_n, new_r = prune_after_stage(stage, switches_n, switches_r, probs_n, probs_r)
+    _log_switches(stage + 1, new_n, new_r)
+    if env.is_main:
+        write_arch_state(run.run_dir, run.stages_done)
+        _draw(stage_cell, run.run_dir, f"stage{stage + 1}_")
+    return new_n, new_r
+
+
+def finish_search(run: SearchRun, model: Network, switches_n: Switches,
+                  switches_r: Switches) -> Genotype:
+    """The final cell from the last stage's switches and weights: 2 strongest non-none
+    edges per node, then the skip-connect refinement of the normal cell (paper Sec. 3.3).
+    Writes genotype.json, the cells per skip budget, arch_state.json and the diagrams."""
+    args, env = run.args, run.env
+    probs_n, probs_r = model.arch_probs()
+    # Deviation: the last stage's pruned switches are only logged; the final cell is
+    # derived from its 3-op switches and weights, which gives the release's cell.
+    chosen, unrestricted, num_skips, budgets = final_cells(
+        switches_n, switches_r, probs_n, probs_r, args.max_skip)
+    logger.info("unrestricted cell (%d skip-connects in the normal cell): %s", num_skips,
+                format_genotype(unrestricted))
+    logger.info("------ restricting skip-connects ------")
+    if not budgets:
+        logger.info("the normal cell has %d skip-connect(s): no budget from 8 down is exceeded",
+                    num_skips)
+    for m, g in budgets:
+        logger.info("max_skip %d: %s", m, format_genotype(g))
+    logger.info("final cell (max_skip %s): %s", "none" if args.max_skip < 0 else args.max_skip,
+                format_genotype(chosen))
+    lines = _gather(format_genotype(chosen), env)
+    if len(set(lines)) != 1:
+        raise RuntimeError(f"ranks derived different cells: {lines}")
+    if env.is_main:
+        save_genotype(chosen, os.path.join(run.run_dir, GENOTYPE_FILE))
+        _write_json({"num_skip_connects": num_skips, "unrestricted": genotype_to_dict(unrestricted),
+                     "by_max_skip": {str(m): genotype_to_dict(g) for m, g in budgets}},
+                    os.path.join(run.run_dir, BUDGETS_FILE))
+        write_arch_state(run.run_dir, run.stages_done,
+                         {"max_skip": args.max_skip, "genotype": genotype_to_dict(chosen)})
+        _draw(chosen, run.run_dir, "")
+    return chosen
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.derive:
+        return run_derive(args)
+    env = init_distributed(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpt = None
+    if args.resume:
+        args, ckpt = _load_resume(args)
+        if ckpt["world_size"] != env.world_size:
+            logger.warning("resuming a %d-process run with %d processes: the data order and "
+                           "random streams differ from the original run", ckpt["world_size"],
+                           env.world_size)
+    run_dir = _open_run_dir(args, env)
+    setup_logging(run_dir if env.is_main else None, env.is_main)
+    seed_everything(args.seed, args.deterministic)
+    log_run_start(args, env.device)
+    if args.batch_size % env.world_size:
+        raise UserError(f"--batch_size {args.batch_size} does not divide evenly over "
+                        f"{env.world_size} processes")
+    if env.distributed:
+        logger.info("data-parallel over %d processes: batch %d = %d x %d per process (gradients "
+                    "averaged, as one process with batch %d); batch-norm statistics are per "
+                    "process", env.world_size, args.batch_size, env.world_size,
+                    args.batch_size // env.world_size, args.batch_size)
+    dataset, num_classes, description = build_search_data(args)
+    data = SearchData(dataset, args, env)
+    logger.info("data: %s; %d train the weights, %d the alphas", description, *data.sizes)
+    run = SearchRun(args, env, data, num_classes, run_dir,
+                    MetricsWriter(os.path.join(run_dir, METRICS_FILE) if env.is_main else None))
+
+    switches_n, switches_r = all_on_switches(), all_on_switches()
+    start_stage = 0
+    if ckpt is not None:
+        switches_n, switches_r = ckpt["switches_normal"], ckpt["switches_reduce"]
+        run.stages_done = ckpt["stages_done"]
+        start_stage = ckpt["stage"]
+        logger.info("resuming %s at stage %d after epoch %d", run_dir, start_stage + 1, ckpt["epoch"])
+        if env.is_main:
+            _truncate_metrics(os.path.join(run_dir, METRICS_FILE), start_stage, ckpt["epoch"])
+
+    search_start = time.time()
+    for stage in range(start_stage, NUM_STAGES):
+        model = search_stage(run, stage, switches_n, switches_r,
+                             ckpt if stage == start_stage else None)
+        if model is None:       # --stop_after_epochs
+            barrier()
+            return 0
+        next_n, next_r = end_stage(run, stage, model, switches_n, switches_r)
+        if stage < NUM_STAGES - 1:
+            switches_n, switches_r = next_n, next_r
+    genotype = finish_search(run, model, switches_n, switches_r)
+    if env.device.type == "cuda":
+        logger.info("peak device memory per stage: %s", ", ".join(
+            f"{s['peak_memory_mb']:.0f} MiB" for s in run.stages_done))
+    logger.info("search done in %.1f min; outputs in %s", (time.time() - search_start) / 60, run_dir)
+    barrier()
+    print(format_genotype(genotype), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, parse_args()))
