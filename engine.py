@@ -252,6 +252,24 @@ def train_step(model: nn.Module, images: torch.Tensor, target: torch.Tensor,
     return loss.detach(), logits.detach()
 
 
+def reference_train_step(model: nn.Module, images: torch.Tensor, target: torch.Tensor,
+                         optimizer: torch.optim.Optimizer, criterion: nn.Module,
+                         auxiliary_weight: float = 0.0, grad_clip: float = 0.0) -> float:
+    """The plain path: the straightforward step with per-parameter clipping and the loss
+    read back every step (the release's meters). Benchmarks and equivalence tests compare
+    ``train_step`` with it; build its optimizer with ``foreach=False``."""
+    optimizer.zero_grad()
+    logits, logits_aux = model(images)
+    loss = criterion(logits, target)
+    if logits_aux is not None:
+        loss = loss + auxiliary_weight * criterion(logits_aux, target)
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=False)
+    optimizer.step()
+    return loss.item()
+
+
 def _stop_if_nonfinite(meter: AverageMeter, what: str, device: torch.device) -> None:
     """Raise NonFiniteLossError if the running loss is not finite on any process (all of
     them stop together under torchrun)."""

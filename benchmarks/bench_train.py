@@ -1,0 +1,108 @@
+"""Training-step speed of the evaluation networks: the plain path against the default
+path and each opt-in feature, in one run.
+
+    python benchmarks/bench_train.py                 # CUDA if present, else a short CPU run
+    python benchmarks/bench_train.py --device cuda --batch_size 128 --steps 30
+
+Networks: the 20-cell CIFAR network (C=36, PDARTS, auxiliary head, drop path 0.15 as in
+mid-training) and the 14-cell ImageNet network (C=48). Each path times a full SGD step
+(forward, auxiliary loss, backward, clipping, update) on a fixed on-device batch.
+
+- plain: ``engine.reference_train_step``, the straightforward implementation:
+  per-parameter (non-foreach) SGD and clipping, the loss read back every step.
+- default: what train_cifar.py / train_imagenet.py run: foreach SGD and clipping, metrics
+  kept on the device (no per-step host sync). Identical numerics.
+- +bf16, +channels_last, +compile, +all: the opt-in flags (change float rounding).
+
+The last line is ``speedup <x>``: default over plain for the CIFAR network.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn as nn
+from common import environment, measure, pick_device, print_table
+
+from engine import reference_train_step, train_step
+from genotypes import PDARTS
+from model import NetworkCIFAR, NetworkImageNet
+from speed import prepare_input, prepare_model
+
+
+def make_step(net: str, path: str, device: torch.device, batch: int, image: int):
+    torch.manual_seed(0)
+    if net == "cifar":
+        model = NetworkCIFAR(36, 10, 20, True, PDARTS)
+        classes = 10
+    else:
+        model = NetworkImageNet(48, 1000, 14, True, PDARTS)
+        classes = 1000
+    model = model.to(device).train()
+    model.drop_path_prob = 0.15  # the middle of the CIFAR schedule
+    opts = set(path.split("+")[1:]) if path.startswith("default") else set()
+    if "all" in opts:
+        opts = {"bf16", "channels_last", "compile"}
+    channels_last = "channels_last" in opts
+    amp = "bf16" if "bf16" in opts else "none"
+    forward_model = prepare_model(model, channels_last, "compile" in opts)
+    x = prepare_input(torch.randn(batch, 3, image, image, device=device), channels_last)
+    y = torch.randint(0, classes, (batch,), device=device)
+    criterion = nn.CrossEntropyLoss()
+    plain = path == "plain"
+    optimizer = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4,
+                                foreach=not plain)
+
+    def step_plain():
+        reference_train_step(model, x, y, optimizer, criterion, 0.4, 5.0)
+
+    def step_default():
+        train_step(forward_model, x, y, optimizer, criterion, 0.4, 5.0, amp)
+
+    return step_plain if plain else step_default
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="CIFAR batch (default 128 on CUDA, 16 on CPU)")
+    p.add_argument("--imagenet_batch_size", type=int, default=None, help="default 128 on CUDA, 4 on CPU")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CUDA, 3 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 on CUDA, 1 on CPU)")
+    p.add_argument("--paths", default=None,
+                   help="comma-separated: plain,default,default+bf16,default+channels_last,"
+                        "default+compile,default+all (CPU default leaves out compile and bf16)")
+    p.add_argument("--networks", default="cifar,imagenet")
+    args = p.parse_args()
+    device = pick_device(args.device)
+    cuda = device.type == "cuda"
+    batch = args.batch_size or (128 if cuda else 16)
+    ibatch = args.imagenet_batch_size or (128 if cuda else 4)
+    steps = args.steps or (20 if cuda else 3)
+    warmup = args.warmup or (5 if cuda else 1)
+    paths = (args.paths.split(",") if args.paths else
+             ["plain", "default", "default+bf16", "default+channels_last", "default+compile", "default+all"]
+             if cuda else ["plain", "default", "default+channels_last"])
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    print(environment(device))
+    print(f"CIFAR batch {batch}, ImageNet batch {ibatch}, {warmup} warm-up + {steps} timed steps")
+    speedup = None
+    for net in args.networks.split(","):
+        b, size = (batch, 32) if net == "cifar" else (ibatch, 224)
+        rows = []
+        for path in paths:
+            rows.append((path, measure(make_step(net, path, device, b, size), device, b, warmup, steps)))
+            if cuda:
+                torch.cuda.empty_cache()
+        print_table(f"{net} network, training step at batch {b}", rows, "plain")
+        if net == "cifar":
+            r = dict(rows)
+            speedup = r["default"]["images_per_sec"] / r["plain"]["images_per_sec"]
+    if speedup is not None:
+        print(f"speedup {speedup:.2f}")
+
+
+if __name__ == "__main__":
+    main()
