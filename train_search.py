@@ -905,6 +905,8 @@ def finish_search(run: SearchRun, model: Network, switches_n: Switches,
     lines = _gather(format_genotype(chosen), env)
     if len(set(lines)) != 1:
         raise RuntimeError(f"ranks derived different cells: {lines}")
+    if env.distributed:
+        logger.info("all %d processes derived this same cell", env.world_size)
     if env.is_main:
         save_genotype(chosen, os.path.join(run.run_dir, GENOTYPE_FILE))
         _write_json({"num_skip_connects": num_skips, "unrestricted": genotype_to_dict(unrestricted),
@@ -973,7 +975,8 @@ def main(args: argparse.Namespace) -> int:
             f"{s['peak_memory_mb']:.0f} MiB" for s in run.stages_done))
     logger.info("search done in %.1f min; outputs in %s", (time.time() - search_start) / 60, run_dir)
     barrier()
-    print(format_genotype(genotype), flush=True)
+    if env.is_main:     # the other ranks' cells were checked equal in finish_search
+        print(format_genotype(genotype), flush=True)
     return 0
 
 

@@ -163,10 +163,11 @@ def test_two_process_ddp_search_agrees(cifar10_dir, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cells = [ln for ln in proc.stdout.splitlines() if ln.startswith("Genotype(")]
-    assert len(cells) == 2 and cells[0] == cells[1]     # each rank prints the cell it derived
+    assert len(cells) == 1          # rank 0 prints, after checking that every rank agrees
     run_dir = only_run_dir(save)
     assert format_genotype(load_genotype_file(os.path.join(run_dir, "genotype.json"))) == cells[0]
     log = open(os.path.join(run_dir, "log.txt")).read()
+    assert "all 2 processes derived this same cell" in log
     # --batch_size is global: 10 = 2 x 5; each rank takes half of every epoch's 50 weight
     # images, 5 steps of 5, as one process takes 5 steps of 10.
     assert "data-parallel over 2 processes: batch 10 = 2 x 5 per process" in log
