@@ -18,10 +18,10 @@ from genotypes import Genotype
 from operations import OPS, FactorizedReduce, Identity, ReLUConvBN
 
 
-def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
-    """Zero whole samples with probability ``drop_prob`` and scale survivors by
-    1 / (1 - drop_prob). Works on any device and dtype."""
-    if drop_prob <= 0.0:
+def drop_path(x: torch.Tensor, drop_prob: float | torch.Tensor) -> torch.Tensor:
+    """Zero whole samples with probability ``drop_prob`` (a number or a 0-dim tensor)
+    and scale survivors by 1 / (1 - drop_prob). Works on any device and dtype."""
+    if not torch.is_tensor(drop_prob) and drop_prob <= 0.0:
         return x
     keep_prob = 1.0 - drop_prob
     mask = x.new_empty((x.shape[0], 1, 1, 1)).bernoulli_(keep_prob)
@@ -53,14 +53,14 @@ class Cell(nn.Module):
             self._ops.append(OPS[name](C, stride, True))
         self._indices = list(indices)
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float) -> torch.Tensor:
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float | torch.Tensor) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         for i in range(self._steps):
             hs = []
             for k in (2 * i, 2 * i + 1):
                 op = self._ops[k]
                 h = op(states[self._indices[k]])
-                if self.training and drop_prob > 0.0 and not isinstance(op, Identity):
+                if self.training and not isinstance(op, Identity):
                     h = drop_path(h, drop_prob)
                 hs.append(h)
             states.append(hs[0] + hs[1])
@@ -111,7 +111,26 @@ class AuxiliaryHeadImageNet(nn.Module):
 
 
 class _EvalNetwork(nn.Module):
-    """Shared cell stack of the CIFAR and ImageNet networks."""
+    """Shared cell stack of the CIFAR and ImageNet networks.
+
+    ``drop_path_prob`` is a settable number; the forward pass reads it from a tensor
+    (and only whether it is zero as a Python value), so changing it every epoch does not
+    recompile a ``torch.compile``d network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("_drop_path_rate", torch.zeros(()), persistent=False)
+        self.drop_path_prob = 0.0
+
+    @property
+    def drop_path_prob(self) -> float:
+        return self._drop_path_prob
+
+    @drop_path_prob.setter
+    def drop_path_prob(self, value: float) -> None:
+        self._drop_path_prob = float(value)
+        self._drop_path_on = self._drop_path_prob > 0.0
+        self._drop_path_rate.fill_(self._drop_path_prob)
 
     def _build_cells(self, C: int, C_stem: int, layers: int, genotype: Genotype,
                      reduction_prev: bool) -> int:
@@ -135,7 +154,7 @@ class _EvalNetwork(nn.Module):
     def _cells_forward(self, s0: torch.Tensor, s1: torch.Tensor):
         logits_aux = None
         for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
+            s0, s1 = s1, cell(s0, s1, self._drop_path_rate if self._drop_path_on else 0.0)
             if i == 2 * self._layers // 3 and self._auxiliary and self.training:
                 logits_aux = self.auxiliary_head(s1)
         return s1, logits_aux
@@ -147,7 +166,6 @@ class NetworkCIFAR(_EvalNetwork):
         super().__init__()
         self._layers = layers
         self._auxiliary = auxiliary
-        self.drop_path_prob = 0.0
         stem_multiplier = 3
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(
@@ -173,7 +191,6 @@ class NetworkImageNet(_EvalNetwork):
         super().__init__()
         self._layers = layers
         self._auxiliary = auxiliary
-        self.drop_path_prob = 0.0
         self.stem0 = nn.Sequential(
             nn.Conv2d(3, C // 2, 3, stride=2, padding=1, bias=False),
             nn.BatchNorm2d(C // 2),

@@ -37,6 +37,40 @@ def ops_on(row: Sequence[bool]) -> list[int]:
     return [k for k, on in enumerate(row) if on]
 
 
+class SkipDropout(nn.Module):
+    """Element-wise dropout, as ``nn.Dropout(p)``, whose rate ``p`` can change between
+    epochs without rebuilding the network and without recompiling it under
+    ``torch.compile``: the rate lives in a tensor, and only whether it is zero is a
+    Python value the compiled graph depends on."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.register_buffer("rate", torch.zeros(()), persistent=False)
+        self.p = p
+
+    @property
+    def p(self) -> float:
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        value = float(value)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"skip-connect dropout rate must be in [0, 1), got {value}")
+        self._p = value
+        self.active = value > 0.0
+        self.rate.fill_(value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.active):
+            return x
+        keep = 1.0 - self.rate
+        return x * (torch.empty_like(x).bernoulli_(keep) / keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self._p}"
+
+
 class MixedOp(nn.Module):
     """Eq. (1) of the paper: sum over the ops switched on of softmax(alpha)[o] * o(x).
 
@@ -59,7 +93,7 @@ class MixedOp(nn.Module):
                 op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
             elif isinstance(op, Identity):
                 # Skip-connect dropout (paper Sec. 3.3) after every stride-1 skip.
-                op = nn.Sequential(op, nn.Dropout(drop_rate))
+                op = nn.Sequential(op, SkipDropout(drop_rate))
             self.m_ops.append(op)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -164,8 +198,8 @@ class Network(nn.Module):
     def set_drop_rate(self, p: float) -> None:
         """Set the skip-connect dropout rate of every stride-1 skip (no rebuild needed)."""
         for m in self.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = float(p)
+            if isinstance(m, SkipDropout):
+                m.p = p
 
     def arch_parameters(self) -> list[nn.Parameter]:
         return [self.alphas_normal, self.alphas_reduce]

@@ -8,6 +8,7 @@ from model_search import (
     NUM_EDGES,
     MixedOp,
     Network,
+    SkipDropout,
     all_on_switches,
     ops_on,
     prune_switches,
@@ -159,7 +160,7 @@ def test_arch_probs_are_softmax_of_alphas():
 
 
 def _skip_dropouts(net):
-    return [m for m in net.modules() if isinstance(m, nn.Dropout)]
+    return [m for m in net.modules() if isinstance(m, SkipDropout)]
 
 
 def test_dropout_follows_every_stride1_skip_and_no_stride2_skip():
@@ -172,9 +173,9 @@ def test_dropout_follows_every_stride1_skip_and_no_stride2_skip():
             strided = cell.reduction and e in (0, 1, 2, 3, 5, 6, 9, 10)
             if strided:
                 assert isinstance(skip, FactorizedReduce)
-                assert not any(isinstance(m, nn.Dropout) for m in skip.modules())
+                assert not any(isinstance(m, SkipDropout) for m in skip.modules())
             else:
-                assert isinstance(skip[0], Identity) and isinstance(skip[1], nn.Dropout)
+                assert isinstance(skip[0], Identity) and isinstance(skip[1], SkipDropout)
 
 
 def test_set_drop_rate_changes_dropout_without_rebuild():
@@ -233,3 +234,17 @@ def test_skip_zero_changes_nothing(n_ops):
     assert torch.allclose(fast.alphas_normal.grad, full.alphas_normal.grad, atol=1e-7)
     assert torch.allclose(fast.alphas_reduce.grad, full.alphas_reduce.grad, atol=1e-7)
     assert fast.alphas_normal.grad.abs().sum() > 0
+
+
+def test_skip_dropout_matches_nn_dropout_in_distribution():
+    torch.manual_seed(0)
+    drop = SkipDropout(0.4).train()
+    y = drop(torch.ones(20000))
+    zero = y == 0
+    assert 0.38 < zero.float().mean().item() < 0.42
+    assert torch.allclose(y[~zero], torch.full_like(y[~zero], 1 / 0.6))
+    drop.p = 0.0
+    x = torch.randn(5)
+    assert torch.equal(drop(x), x) and drop.rate.item() == 0.0
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        drop.p = 1.0

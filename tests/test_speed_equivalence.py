@@ -31,3 +31,40 @@ def test_train_step_default_equals_plain():
         assert abs(plain - fast.item()) <= 1e-5 * abs(plain)
     for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _compiled_steps(net, model_input, set_rate, rates):
+    """Compile ``net`` (dynamo only, no code generation: fast on CPU), run a training
+    forward/backward at each rate, and fail if any rate change recompiles."""
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    compiled = torch.compile(net, backend="eager")
+    set_rate(rates[0])
+    out = compiled(model_input)
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    with dynamo.config.patch(error_on_recompile=True):
+        for rate in rates[1:]:
+            set_rate(rate)
+            out = compiled(model_input)
+            (out[0] if isinstance(out, tuple) else out).sum().backward()
+    dynamo.reset()
+
+
+def test_changing_skip_dropout_rate_does_not_recompile():
+    from model_search import Network
+
+    # One cell with skip_connect and sep_conv_3x3 on every edge: quick to trace.
+    sw = [[k in (3, 4) for k in range(8)] for _ in range(14)]
+    net = Network(4, 10, 1, sw, sw).train()
+    _compiled_steps(net, torch.randn(2, 3, 8, 8), net.set_drop_rate, [0.4, 0.3, 0.1])
+
+
+def test_changing_drop_path_prob_does_not_recompile():
+    net = NetworkCIFAR(4, 10, 3, False, PDARTS).train()
+
+    def set_rate(p):
+        net.drop_path_prob = p
+
+    _compiled_steps(net, torch.randn(2, 3, 8, 8), set_rate, [0.1, 0.2, 0.3])
+    assert net.drop_path_prob == 0.3
