@@ -35,7 +35,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from checkpoint import CheckpointError, load_file, save_atomic
 from data import (
     CIFAR_FOLDERS,
+    ArrayDataset,
     DataError,
+    DeviceLoader,
     cifar_transforms,
     folder_transforms,
     get_dataset,
@@ -55,6 +57,7 @@ from model_search import (
     prune_switches,
     skip_budget_genotypes,
 )
+from speed import add_speed_args, autocast, grad_scaler, prepare_input, prepare_model
 from utils import (
     AverageMeter,
     DistInfo,
@@ -110,7 +113,7 @@ DEMO_DEFAULTS = dict(dataset="demo", epochs=6, arch_warmup_epochs=2, batch_size=
                      report_freq=5, note="demo", image_size=16, threads=1)
 # On --resume these come from the new command line; everything else from the run itself.
 RUNTIME_FLAGS = ("resume", "workers", "report_freq", "device", "tmp_data_dir", "download",
-                 "stop_after_epochs", "derive", "threads")
+                 "stop_after_epochs", "derive", "threads", "host_data", "channels_last", "compile")
 
 
 # ---------------------------------------------------------------------------------------
@@ -258,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--derive", metavar="FILE", default=None,
                    help="no training: re-derive the final cell from saved alphas (arch_state.json) "
                         "at --max_skip and print it")
+    g.add_argument("--host_data", action="store_true",
+                   help="on CUDA, keep the CIFAR/demo augmentation in DataLoader workers on the "
+                        "CPU instead of the default GPU pipeline (same distribution, other draws)")
+    add_speed_args(p)
     # For tests of resume: stop (as if killed) after this many epochs of this process.
     g.add_argument("--stop_after_epochs", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -401,6 +408,10 @@ class SearchData:
     epoch (sampling without replacement, SPEC section 2), and every epoch's order is a
     function of (seed, stage, epoch) so that resuming is exact.
     Faithful to the release: the last, smaller batch of an epoch is kept.
+
+    On CUDA, CIFAR and the demo data stay on the GPU as uint8 and are augmented there in
+    batches (DeviceLoader, unless ``--host_data``): the same batches in the same order,
+    augmentations of the same distribution.
     """
 
     def __init__(self, dataset: Dataset, args: argparse.Namespace, env: DistInfo) -> None:
@@ -416,19 +427,35 @@ class SearchData:
                                       num_samples=len(self.w_sampler))
         self.v_sampler = EpochSampler(alpha_idx, args.seed, 2, rank, world, shuffle=False)
         self.seed, self.rank = args.seed, rank
-        self.generator = torch.Generator()  # worker seeds, reseeded per epoch
         # --batch_size is global (as in the training scripts): each process takes its share.
-        kw = dict(batch_size=args.batch_size // world, num_workers=args.workers,
-                  pin_memory=env.device.type == "cuda", generator=self.generator)
-        self.weights = DataLoader(dataset, sampler=self.w_sampler, **kw)
-        self.alphas = DataLoader(dataset, sampler=self.a_sampler, **kw)
-        self.valid = DataLoader(dataset, sampler=self.v_sampler, **kw)
+        batch = args.batch_size // world
+        self.on_device = (env.device.type == "cuda" and not args.host_data
+                          and isinstance(dataset, ArrayDataset))
+        if self.on_device:
+            # Faithful to the release: every loader, validation included, augments.
+            mean, std = normalization(args.dataset)
+            padding = dataset.data.shape[1] // 8
+            self.weights, self.alphas, self.valid = (
+                DeviceLoader(dataset, batch, sampler, env.device, train=True, mean=mean,
+                             std=std, padding=padding)
+                for sampler in (self.w_sampler, self.a_sampler, self.v_sampler))
+            self.generators = [loader.generator for loader in (self.weights, self.alphas, self.valid)]
+        else:
+            self.generators = [torch.Generator()]  # worker seeds
+            kw = dict(batch_size=batch, num_workers=args.workers,
+                      pin_memory=env.device.type == "cuda", generator=self.generators[0])
+            self.weights = DataLoader(dataset, sampler=self.w_sampler, **kw)
+            self.alphas = DataLoader(dataset, sampler=self.a_sampler, **kw)
+            self.valid = DataLoader(dataset, sampler=self.v_sampler, **kw)
         self.sizes = (split, n - split)
 
     def set_epoch(self, stage: int, epoch: int) -> None:
+        """Every epoch's batches and augmentation draws are a function of (seed, stage,
+        epoch, rank), so a resumed run continues with the same ones."""
         for s in (self.w_sampler, self.a_sampler, self.v_sampler):
             s.set_epoch(stage, epoch)
-        self.generator.manual_seed(_seed_for(self.seed, stage, epoch, 3, self.rank))
+        for k, g in enumerate(self.generators):
+            g.manual_seed(_seed_for(self.seed, stage, epoch, 3 + k, self.rank))
 
 
 # ---------------------------------------------------------------------------------------
@@ -457,26 +484,41 @@ def average_gradients(params: Sequence[torch.Tensor], world_size: int) -> None:
 def search_step(model: Network, batch_w: tuple[torch.Tensor, torch.Tensor],
                 batch_a: tuple[torch.Tensor, torch.Tensor] | None,
                 w_opt: torch.optim.Optimizer, a_opt: torch.optim.Optimizer, grad_clip: float,
-                update_arch: bool, world_size: int = 1
+                update_arch: bool, world_size: int = 1, forward: nn.Module | None = None,
+                amp: str = "none", scaler=None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One search step: with ``update_arch`` first one first-order alpha step on
     ``batch_a`` (the gradient of its loss at the current weights, for the alphas only),
     then one weight step on ``batch_w`` (alphas held fixed). Returns the weight batch's
-    logits and loss and the alpha batch's loss, detached, on the device (no host sync)."""
+    logits and loss and the alpha batch's loss, detached, on the device (no host sync).
+
+    ``forward`` is the module to call (``model`` itself, or its torch.compile wrapper);
+    ``amp`` autocasts the forward passes (the loss is taken in float32); ``scaler`` is
+    the GradScaler of ``--amp fp16``, shared by both optimizers."""
+    forward = model if forward is None else forward
     alphas = model.arch_parameters()
     weights = w_opt.param_groups[0]["params"]
     loss_a = None
     if update_arch:
         x_a, y_a = batch_a
-        loss_a = F.cross_entropy(model(x_a), y_a)
+        with autocast(x_a.device, amp):
+            logits_a = forward(x_a)
+        loss_a = F.cross_entropy(logits_a.float(), y_a)
         # Gradients for the alphas only: autograd skips every weight gradient. An alpha
         # matrix no cell uses (a network too shallow for normal cells) keeps no gradient.
-        for p, g in zip(alphas, torch.autograd.grad(loss_a, alphas, allow_unused=True)):
+        grads = torch.autograd.grad(loss_a if scaler is None else scaler.scale(loss_a), alphas,
+                                    allow_unused=True)
+        for p, g in zip(alphas, grads):
             p.grad = g
         if world_size > 1:
             average_gradients(alphas, world_size)
+        if scaler is not None:
+            scaler.unscale_(a_opt)
         nn.utils.clip_grad_norm_(alphas, grad_clip)
-        a_opt.step()
+        if scaler is not None:
+            scaler.step(a_opt)
+        else:
+            a_opt.step()
         loss_a = loss_a.detach()
 
     x_w, y_w = batch_w
@@ -484,22 +526,56 @@ def search_step(model: Network, batch_w: tuple[torch.Tensor, torch.Tensor],
     for a in alphas:  # the weight step sees the alphas as constants: no graph through them
         a.requires_grad_(False)
     try:
-        logits = model(x_w)
-        loss_w = F.cross_entropy(logits, y_w)
-        loss_w.backward()
+        with autocast(x_w.device, amp):
+            logits = forward(x_w)
+        loss_w = F.cross_entropy(logits.float(), y_w)
+        (loss_w if scaler is None else scaler.scale(loss_w)).backward()
     finally:
         for a in alphas:
             a.requires_grad_(True)
     if world_size > 1:
         average_gradients(weights, world_size)
+    if scaler is not None:
+        scaler.unscale_(w_opt)
     nn.utils.clip_grad_norm_(weights, grad_clip)
-    w_opt.step()
+    if scaler is not None:
+        scaler.step(w_opt)
+        scaler.update()
+    else:
+        w_opt.step()
     return logits.detach(), loss_w.detach(), loss_a
 
 
-def _to(batch, device: torch.device):
+def reference_search_step(model: Network, batch_w: tuple[torch.Tensor, torch.Tensor],
+                          batch_a: tuple[torch.Tensor, torch.Tensor] | None,
+                          w_opt: torch.optim.Optimizer, a_opt: torch.optim.Optimizer,
+                          grad_clip: float, update_arch: bool) -> tuple[float, float | None]:
+    """The plain path: the straightforward search step (SPEC section 2), single process.
+    Each backward pass fills every gradient, weights' and alphas' alike; clipping goes
+    parameter by parameter; both losses are read back every step. Build ``model`` with
+    ``skip_zero=False`` (the ``none`` op computed) and the optimizers with
+    ``foreach=False``. Benchmarks and equivalence tests compare ``search_step`` with it."""
+    loss_a = None
+    if update_arch:
+        x_a, y_a = batch_a
+        a_opt.zero_grad()
+        loss = F.cross_entropy(model(x_a), y_a)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.arch_parameters(), grad_clip, foreach=False)
+        a_opt.step()
+        loss_a = loss.item()
+    x_w, y_w = batch_w
+    w_opt.zero_grad()
+    loss = F.cross_entropy(model(x_w), y_w)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.weight_parameters(), grad_clip, foreach=False)
+    w_opt.step()
+    return loss.item(), loss_a
+
+
+def _to(batch, device: torch.device, channels_last: bool = False):
     x, y = batch
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return prepare_input(x.to(device, non_blocking=True), channels_last), y.to(device, non_blocking=True)
 
 
 def _stop_if_nonfinite(meter: AverageMeter, what: str, device: torch.device, world_size: int) -> None:
@@ -516,7 +592,8 @@ def _stop_if_nonfinite(meter: AverageMeter, what: str, device: torch.device, wor
 
 def train_epoch(model: Network, data: SearchData, w_opt: torch.optim.Optimizer,
                 a_opt: torch.optim.Optimizer, args: argparse.Namespace, update_arch: bool,
-                env: DistInfo, desc: str = "train") -> dict[str, float]:
+                env: DistInfo, desc: str = "train", forward: nn.Module | None = None,
+                scaler=None) -> dict[str, float]:
     """One epoch of the search. Returns averages over all ranks: ``train_loss``,
     ``train_acc``, ``arch_loss`` (None without alpha steps) and ``images`` (all ranks)."""
     model.train()
@@ -525,10 +602,11 @@ def train_epoch(model: Network, data: SearchData, w_opt: torch.optim.Optimizer,
     progress = Progress(len(data.weights), desc, args.report_freq, enabled=env.is_main)
     images = 0
     for step, batch in enumerate(data.weights, 1):
-        batch_w = _to(batch, env.device)
-        batch_a = _to(next(alpha_batches), env.device) if update_arch else None
+        batch_w = _to(batch, env.device, args.channels_last)
+        batch_a = _to(next(alpha_batches), env.device, args.channels_last) if update_arch else None
         logits, loss_w, loss_a = search_step(model, batch_w, batch_a, w_opt, a_opt,
-                                             args.grad_clip, update_arch, env.world_size)
+                                             args.grad_clip, update_arch, env.world_size,
+                                             forward, args.amp, scaler)
         n = batch_w[1].shape[0]
         meters["loss"].update(loss_w, n)
         meters["acc"].update(accuracy(logits, batch_w[1])[0], n)
@@ -550,13 +628,16 @@ def train_epoch(model: Network, data: SearchData, w_opt: torch.optim.Optimizer,
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
-    """Loss and top-1 accuracy in eval mode (averaged over all ranks)."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: str = "none",
+             channels_last: bool = False) -> dict[str, float]:
+    """Loss and top-1 accuracy in eval mode (averaged over all ranks). ``model`` may be
+    a torch.compile wrapper."""
     model.eval()
     loss, acc = AverageMeter(), AverageMeter()
     for batch in loader:
-        x, y = _to(batch, device)
-        logits = model(x)
+        x, y = _to(batch, device, channels_last)
+        with autocast(device, amp):
+            logits = model(x).float()
         loss.update(F.cross_entropy(logits, y), y.shape[0])
         acc.update(accuracy(logits, y)[0], y.shape[0])
     loss.all_reduce()
@@ -779,9 +860,10 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
         if env.rank > 0:  # different dropout masks and augmentations per rank
             torch.manual_seed(_seed_for(args.seed, stage, env.rank))
     w_opt = torch.optim.SGD(model.weight_parameters(), lr=args.learning_rate,
-                            momentum=args.momentum, weight_decay=args.weight_decay)
+                            momentum=args.momentum, weight_decay=args.weight_decay, foreach=True)
     a_opt = torch.optim.Adam(model.arch_parameters(), lr=args.arch_learning_rate,
-                             betas=(0.5, 0.999), weight_decay=args.arch_weight_decay)
+                             betas=(0.5, 0.999), weight_decay=args.arch_weight_decay, foreach=True)
+    scaler = grad_scaler(env.device, args.amp)
     first_epoch = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -790,6 +872,11 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
         rng = ckpt["rng"]
         set_rng_state(rng[env.rank] if len(rng) == env.world_size else rng[0])
         first_epoch = ckpt["epoch"]
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+    if args.compile:
+        torch._dynamo.reset()   # the previous stage's network leaves its compiled graphs
+    forward = prepare_model(model, args.channels_last, args.compile)
     reset_peak_memory(env.device)
     logger.info("=== stage %d/%d: %d cells, C=%d, %d ops per edge, skip dropout %.2f, "
                 "%.3fM weights ===", stage + 1, NUM_STAGES, layers, C, OPS_PER_STAGE[stage],
@@ -807,12 +894,12 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
         logger.info("stage %d epoch %d/%d lr %.6e skip-dropout %.4f %s", stage + 1, epoch,
                     args.epochs, lr, drop, "weights+alphas" if update_arch else "weights only")
         stats = train_epoch(model, run.data, w_opt, a_opt, args, update_arch, env,
-                            desc=f"stage {stage + 1} epoch {epoch}")
+                            desc=f"stage {stage + 1} epoch {epoch}", forward=forward, scaler=scaler)
         valid = {"valid_loss": None, "valid_acc": None}
         if is_validation_epoch(epoch, args.epochs):
             # Faithful to the release: the alpha half is validated with the training
             # augmentation (it is the same dataset object).
-            valid = evaluate(model, run.data.valid, env.device)
+            valid = evaluate(forward, run.data.valid, env.device, args.amp, args.channels_last)
         seconds = time.time() - t0
         probs_n, probs_r = model.arch_probs()
         record = {
@@ -834,6 +921,7 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
             "switches_normal": switches_n, "switches_reduce": switches_r,
             "model_args": {"C": C, "num_classes": run.num_classes, "layers": layers},
             "model": model.state_dict(), "w_opt": w_opt.state_dict(), "a_opt": a_opt.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "lr": lr, "skip_dropout": drop, "stages_done": run.stages_done,
             "rng": _gather(get_rng_state(), env),
         }
@@ -946,6 +1034,12 @@ def main(args: argparse.Namespace) -> int:
     dataset, num_classes, description = build_search_data(args)
     data = SearchData(dataset, args, env)
     logger.info("data: %s; %d train the weights, %d the alphas", description, *data.sizes)
+    if data.on_device:
+        logger.info("input pipeline: images on the GPU as uint8, augmented there in batches")
+    if args.amp != "none" or args.channels_last or args.compile:
+        logger.info("speed options: amp %s, channels_last %s, compile %s (float rounding "
+                    "differs from the default float32 path)", args.amp, args.channels_last,
+                    args.compile)
     run = SearchRun(args, env, data, num_classes, run_dir,
                     MetricsWriter(os.path.join(run_dir, METRICS_FILE) if env.is_main else None))
 

@@ -195,3 +195,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(cifar10_dir, tmp_pa
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert (ckpt["stage"], ckpt["epoch"]) == (0, 1)      # the last good epoch
     assert len(read_metrics(run_dir)) == 1
+
+
+def test_search_with_bf16_and_channels_last(cifar10_dir, tmp_path, capsys):
+    save = str(tmp_path / "runs") + "/"
+    os.makedirs(save)
+    rc, lines = search(["--tmp_data_dir", cifar10_dir, "--save", save, *TINY, "--epochs", "1",
+                        "--arch_warmup_epochs", "0", "--amp", "bf16", "--channels_last"], capsys)
+    assert rc == 0 and lines[-1].startswith("Genotype(normal=[")
+    log = open(os.path.join(only_run_dir(save), "log.txt")).read()
+    assert "speed options: amp bf16, channels_last True" in log
+    metrics = read_metrics(only_run_dir(save))
+    assert all(m["train_loss"] > 0 and m["arch_loss"] > 0 for m in metrics)
+
+
+def test_fp16_on_cpu_is_refused(cifar10_dir, tmp_path, capsys):
+    rc = run_main(ts.main, ts.parse_args(["--tmp_data_dir", cifar10_dir, "--save", str(tmp_path) + "/",
+                                          *TINY, "--amp", "fp16"]))
+    assert rc == 2 and "--amp fp16 needs a CUDA device" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The default (fast) paths compute what the plain paths compute: same losses, weights
 and optimizer state after N steps from the same seed, within float rounding."""
+import pytest
 import torch
 import torch.nn as nn
 
@@ -68,3 +69,52 @@ def test_changing_drop_path_prob_does_not_recompile():
 
     _compiled_steps(net, torch.randn(2, 3, 8, 8), set_rate, [0.1, 0.2, 0.3])
     assert net.drop_path_prob == 0.3
+
+
+def _search_pair(n_ops):
+    from model_search import Network
+
+    # Stage-like switches: the first n_ops ops of PRIMITIVES (`none` included) on every edge.
+    sw = [[k < n_ops for k in range(8)] for _ in range(14)]
+    nets = []
+    for skip_zero in (False, True):     # plain computes `none`, default skips it
+        torch.manual_seed(0)
+        nets.append(Network(4, 10, 3, sw, sw, drop_rate=0.3, skip_zero=skip_zero))
+    return nets
+
+
+def _search_opts(net, foreach):
+    w = torch.optim.SGD(net.weight_parameters(), 0.05, momentum=0.9, weight_decay=3e-4, foreach=foreach)
+    a = torch.optim.Adam(net.arch_parameters(), lr=6e-3, betas=(0.5, 0.999), weight_decay=1e-3,
+                         foreach=foreach)
+    return w, a
+
+
+@pytest.mark.parametrize("n_ops", [8, 5])
+def test_search_step_default_equals_plain(n_ops):
+    from train_search import reference_search_step, search_step
+
+    plain, fast = _search_pair(n_ops)
+    (pw, pa), (fw, fa) = _search_opts(plain, False), _search_opts(fast, True)
+    alphas_before = fast.alphas_normal.detach().clone()
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        x_w, x_a = torch.randn(6, 3, 8, 8, generator=g), torch.randn(6, 3, 8, 8, generator=g)
+        y_w, y_a = torch.randint(0, 10, (6,), generator=g), torch.randint(0, 10, (6,), generator=g)
+        update_arch = step > 0      # a weight-only (warm-up) step, then full steps
+        torch.manual_seed(100 + step)  # the same skip-dropout masks on both paths
+        loss_w, loss_a = reference_search_step(plain, (x_w, y_w), (x_a, y_a), pw, pa, 0.5, update_arch)
+        torch.manual_seed(100 + step)
+        _, fast_w, fast_a = search_step(fast, (x_w, y_w), (x_a, y_a), fw, fa, 0.5, update_arch)
+        assert fast_w.item() == pytest.approx(loss_w, rel=1e-5)
+        if update_arch:
+            assert fast_a.item() == pytest.approx(loss_a, rel=1e-5)
+        else:
+            assert fast_a is None and loss_a is None
+    assert not torch.allclose(fast.alphas_normal, alphas_before)   # the alpha steps moved them
+    for (name, a), b in zip(plain.state_dict().items(), fast.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    for opt_p, opt_f in ((pw, fw), (pa, fa)):
+        for sp, sf in zip(opt_p.state.values(), opt_f.state.values()):
+            for key in sp:
+                torch.testing.assert_close(sp[key], sf[key], rtol=1e-5, atol=1e-7, msg=key)

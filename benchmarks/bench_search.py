@@ -1,0 +1,131 @@
+"""Search-step speed and memory of the three P-DARTS stages: the plain path against the
+default path and each opt-in feature, in one run.
+
+    python benchmarks/bench_search.py                # CUDA if present, else a short CPU run
+    python benchmarks/bench_search.py --device cuda --batch_size 96 --steps 20
+
+A search step is what train_search.py runs per step after the warm-up: one first-order
+alpha step on an alpha batch, then one weight step on a weight batch, both of
+``--batch_size`` CIFAR-sized (32x32) images; images/s counts both batches.
+
+Networks (C=16, 10 classes), as in the paper's stages:
+- stage 1: 5 cells, all 8 ops on every edge, skip dropout 0.0;
+- stage 2: 11 cells, 5 ops on every edge: none, skip_connect, sep_conv_3x3, sep_conv_5x5,
+  dil_conv_3x3 (a fixed pattern; real runs keep different ops per edge), skip dropout 0.4;
+- stage 3: 17 cells, 3 ops on every edge: none, sep_conv_3x3, sep_conv_5x5 (the most
+  expensive 3-op pattern that a stage 3 can have with `none` still on), skip dropout 0.7.
+
+Paths:
+- plain: ``train_search.reference_search_step``, the straightforward implementation of
+  SPEC: `none` computed as a zero tensor, every backward pass fills the gradients of
+  weights and alphas alike, per-parameter (non-foreach) Adam, SGD and clipping, both
+  losses read back to the host every step.
+- default: what train_search.py runs: ``search_step`` with `none` skipped, gradients
+  for the alphas only in the alpha step and for the weights only in the weight step,
+  foreach optimizers and clipping, losses kept on the device. Identical numerics.
+- +bf16, +channels_last, +compile, +all: the opt-in flags (change float rounding).
+
+The last line is ``speedup <x>``: default over plain at stage 1.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import environment, measure, pick_device, print_table
+
+from genotypes import PRIMITIVES
+from model_search import Network
+from speed import prepare_input, prepare_model
+from train_search import reference_search_step, search_step
+
+STAGES = {
+    1: dict(layers=5, ops=PRIMITIVES, drop=0.0),
+    2: dict(layers=11, ops=["none", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3"],
+            drop=0.4),
+    3: dict(layers=17, ops=["none", "sep_conv_3x3", "sep_conv_5x5"], drop=0.7),
+}
+
+
+def make_step(stage: int, path: str, device: torch.device, batch: int):
+    spec = STAGES[stage]
+    switches = [[name in spec["ops"] for name in PRIMITIVES] for _ in range(14)]
+    plain = path == "plain"
+    torch.manual_seed(0)
+    model = Network(16, 10, spec["layers"], switches, switches, drop_rate=spec["drop"],
+                    skip_zero=not plain).to(device).train()
+    opts = set(path.split("+")[1:])
+    if "all" in opts:
+        opts = {"bf16", "channels_last", "compile"}
+    channels_last = "channels_last" in opts
+    amp = "bf16" if "bf16" in opts else "none"
+    forward = prepare_model(model, channels_last, "compile" in opts)
+    w_opt = torch.optim.SGD(model.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4,
+                            foreach=not plain)
+    a_opt = torch.optim.Adam(model.arch_parameters(), lr=6e-4, betas=(0.5, 0.999),
+                             weight_decay=1e-3, foreach=not plain)
+
+    def batch_of(n):
+        x = prepare_input(torch.randn(n, 3, 32, 32, device=device), channels_last)
+        return x, torch.randint(0, 10, (n,), device=device)
+
+    batch_w, batch_a = batch_of(batch), batch_of(batch)
+
+    def step_plain():
+        reference_search_step(model, batch_w, batch_a, w_opt, a_opt, 5.0, True)
+
+    def step_default():
+        search_step(model, batch_w, batch_a, w_opt, a_opt, 5.0, True, forward=forward, amp=amp)
+
+    return step_plain if plain else step_default
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="images in each of the two batches (default 96 on CUDA, 8 on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CUDA, 2 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 on CUDA, 1 on CPU)")
+    p.add_argument("--stages", default="1,2,3", help="comma-separated stages to measure")
+    p.add_argument("--paths", default=None,
+                   help="comma-separated: plain,default,default+bf16,default+channels_last,"
+                        "default+compile,default+all (CPU default: plain,default,default+channels_last)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = PyTorch's default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    cuda = device.type == "cuda"
+    batch = args.batch_size or (96 if cuda else 8)
+    steps = args.steps or (20 if cuda else 2)
+    warmup = args.warmup or (5 if cuda else 1)
+    paths = (args.paths.split(",") if args.paths else
+             ["plain", "default", "default+bf16", "default+channels_last", "default+compile", "default+all"]
+             if cuda else ["plain", "default", "default+channels_last"])
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    print(environment(device))
+    print(f"batch {batch} + {batch} (alpha + weight step), {warmup} warm-up + {steps} timed steps")
+    speedup = None
+    for stage in (int(s) for s in args.stages.split(",")):
+        rows = []
+        for path in paths:
+            if "compile" in path or path.endswith("+all"):
+                torch._dynamo.reset()
+            rows.append((path, measure(make_step(stage, path, device, batch), device, 2 * batch,
+                                       warmup, steps)))
+            if cuda:
+                torch.cuda.empty_cache()
+        spec = STAGES[stage]
+        print_table(f"stage {stage}: {spec['layers']} cells, {len(spec['ops'])} ops per edge, "
+                    f"search step at batch {batch}", rows, "plain")
+        if stage == 1 and "plain" in dict(rows) and "default" in dict(rows):
+            r = dict(rows)
+            speedup = r["default"]["images_per_sec"] / r["plain"]["images_per_sec"]
+    if speedup is not None:
+        print(f"speedup {speedup:.2f}")
+
+
+if __name__ == "__main__":
+    main()
