@@ -21,13 +21,20 @@ import torch.nn as nn
 from utils import UserError
 
 
-def add_speed_args(parser: argparse.ArgumentParser) -> None:
+def add_speed_args(parser: argparse.ArgumentParser, channels_last_default: bool | None = False) -> None:
+    """The opt-in speed flags. With ``channels_last_default=None`` the script sets the
+    default itself (the search's --demo turns channels_last on) and ``--no-channels_last``
+    exists too."""
     group = parser.add_argument_group("speed (opt-in; each changes float rounding, see README)")
     group.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
                        help="mixed precision autocast; weights, alphas, BN statistics and "
                             "optimizer state stay float32 (default: none = float32)")
-    group.add_argument("--channels_last", action="store_true",
-                       help="NHWC memory layout for network and inputs")
+    group.add_argument("--channels_last", default=channels_last_default,
+                       action="store_true" if channels_last_default is not None
+                       else argparse.BooleanOptionalAction,
+                       help="NHWC memory layout for network and inputs" +
+                       ("" if channels_last_default is not None else
+                        " (default off; on with --demo, where the CPU gains most from it)"))
     group.add_argument("--compile", action="store_true",
                        help="torch.compile the network (slow first steps)")
 
