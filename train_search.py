@@ -1,6 +1,6 @@
 """P-DARTS architecture search: three progressive stages (SPEC section 2, paper Sec. 3).
 
-    python train_search.py --demo                    # the whole algorithm on built-in data, CPU, ~2 min
+    python train_search.py --demo                    # the whole algorithm on built-in data, CPU, ~3-4 min
     python train_search.py --tmp_data_dir DATA --save LOG --add_layers 6 --add_layers 12 \\
         --dropout_rate 0.1 --dropout_rate 0.4 --dropout_rate 0.7 --note NOTE [--cifar100]
     torchrun --nproc_per_node 4 train_search.py ...  # data-parallel; --batch_size stays global
