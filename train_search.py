@@ -1020,19 +1020,20 @@ def main(args: argparse.Namespace) -> int:
             logger.warning("resuming a %d-process run with %d processes: the data order and "
                            "random streams differ from the original run", ckpt["world_size"],
                            env.world_size)
+    if args.batch_size % env.world_size:
+        raise UserError(f"--batch_size {args.batch_size} does not divide evenly over "
+                        f"{env.world_size} processes")
+    # Read the data before creating the run folder: a wrong path leaves nothing behind.
+    dataset, num_classes, description = build_search_data(args)
     run_dir = _open_run_dir(args, env)
     setup_logging(run_dir if env.is_main else None, env.is_main)
     seed_everything(args.seed, args.deterministic)
     log_run_start(args, env.device)
-    if args.batch_size % env.world_size:
-        raise UserError(f"--batch_size {args.batch_size} does not divide evenly over "
-                        f"{env.world_size} processes")
     if env.distributed:
         logger.info("data-parallel over %d processes: batch %d = %d x %d per process (gradients "
                     "averaged, as one process with batch %d); batch-norm statistics are per "
                     "process", env.world_size, args.batch_size, env.world_size,
                     args.batch_size // env.world_size, args.batch_size)
-    dataset, num_classes, description = build_search_data(args)
     data = SearchData(dataset, args, env)
     logger.info("data: %s; %d train the weights, %d the alphas", description, *data.sizes)
     if data.on_device:

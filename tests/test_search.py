@@ -262,6 +262,7 @@ def test_missing_cifar_folder_is_one_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert str(tmp_path / "nowhere" / "cifar-10-batches-py") in err[0] and "--download" in err[0]
+    assert not list(tmp_path.glob("search-*"))     # no run folder is left behind
 
 
 def test_unreadable_cifar_file_is_a_data_error(tmp_path):
