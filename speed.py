@@ -36,7 +36,8 @@ def add_speed_args(parser: argparse.ArgumentParser, channels_last_default: bool 
                        ("" if channels_last_default is not None else
                         " (default off; on with --demo, where the CPU gains most from it)"))
     group.add_argument("--compile", action="store_true",
-                       help="torch.compile the network (slow first steps)")
+                       help="torch.compile the network; compiling takes minutes per graph, "
+                            "more on a CPU: for GPUs and long runs")
 
 
 def autocast(device: torch.device, amp: str):
