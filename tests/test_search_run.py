@@ -213,3 +213,18 @@ def test_fp16_on_cpu_is_refused(cifar10_dir, tmp_path, capsys):
     rc = run_main(ts.main, ts.parse_args(["--tmp_data_dir", cifar10_dir, "--save", str(tmp_path) + "/",
                                           *TINY, "--amp", "fp16"]))
     assert rc == 2 and "--amp fp16 needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("extra", [[], ["--amp", "fp16", "--channels_last"], ["--amp", "bf16", "--compile"]])
+def test_search_on_cuda_with_the_gpu_input_pipeline(cifar10_dir, tmp_path, capsys, extra):
+    save = str(tmp_path / "runs") + "/"
+    os.makedirs(save)
+    argv = [a if a != "cpu" else "cuda" for a in TINY]
+    rc, lines = search(["--tmp_data_dir", cifar10_dir, "--save", save, *argv, *extra], capsys)
+    assert rc == 0 and lines[-1].startswith("Genotype(normal=[")
+    run_dir = only_run_dir(save)
+    assert "input pipeline: images on the GPU" in open(os.path.join(run_dir, "log.txt")).read()
+    metrics = read_metrics(run_dir)
+    assert all(m["peak_memory_mb"] > 0 for m in metrics)
+    assert all(m["arch_loss"] is None or m["arch_loss"] > 0 for m in metrics)
