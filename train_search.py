@@ -556,22 +556,22 @@ def reference_search_step(model: Network, batch_w: tuple[torch.Tensor, torch.Ten
     parameter by parameter; both losses are read back every step. Build ``model`` with
     ``skip_zero=False`` (the ``none`` op computed) and the optimizers with
     ``foreach=False``. Benchmarks and equivalence tests compare ``search_step`` with it."""
-    loss_a = None
-    if update_arch:
-        x_a, y_a = batch_a
-        a_opt.zero_grad()
-        loss = F.cross_entropy(model(x_a), y_a)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.arch_parameters(), grad_clip, foreach=False)
-        a_opt.step()
-        loss_a = loss.item()
-    x_w, y_w = batch_w
-    w_opt.zero_grad()
-    loss = F.cross_entropy(model(x_w), y_w)
+    loss_a = (_plain_update(model, batch_a, a_opt, model.arch_parameters(), grad_clip)
+              if update_arch else None)
+    loss_w = _plain_update(model, batch_w, w_opt, model.weight_parameters(), grad_clip)
+    return loss_w, loss_a
+
+
+def _plain_update(model: Network, batch: tuple[torch.Tensor, torch.Tensor],
+                  optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+                  grad_clip: float) -> float:
+    x, y = batch
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(x), y)
     loss.backward()
-    nn.utils.clip_grad_norm_(model.weight_parameters(), grad_clip, foreach=False)
-    w_opt.step()
-    return loss.item(), loss_a
+    nn.utils.clip_grad_norm_(params, grad_clip, foreach=False)
+    optimizer.step()
+    return loss.item()
 
 
 def _to(batch, device: torch.device, channels_last: bool = False):

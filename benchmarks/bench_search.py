@@ -30,9 +30,10 @@ The last line is ``speedup <x>``: default over plain at stage 1.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import torch
-from common import environment, measure, pick_device, print_table
+from common import add_common_args, measure_paths, path_options, print_table, setup
 
 from genotypes import PRIMITIVES
 from model_search import Network
@@ -54,12 +55,8 @@ def make_step(stage: int, path: str, device: torch.device, batch: int):
     torch.manual_seed(0)
     model = Network(16, 10, spec["layers"], switches, switches, drop_rate=spec["drop"],
                     skip_zero=not plain).to(device).train()
-    opts = set(path.split("+")[1:])
-    if "all" in opts:
-        opts = {"bf16", "channels_last", "compile"}
-    channels_last = "channels_last" in opts
-    amp = "bf16" if "bf16" in opts else "none"
-    forward = prepare_model(model, channels_last, "compile" in opts)
+    amp, channels_last, compile_model = path_options(path)
+    forward = prepare_model(model, channels_last, compile_model)
     w_opt = torch.optim.SGD(model.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4,
                             foreach=not plain)
     a_opt = torch.optim.Adam(model.arch_parameters(), lr=6e-4, betas=(0.5, 0.999),
@@ -82,41 +79,21 @@ def make_step(stage: int, path: str, device: torch.device, batch: int):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_common_args(p, cpu_steps=3)
     p.add_argument("--batch_size", type=int, default=None,
                    help="images in each of the two batches (default 96 on CUDA, 8 on CPU)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CUDA, 2 on CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 on CUDA, 1 on CPU)")
     p.add_argument("--stages", default="1,2,3", help="comma-separated stages to measure")
-    p.add_argument("--paths", default=None,
-                   help="comma-separated: plain,default,default+bf16,default+channels_last,"
-                        "default+compile,default+all (CPU default: plain,default,default+channels_last)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = PyTorch's default)")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device, steps, warmup, paths = setup(args, cpu_steps=3)
     cuda = device.type == "cuda"
     batch = args.batch_size or (96 if cuda else 8)
-    steps = args.steps or (20 if cuda else 2)
-    warmup = args.warmup or (5 if cuda else 1)
-    paths = (args.paths.split(",") if args.paths else
-             ["plain", "default", "default+bf16", "default+channels_last", "default+compile", "default+all"]
-             if cuda else ["plain", "default", "default+channels_last"])
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-    print(environment(device))
     print(f"batch {batch} + {batch} (alpha + weight step), {warmup} warm-up + {steps} timed steps")
     speedup = None
     for stage in (int(s) for s in args.stages.split(",")):
-        rows = []
-        for path in paths:
-            if "compile" in path or path.endswith("+all"):
-                torch._dynamo.reset()
-            rows.append((path, measure(make_step(stage, path, device, batch), device, 2 * batch,
-                                       warmup, steps)))
-            if cuda:
-                torch.cuda.empty_cache()
+        if any("compile" in path or path.endswith("+all") for path in paths):
+            torch._dynamo.reset()
+        rows = measure_paths(partial(make_step, stage, device=device, batch=batch), paths, device,
+                             2 * batch, warmup, steps)
         spec = STAGES[stage]
         print_table(f"stage {stage}: {spec['layers']} cells, {len(spec['ops'])} ops per edge, "
                     f"search step at batch {batch}", rows, "plain")

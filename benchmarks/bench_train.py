@@ -19,10 +19,11 @@ The last line is ``speedup <x>``: default over plain for the CIFAR network.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import torch
 import torch.nn as nn
-from common import environment, measure, pick_device, print_table
+from common import add_common_args, measure_paths, path_options, print_table, setup
 
 from engine import reference_train_step, train_step
 from genotypes import PDARTS
@@ -40,12 +41,8 @@ def make_step(net: str, path: str, device: torch.device, batch: int, image: int)
         classes = 1000
     model = model.to(device).train()
     model.drop_path_prob = 0.15  # the middle of the CIFAR schedule
-    opts = set(path.split("+")[1:]) if path.startswith("default") else set()
-    if "all" in opts:
-        opts = {"bf16", "channels_last", "compile"}
-    channels_last = "channels_last" in opts
-    amp = "bf16" if "bf16" in opts else "none"
-    forward_model = prepare_model(model, channels_last, "compile" in opts)
+    amp, channels_last, compile_model = path_options(path)
+    forward_model = prepare_model(model, channels_last, compile_model)
     x = prepare_input(torch.randn(batch, 3, image, image, device=device), channels_last)
     y = torch.randint(0, classes, (batch,), device=device)
     criterion = nn.CrossEntropyLoss()
@@ -64,41 +61,25 @@ def make_step(net: str, path: str, device: torch.device, batch: int, image: int)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    add_common_args(p, cpu_steps=3)
     p.add_argument("--batch_size", type=int, default=None,
                    help="CIFAR batch (default 128 on CUDA, 16 on CPU)")
     p.add_argument("--imagenet_batch_size", type=int, default=None, help="default 128 on CUDA, 4 on CPU")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CUDA, 3 on CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5 on CUDA, 1 on CPU)")
-    p.add_argument("--paths", default=None,
-                   help="comma-separated: plain,default,default+bf16,default+channels_last,"
-                        "default+compile,default+all (CPU default leaves out compile and bf16)")
     p.add_argument("--networks", default="cifar,imagenet")
     args = p.parse_args()
-    device = pick_device(args.device)
+    device, steps, warmup, paths = setup(args, cpu_steps=3)
     cuda = device.type == "cuda"
     batch = args.batch_size or (128 if cuda else 16)
     ibatch = args.imagenet_batch_size or (128 if cuda else 4)
-    steps = args.steps or (20 if cuda else 3)
-    warmup = args.warmup or (5 if cuda else 1)
-    paths = (args.paths.split(",") if args.paths else
-             ["plain", "default", "default+bf16", "default+channels_last", "default+compile", "default+all"]
-             if cuda else ["plain", "default", "default+channels_last"])
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-    print(environment(device))
     print(f"CIFAR batch {batch}, ImageNet batch {ibatch}, {warmup} warm-up + {steps} timed steps")
     speedup = None
     for net in args.networks.split(","):
         b, size = (batch, 32) if net == "cifar" else (ibatch, 224)
-        rows = []
-        for path in paths:
-            rows.append((path, measure(make_step(net, path, device, b, size), device, b, warmup, steps)))
-            if cuda:
-                torch.cuda.empty_cache()
+        rows = measure_paths(partial(make_step, net, device=device, batch=b, image=size), paths,
+                             device, b, warmup, steps)
         print_table(f"{net} network, training step at batch {b}", rows, "plain")
-        if net == "cifar":
-            r = dict(rows)
+        r = dict(rows)
+        if net == "cifar" and "plain" in r and "default" in r:
             speedup = r["default"]["images_per_sec"] / r["plain"]["images_per_sec"]
     if speedup is not None:
         print(f"speedup {speedup:.2f}")
