@@ -37,7 +37,7 @@ from checkpoint import CheckpointError, load_file, save_atomic
 from data import ArrayDataset, DeviceLoader
 from genotypes import Genotype, format_genotype, genotype_from_dict, genotype_to_dict
 from model import NetworkCIFAR, NetworkImageNet, format_summary, model_summary
-from speed import add_speed_args, autocast, grad_scaler, prepare_input, prepare_model
+from speed import add_speed_args, autocast, check_amp, grad_scaler, prepare_input, prepare_model
 from utils import (
     AverageMeter,
     DistInfo,
@@ -484,6 +484,7 @@ def fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | N
     """Train ``spec``'s network for ``args.epochs`` epochs (from the resumed epoch), test
     after each epoch, save ``weights.pt`` and ``checkpoint.pt`` after each epoch."""
     device = env.device
+    check_amp(device, args.amp)
     batch = per_process_batch(args.batch_size, env.world_size)
     seed_everything(args.seed, args.deterministic)
     model = build_network(spec.network, spec.genotype).to(device)

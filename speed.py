@@ -40,12 +40,17 @@ def add_speed_args(parser: argparse.ArgumentParser, channels_last_default: bool 
                             "more on a CPU: for GPUs and long runs")
 
 
+def check_amp(device: torch.device, amp: str) -> None:
+    """Refuse an ``--amp`` the device cannot run (call it before a run creates files)."""
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+
+
 def autocast(device: torch.device, amp: str):
     """A context for the forward pass: a no-op unless ``amp`` is bf16 or fp16."""
     if amp in (None, "none"):
         return contextlib.nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+    check_amp(device, amp)
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
 

@@ -57,7 +57,7 @@ from model_search import (
     prune_switches,
     skip_budget_genotypes,
 )
-from speed import add_speed_args, autocast, grad_scaler, prepare_input, prepare_model
+from speed import add_speed_args, autocast, check_amp, grad_scaler, prepare_input, prepare_model
 from utils import (
     AverageMeter,
     DistInfo,
@@ -1023,6 +1023,7 @@ def main(args: argparse.Namespace) -> int:
     if args.batch_size % env.world_size:
         raise UserError(f"--batch_size {args.batch_size} does not divide evenly over "
                         f"{env.world_size} processes")
+    check_amp(env.device, args.amp)
     # Read the data before creating the run folder: a wrong path leaves nothing behind.
     dataset, num_classes, description = build_search_data(args)
     run_dir = _open_run_dir(args, env)

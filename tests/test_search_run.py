@@ -213,6 +213,7 @@ def test_fp16_on_cpu_is_refused(cifar10_dir, tmp_path, capsys):
     rc = run_main(ts.main, ts.parse_args(["--tmp_data_dir", cifar10_dir, "--save", str(tmp_path) + "/",
                                           *TINY, "--amp", "fp16"]))
     assert rc == 2 and "--amp fp16 needs a CUDA device" in capsys.readouterr().err
+    assert not list(tmp_path.glob("search-*"))     # refused before the run folder exists
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

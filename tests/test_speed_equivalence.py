@@ -130,8 +130,14 @@ def test_search_step_through_a_compiled_forward():
 
     nets = _search_pair(5)[1], _search_pair(5)[1]
     opts = [_search_opts(n, True) for n in nets]
+    graphs = []
+
+    def counting_backend(gm, example_inputs):     # the eager backend, counting captures
+        graphs.append(gm)
+        return gm.forward
+
     dynamo.reset()
-    compiled = torch.compile(nets[1], backend="eager")
+    compiled = torch.compile(nets[1], backend=counting_backend)
     g = torch.Generator().manual_seed(2)
     for step in range(3):
         x_w, x_a = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
@@ -146,4 +152,27 @@ def test_search_step_through_a_compiled_forward():
         assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    # The compiled forward ran: graphs for the weight step (alphas constant) and the alpha
+    # step (alphas require grad), and none more for the rate change.
+    assert 2 <= len(graphs) <= 4
     dynamo.reset()
+
+
+def test_search_step_autocasts_with_amp_bf16():
+    """--amp bf16 reaches the forward passes of both steps: the losses differ from float32
+    by bf16 rounding (not at all without autocast), and stay close."""
+    from train_search import search_step
+
+    nets = _search_pair(5)[1], _search_pair(5)[1]
+    opts = [_search_opts(n, True) for n in nets]
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g))
+               for _ in range(2)]
+    losses = []
+    for net, (w, a), amp in zip(nets, opts, ("none", "bf16")):
+        torch.manual_seed(5)
+        _, loss_w, loss_a = search_step(net, batches[0], batches[1], w, a, 0.5, True, amp=amp)
+        assert loss_w.dtype == torch.float32 and net.alphas_normal.dtype == torch.float32
+        losses.append((loss_w.item(), loss_a.item()))
+    for full, half in zip(*losses):
+        assert full != half and half == pytest.approx(full, rel=0.05)

@@ -216,6 +216,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cifar10_dir, t
     (["--cifar100", "--dataset", "cifar10"], "--cifar100 contradicts --dataset cifar10"),
     (["--layers", "1"], "--layers must be at least 2"),
     (["--resume", "{missing}"], "checkpoint not found"),
+    (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, cifar10_dir, tmp_path, capsys):
     bad_json = tmp_path / "bad.json"
