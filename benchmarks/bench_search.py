@@ -54,7 +54,7 @@ def make_step(stage: int, path: str, device: torch.device, batch: int):
     plain = path == "plain"
     torch.manual_seed(0)
     model = Network(16, 10, spec["layers"], switches, switches, drop_rate=spec["drop"],
-                    skip_zero=not plain).to(device).train()
+                    skip_zero=not plain, batched=not plain).to(device).train()
     amp, channels_last, compile_model = path_options(path)
     forward = prepare_model(model, channels_last, compile_model)
     w_opt = torch.optim.SGD(model.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4,
