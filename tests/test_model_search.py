@@ -80,7 +80,7 @@ def test_mixed_ops_hold_exactly_the_switched_on_ops(n_ops):
     if n_ops < 8:
         assert len({tuple(r) for r in sw_normal}) > 1  # edges differ
         assert sw_normal != sw_reduce
-    net = tiny_net(sw_normal, sw_reduce)
+    net = tiny_net(sw_normal, sw_reduce, batched=False)   # the release's per-edge modules
     assert net.alphas_normal.shape == (14, n_ops)
     assert net.alphas_reduce.shape == (14, n_ops)
     for cell in net.cells:
@@ -164,7 +164,7 @@ def _skip_dropouts(net):
 
 
 def test_dropout_follows_every_stride1_skip_and_no_stride2_skip():
-    net = tiny_net()
+    net = tiny_net(batched=False)
     # cell 0 normal: 14 stride-1 edges; cells 1 and 2 reduction: 14 - 8 = 6 stride-1 edges.
     assert len(_skip_dropouts(net)) == 14 + 6 + 6
     for cell in net.cells:
@@ -184,6 +184,9 @@ def test_set_drop_rate_changes_dropout_without_rebuild():
     sw = [[k in (3, 4) for k in range(8)] for _ in range(14)]
     net = tiny_net(sw, sw, drop_rate=0.0)
     dropouts = _skip_dropouts(net)
+    # Batched: one per level whose skips are stride 1 (4 in the normal cell, 3 in each
+    # reduction cell, whose level 0 skips are FactorizedReduce).
+    assert len(dropouts) == 4 + 3 + 3
     x = torch.randn(2, 3, 8, 8)
     net.train()
     with torch.no_grad():
@@ -214,7 +217,7 @@ def test_skip_zero_changes_nothing(n_ops):
     nets = []
     for skip_zero in (True, False):
         torch.manual_seed(123)
-        nets.append(tiny_net(sw_n, sw_r, skip_zero=skip_zero))
+        nets.append(tiny_net(sw_n, sw_r, skip_zero=skip_zero, batched=False))
     fast, full = nets
     for (na, pa), (nb, pb) in zip(fast.named_parameters(), full.named_parameters(), strict=True):
         assert na == nb and torch.equal(pa, pb)
