@@ -37,6 +37,7 @@ from checkpoint import CheckpointError, load_file, save_atomic
 from data import ArrayDataset, DeviceLoader
 from genotypes import Genotype, format_genotype, genotype_from_dict, genotype_to_dict
 from model import NetworkCIFAR, NetworkImageNet, format_summary, model_summary
+from plots import add_plot_args, plot_run_safely
 from speed import add_speed_args, autocast, check_amp, grad_scaler, prepare_input, prepare_model
 from utils import (
     AverageMeter,
@@ -67,7 +68,7 @@ TOPK = (1, 5)
 # read and how often they are reported, not what is computed.
 RESUME_FREE_FLAGS = {"resume", "tmp_data_dir", "data", "workers", "report_freq", "device",
                      "save", "note", "download", "deterministic", "host_data", "channels_last",
-                     "compile"}
+                     "compile", "plot_format"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -137,6 +138,7 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
                    help="on CUDA, keep CIFAR augmentation in DataLoader workers on the CPU "
                         "instead of the default GPU pipeline (same distribution, other draws)")
     add_speed_args(p)
+    add_plot_args(p)
 
 
 def check_sizes(C: int, layers: int, kind: str) -> None:
@@ -596,4 +598,6 @@ def fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | N
                     "%.2f%% top-5", last["top1"], last["top5"])
         logger.info("best epoch, chosen on the test set (optimistic, not a result): %.2f%% at "
                     "epoch %d", best["acc"], best["epoch"])
+    if env.is_main:
+        plot_run_safely(run_dir, getattr(args, "plot_format", "png"))  # older runs lack the flag
     return 0
