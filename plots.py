@@ -54,6 +54,14 @@ def _figure_class():
     return Figure
 
 
+def matplotlib_available() -> bool:
+    try:
+        _figure_class()
+    except PlotsUnavailable:
+        return False
+    return True
+
+
 def _legend_handles(ops: Sequence[str]) -> list:
     from matplotlib.lines import Line2D
 
@@ -243,11 +251,13 @@ def op_frequency_figure(freq: dict[str, list[list[int]]], num_runs: int):
     axes = fig.subplots(1, 2)
     for ax, cell in zip(axes, ("normal", "reduce")):
         counts = freq[cell]
-        ax.imshow(counts, cmap="Greens", vmin=0, vmax=max(num_runs, 1), aspect="auto")
+        top = max(num_runs, 1)
+        ax.imshow(counts, cmap="Greens", vmin=0, vmax=1.25 * top, aspect="auto")
         for e, row in enumerate(counts):
             for k, n in enumerate(row):
                 if n:
-                    ax.text(k, e, str(n), ha="center", va="center", fontsize=8)
+                    ax.text(k, e, str(n), ha="center", va="center", fontsize=8,
+                            color="white" if n > 0.6 * top else "black")
         ax.set_xticks(range(len(PRIMITIVES)), PRIMITIVES, rotation=45, ha="right", fontsize=8)
         for label in ax.get_xticklabels():
             label.set_color(OP_COLORS[label.get_text()])
@@ -327,10 +337,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        _figure_class()
-    except PlotsUnavailable:
-        raise UserError("matplotlib is not installed; pip install matplotlib to draw plots") from None
+    if not matplotlib_available():
+        raise UserError("matplotlib is not installed; pip install matplotlib to draw plots")
     for run_dir in args.run_dirs:
         for path in plot_run(run_dir, args.plot_format):
             print(path)
