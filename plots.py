@@ -16,6 +16,7 @@ backend (figures render with Agg), and without it a run says once that plots are
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -84,22 +85,30 @@ def alphas_figure(records: list[dict], switches: list[tuple[list, list]]):
     takes one unit of the x axis, its stage's epochs running left to right inside it."""
     Figure = _figure_class()
     stages = _by_stage(records)
-    fig = Figure(figsize=(6.5 * len(stages), 6.4), dpi=DPI, layout="constrained")
+    # Fixed margins: a layout engine would double the drawing time of these end-of-run plots.
+    width = 6.5 * len(stages)
+    fig = Figure(figsize=(width, 6.4), dpi=DPI)
+    fig.subplots_adjust(left=0.85 / width, right=0.99, top=0.88, bottom=0.1, hspace=0.35,
+                        wspace=0.12)
     axes = fig.subplots(2, len(stages), squeeze=False)
     for col, (stage, recs) in enumerate(stages.items()):
         for row, cell in enumerate(("normal", "reduce")):
             ax = axes[row][col]
             sw = switches[stage - 1][row]
             n = len(recs)
+            # One line per op, broken (NaN) between edges: few artists, fast to draw.
+            lines: dict[int, tuple[list[float], list[float]]] = {}
             for e in range(NUM_EDGES):
                 xs = [e + 0.08 + 0.84 * (i / (n - 1) if n > 1 else 0.5) for i in range(n)]
                 for c, k in enumerate(ops_on(sw[e])):
-                    ys = [r[f"alphas_{cell}_softmax"][e][c] for r in recs]
-                    ax.plot(xs, ys, color=OP_COLORS[PRIMITIVES[k]], lw=1.2,
-                            marker="." if n == 1 else None)
-            for e in range(1, NUM_EDGES):
-                heavy = e in NODE_STARTS
-                ax.axvline(e, color="0.3" if heavy else "0.85", lw=1.0 if heavy else 0.6)
+                    x, y = lines.setdefault(k, ([], []))
+                    x += [*xs, math.nan]
+                    y += [*(r[f"alphas_{cell}_softmax"][e][c] for r in recs), math.nan]
+            for k, (x, y) in lines.items():
+                ax.plot(x, y, color=OP_COLORS[PRIMITIVES[k]], lw=1.2, marker="." if n == 1 else None)
+            light = [e for e in range(1, NUM_EDGES) if e not in NODE_STARTS]
+            ax.vlines(light, 0, 1, transform=ax.get_xaxis_transform(), color="0.85", lw=0.6)
+            ax.vlines(NODE_STARTS, 0, 1, transform=ax.get_xaxis_transform(), color="0.3", lw=1.0)
             ax.set_xlim(0, NUM_EDGES)
             ax.set_xticks([e + 0.5 for e in range(NUM_EDGES)], [str(e) for e in range(NUM_EDGES)])
             ax.tick_params(axis="x", length=0)
@@ -111,7 +120,7 @@ def alphas_figure(records: list[dict], switches: list[tuple[list, list]]):
             if row == 1:
                 ax.set_xlabel("edge (nodes 0 | 1 | 2 | 3 = edges 0-1 | 2-4 | 5-8 | 9-13); "
                               "epochs left to right within each edge", fontsize=8)
-    fig.legend(handles=_legend_handles(PRIMITIVES), loc="outside upper center",
+    fig.legend(handles=_legend_handles(PRIMITIVES), loc="upper center", bbox_to_anchor=(0.5, 1.0),
                ncol=len(PRIMITIVES), fontsize=9, frameon=False)
     return fig
 
@@ -157,7 +166,8 @@ def search_curves_figure(records: list[dict]):
     xs, starts = _stage_x(records)
     stage_of = [int(r["stage"]) for r in records]
     segments = [[i for i, s in enumerate(stage_of) if s == stage] for _, stage in starts]
-    fig = Figure(figsize=(9, 12), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(9, 12), dpi=DPI)
+    fig.subplots_adjust(left=0.12, right=0.97, top=0.96, bottom=0.05, hspace=0.1)
     axes = fig.subplots(5, 1, sharex=True)
     _plot_keys(axes[0], xs, records, [
         ("train_loss", "train loss (weight half)", {}),
@@ -200,7 +210,8 @@ def train_curves_figure(records: list[dict]):
     Figure = _figure_class()
     records = sorted(records, key=lambda r: r["epoch"])
     xs = [r["epoch"] for r in records]
-    fig = Figure(figsize=(9, 10), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(9, 10), dpi=DPI)
+    fig.subplots_adjust(left=0.12, right=0.97, top=0.97, bottom=0.06, hspace=0.1)
     axes = fig.subplots(4, 1, sharex=True)
     _plot_keys(axes[0], xs, records, [("train_loss", "train loss (with auxiliary)", {}),
                                       ("test_loss", "test loss", {})])
