@@ -256,3 +256,17 @@ def test_report_bad_input_is_one_line(tmp_path, capsys, make, message):
     rc, out, err = _report([str(make(tmp_path))], capsys)
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+
+
+def test_cell_diagrams_use_the_op_colours_of_the_plots(tmp_path):
+    import visualize
+    from genotypes import OP_COLORS
+
+    if not visualize.graphviz_available():
+        pytest.skip("graphviz 'dot' is not installed")
+    normal, _ = visualize.draw_genotype(PDARTS, str(tmp_path), "svg")
+    with open(normal) as f:
+        svg = f.read().lower()
+    for op in ("skip_connect", "sep_conv_3x3", "dil_conv_3x3", "dil_conv_5x5"):   # PDARTS's normal ops
+        assert OP_COLORS[op].lower() in svg, op
+    assert OP_COLORS["max_pool_3x3"].lower() not in svg
