@@ -67,33 +67,29 @@ GLOB_CHARS = "*?["
 # ---------------------------------------------------------------------------------------
 
 def expand_run_dirs(paths: Sequence[str]) -> list[str]:
-    """Run folders from folders and globs; a folder holding run folders stands for them."""
+    """Run folders from folders and globs. A folder that holds run folders stands for them;
+    a glob keeps the run folders among its matches."""
     found: list[str] = []
     for path in paths:
         if any(c in path for c in GLOB_CHARS):
             matches = sorted(p for p in glob.glob(path) if os.path.isdir(p))
-            if not matches:
-                raise UserError(f"{path} matches no folder")
+            found_here = [m for m in matches if run_kind(m) is not None]
+            if not found_here:
+                raise UserError(f"{path} matches no run folder" if matches else f"{path} matches no folder")
         elif not os.path.isdir(path):
             raise UserError(f"{path}: no such folder (give run folders or globs of them)")
+        elif run_kind(path) is not None:
+            found_here = [path]
         else:
-            matches = [path]
-        for m in matches:
-            if run_kind(m) is not None:
-                found.append(m)
-                continue
-            inner = sorted(os.path.join(m, d) for d in os.listdir(m)
-                           if run_kind(os.path.join(m, d)) is not None)
-            if not inner:
-                raise UserError(f"{m} is not a run folder: no metrics.jsonl, arch_state.json or "
+            found_here = sorted(os.path.join(path, d) for d in os.listdir(path)
+                                if run_kind(os.path.join(path, d)) is not None)
+            if not found_here:
+                raise UserError(f"{path} is not a run folder: no metrics.jsonl, arch_state.json or "
                                 "checkpoint.pt of train_search.py, train_cifar.py or "
                                 "train_imagenet.py in it or in its subfolders")
-            found.extend(inner)
-    unique: list[str] = []
-    for d in found:
-        if os.path.normpath(d) not in {os.path.normpath(u) for u in unique}:
-            unique.append(d)
-    return unique
+        found += [d for d in found_here
+                  if os.path.normpath(d) not in {os.path.normpath(f) for f in found}]
+    return found
 
 
 # ---------------------------------------------------------------------------------------

@@ -12,8 +12,11 @@ import json
 import os
 from typing import Any
 
+import torch
+
 from checkpoint import CheckpointError, load_file
 from genotypes import GenotypeError, genotype_from_dict
+from model_search import all_on_switches
 from utils import UserError
 
 METRICS = "metrics.jsonl"
@@ -118,8 +121,10 @@ def search_stage_switches(arch_state: dict | None, num_stages: int) -> list[tupl
     """The (normal, reduce) switches each of the first ``num_stages`` stages ran with:
     stored in arch_state.json for the finished stages; a stage still running starts from
     the previous stage's switches pruned as the search prunes them."""
-    from model_search import all_on_switches
-    from train_search import _softmax_rows, prune_after_stage
+    from train_search import prune_after_stage  # here: train_search imports plots, plots runs
+
+    def probs(rows):   # float32, as the search ranks them
+        return torch.softmax(torch.tensor(rows, dtype=torch.float32), dim=-1)
 
     done = (arch_state or {}).get("stages", [])
     result = []
@@ -131,8 +136,7 @@ def search_stage_switches(arch_state: dict | None, num_stages: int) -> list[tupl
         elif s - 1 < len(done):
             prev = done[s - 1]
             result.append(prune_after_stage(s - 1, prev["switches_normal"], prev["switches_reduce"],
-                                            _softmax_rows(prev["alphas_normal"]),
-                                            _softmax_rows(prev["alphas_reduce"])))
+                                            probs(prev["alphas_normal"]), probs(prev["alphas_reduce"])))
         else:
             raise RunFolderError(f"arch_state.json lacks stage {s} although metrics.jsonl has "
                                  f"epochs of stage {s + 1}")

@@ -224,7 +224,8 @@ def test_report_mean_and_sample_std_over_finished_runs(tmp_path, capsys):
 
     rc, out, _ = _report([os.path.join(root, "eval-seed*")], capsys)
     assert rc == 0
-    rc, out_json, _ = _report([root, "--json"], capsys)      # a folder of run folders
+    os.makedirs(os.path.join(root, "notes"))                # not a run: a glob skips it
+    rc, out_json, _ = _report([os.path.join(root, "*"), "--json"], capsys)
     assert rc == 0
     result = json.loads(out_json)
     assert len(result["training_runs"]) == 5
@@ -242,8 +243,8 @@ def test_report_mean_and_sample_std_over_finished_runs(tmp_path, capsys):
     assert "93.00 ± 3.61" in out and "sample standard deviation (ddof=1)" in out
     assert out.count("unfinished") == 2 and "| 90.00 | 97.00 |" in out
 
-    rc, _, _ = _report([root, "--plots", str(tmp_path / "figs")], capsys)
-    assert rc == 0
+    rc, out_plots, _ = _report([root, "--plots", str(tmp_path / "figs")], capsys)   # a folder of runs
+    assert rc == 0 and "## Training runs (5)" in out_plots
     _check_image(str(tmp_path / "figs" / "accuracy.png"), PNG)
 
 
