@@ -224,7 +224,7 @@ def setup_logging(run_dir: str | None, is_main: bool = True) -> logging.Logger:
         stream.setFormatter(fmt)
         logger.addHandler(stream)
         if run_dir is not None:
-            fh = logging.FileHandler(os.path.join(run_dir, "log.txt"))
+            fh = _LogFileHandler(os.path.join(run_dir, "log.txt"))
             fh.setFormatter(fmt)
             logger.addHandler(fh)
         while _notes:
@@ -235,6 +235,22 @@ def setup_logging(run_dir: str | None, is_main: bool = True) -> logging.Logger:
         stream.setFormatter(fmt)
         logger.addHandler(stream)
     return logger
+
+
+class _LogFileHandler(logging.FileHandler):
+    """log.txt. A write that fails (a full disk) is reported once, in one line, instead of
+    a traceback per record; the log goes on to stdout, and the failing checkpoint or
+    metrics write stops the run with its own error line."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        e = sys.exc_info()[1]
+        if not isinstance(e, OSError):
+            super().handleError(record)
+        elif not self.failed:
+            self.failed = True
+            sys.stderr.write(f"warning: {storage_error(e, self.baseFilename, 'the log')}\n")
 
 
 def close_logging() -> None:

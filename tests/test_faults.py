@@ -544,3 +544,29 @@ def test_stale_temporaries_are_only_ours(tmp_path):
     removed = utils.remove_stale_temporaries(str(tmp_path))
     assert removed == ["arch_state.json.tmp.77", "checkpoint.pt.tmp.123", "weights.pt.tmp.9"]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "notes.tmp.txt"]
+
+
+def test_a_log_that_cannot_be_written_warns_once(tmp_path, capsys):
+    import logging
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    utils.setup_logging(str(tmp_path))
+    try:
+        handler = next(h for h in utils.logger.handlers if isinstance(h, logging.FileHandler))
+        handler.stream = FullDisk()
+        utils.logger.info("one")
+        utils.logger.info("two")
+    finally:
+        utils.close_logging()
+    captured = capsys.readouterr()
+    assert captured.err.count("warning: the disk is full") == 1 and "Traceback" not in captured.err
+    assert "two" in captured.out     # the log goes on to stdout
