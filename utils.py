@@ -123,7 +123,8 @@ def create_run_dir(save: str, kind: str, note: str) -> str:
     try:
         if parent:
             os.makedirs(parent, exist_ok=True)
-        # Deviation: the release fails when the folder exists; mkdir is the atomic test.
+        # Deviation: an existing folder gets the next suffix; mkdir itself is the test
+        # (no gap between "does it exist" and "create it" for another run to fall into).
         for k in range(1, 10000):
             run_dir = base if k == 1 else f"{base}-{k}"
             try:
