@@ -417,6 +417,51 @@ def test_a_stopped_or_killed_rank_ends_the_others_within_the_timeout(sig, tmp_pa
         procs[1].communicate()
 
 
+TRAIN_RANK_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import engine, train_cifar, utils
+
+real_step, steps = engine.train_step, [0]
+
+def train_step(*args, **kwargs):     # rank 1 stops (SIGSTOP) in the middle of epoch 1
+    steps[0] += 1
+    if os.environ["RANK"] == "1" and steps[0] == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return real_step(*args, **kwargs)
+
+engine.train_step = train_step
+sys.exit(utils.run_main(train_cifar.main, train_cifar.parse_args(sys.argv[3:])))
+"""
+
+
+def test_a_stopped_rank_ends_a_training_run_with_the_last_good_checkpoint(cifar10_dir, tmp_path):
+    script = tmp_path / "train_rank.py"
+    script.write_text(TRAIN_RANK_SCRIPT)
+    save = str(tmp_path / "runs") + os.sep
+    port = _free_port()
+    # 100 images, 4 per process per step: 13 steps per epoch; rank 1 stops at step 3 of epoch 1.
+    argv = ["--tmp_data_dir", cifar10_dir, "--save", save, *TRAIN_TINY, "--dist_timeout", "4"]
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(script), ROOT, "16", *argv], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                      cwd=str(tmp_path)))
+    try:
+        _, err = procs[0].communicate(timeout=240)
+        assert procs[0].returncode == 2, err[-3000:]
+        assert "error: another process of this torchrun job failed or stopped responding" in err
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+    run_dir = only_run_dir(save)
+    assert load(os.path.join(run_dir, "checkpoint.pt"))["epoch"] == 1       # the last good epoch
+    assert [m["epoch"] for m in read_metrics(run_dir)] == [0]
+    assert not temporaries(run_dir)
+
+
 def test_every_script_sets_the_process_group_timeout(monkeypatch):
     from train_helpers import load_test_script
 
