@@ -195,6 +195,7 @@ def _read_lock(fd: int) -> dict:
 
 def release_run_locks() -> None:
     """Give up every run folder this process holds (the lock file is removed)."""
+    _notes.clear()   # unsaid if the run stopped before its log existed
     for run_dir, fd in list(_held_locks.items()):
         try:
             os.remove(os.path.join(run_dir, LOCK_NAME))
