@@ -18,6 +18,7 @@ from checkpoint import CheckpointError, load_file
 from genotypes import GenotypeError, genotype_from_dict
 from model_search import all_on_switches
 from utils import UserError
+from utils import read_metrics as read_metrics_file
 
 METRICS = "metrics.jsonl"
 ARCH_STATE = "arch_state.json"
@@ -45,26 +46,13 @@ def read_json(path: str) -> Any:
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    """The per-epoch records of ``metrics.jsonl`` ([] when there is none). A last line
-    cut short (a run killed while writing it) is ignored; a bad line before it is an error."""
-    path = os.path.join(run_dir, METRICS)
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        lines = [ln for ln in f.read().splitlines() if ln.strip()]
-    records = []
-    for k, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if k == len(lines) - 1:
-                break
-            raise RunFolderError(f"{path} line {k + 1} is not a JSON object; the file is "
-                                 "damaged (each line must be one epoch's record)") from None
-        if not isinstance(record, dict):
-            raise RunFolderError(f"{path} line {k + 1} is not a JSON object")
-        records.append(record)
-    return records
+    """The per-epoch records of the run's ``metrics.jsonl`` ([] when there is none); a
+    torn last line (a run killed while writing it) is dropped, as on resume."""
+    try:
+        records = read_metrics_file(os.path.join(run_dir, METRICS))
+    except UserError as e:
+        raise RunFolderError(str(e)) from None
+    return [r for r in records if isinstance(r, dict)]
 
 
 def run_kind(run_dir: str, metrics: list[dict] | None = None) -> str | None:
