@@ -265,6 +265,8 @@ def _millions(n: int | None) -> str:
 def _duration(seconds: float | None) -> str:
     if not seconds:
         return "-"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
     return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 

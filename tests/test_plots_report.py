@@ -271,3 +271,22 @@ def test_cell_diagrams_use_the_op_colours_of_the_plots(tmp_path):
     for op in ("skip_connect", "sep_conv_3x3", "dil_conv_3x3", "dil_conv_5x5"):   # PDARTS's normal ops
         assert OP_COLORS[op].lower() in svg, op
     assert OP_COLORS["max_pool_3x3"].lower() not in svg
+
+
+def test_report_lists_an_unfinished_search_without_counting_its_cell(tmp_path, capsys):
+    run_dir = tmp_path / "search-stopped-20260101-000000"
+    run_dir.mkdir()
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for epoch, collapse in ((0, None), (1, True)):
+            f.write(json.dumps({"stage": 1, "epoch": epoch, "epoch_time_s": 30.0, "collapse": collapse,
+                                "normal_param_free": None if collapse is None else 6}) + "\n")
+        f.write('{"stage": 1, "epoch": 2, "epoch_ti')              # torn by a kill
+    rc, out, _ = _report([str(run_dir), "--json"], capsys)
+    assert rc == 0
+    result = json.loads(out)
+    (search,) = result["search_runs"]
+    assert not search["finished"] and search["status"].startswith("unfinished (stage 1 epoch 2 of")
+    assert search["collapse_stages"] == [1] and search["time_s"] == 60.0
+    assert result["finished_searches"] == 0 and sum(map(sum, result["op_frequency"]["normal"])) == 0
+    rc, out, _ = _report([str(run_dir)], capsys)
+    assert "| unfinished (stage 1 epoch 2 of ?) |" in out and "Final cells" not in out
