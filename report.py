@@ -9,8 +9,8 @@
 Each folder is recognised from its files (runs.py). Training runs (train_cifar.py,
 train_imagenet.py): the final epoch's test accuracy (never the best epoch, which is
 chosen on the test set), parameters, multiply-adds, epochs and time; finished runs with
-the same setting (dataset, cell, C, cells, epochs) are summarised as mean +- the sample
-standard deviation (ddof=1), min and max. Search runs (train_search.py): the final cells,
+the same setting (the same cell, every flag the same but the seed and the run-time flags)
+are summarised as mean +- the sample standard deviation (ddof=1), min and max. Search runs (train_search.py): the final cells,
 their skip-connect count (final and before the --max_skip refinement), the parameters and
 multiply-adds of the 20-cell C=36 CIFAR network built from each cell, the search time, the
 stages whose derived cell collapsed, and how often each op was chosen on each edge. Runs
@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
+from engine import RESUME_FREE_FLAGS, build_network
 from genotypes import (
     PRIMITIVES,
     Genotype,
@@ -36,6 +37,7 @@ from genotypes import (
     genotype_from_dict,
     genotype_to_dict,
 )
+from model import model_summary
 from model_search import NUM_EDGES, STEPS
 from plots import PLOT_FORMATS, accuracy_figure, matplotlib_available, op_frequency_figure, save_figure
 from runs import (
@@ -59,6 +61,8 @@ EVAL_CIFAR = {"kind": "cifar", "C": 36, "layers": 20, "auxiliary": False}
 CIFAR_INPUT = (1, 3, 32, 32)
 IMAGENET_INPUT = (1, 3, 224, 224)
 STD_NOTE = "sample standard deviation (ddof=1)"
+# Flags that do not change what a training run computes, and so do not split a setting.
+SEED_AND_RUNTIME_FLAGS = RESUME_FREE_FLAGS | {"seed", "plot_format", "report_freq"}
 GLOB_CHARS = "*?["
 
 
@@ -98,9 +102,6 @@ def expand_run_dirs(paths: Sequence[str]) -> list[str]:
 
 @cache
 def _network_cost(network_json: str, genotype_json: str) -> tuple[int, int]:
-    from engine import build_network
-    from model import model_summary
-
     info = json.loads(network_json)
     model = build_network(info, genotype_from_dict(json.loads(genotype_json)))
     summary = model_summary(model, IMAGENET_INPUT if info["kind"] == "imagenet" else CIFAR_INPUT)
@@ -138,6 +139,10 @@ def summarize_training(run_dir: str) -> dict[str, Any]:
     run["params"], run["multiply_adds"] = network_cost(network, genotype)
     run["setting"] = (f"{run['arch']} on {run['dataset']}, {run['layers']} cells C={run['C']}, "
                       f"{run['epochs']} epochs")
+    # Runs are averaged together only when everything but the seed and the run-time flags
+    # (where data lives, workers, speed options...) is the same, the cell included.
+    recipe = {k: v for k, v in args.items() if k not in SEED_AND_RUNTIME_FLAGS}
+    run["setting_key"] = json.dumps([recipe, network, run["genotype"]], sort_keys=True, default=str)
     done = (run["epochs"] is not None and run["epochs_done"] >= run["epochs"]
             and records and records[-1].get("epoch") == run["epochs"] - 1)
     if done:
@@ -205,9 +210,15 @@ def training_summary(runs: list[dict]) -> list[dict]:
     groups: dict[str, list[dict]] = {}
     for r in runs:
         if r["finished"]:
-            groups.setdefault(r["setting"], []).append(r)
-    out = []
-    for setting, rs in groups.items():
+            groups.setdefault(r["setting_key"], []).append(r)
+    out, labels = [], []
+    for rs in groups.values():
+        setting = rs[0]["setting"]
+        labels.append(setting)
+        if labels.count(setting) > 1:    # same name, other recipe or cell
+            setting += f" (variant {labels.count(setting)})"
+            for r in rs:
+                r["setting"] = setting
         accs = [float(r["test_acc"]) for r in rs]
         top5 = [float(r["test_top5"]) for r in rs if r["test_top5"] is not None]
         out.append({

@@ -195,7 +195,7 @@ def test_a_plotting_failure_never_fails_the_run(tmp_path):
 # report.py over generated run folders
 # ---------------------------------------------------------------------------------------
 
-def _training_folder(root, name, accs, epochs, seed):
+def _training_folder(root, name, accs, epochs, seed, **recipe):
     """A run folder as train_cifar.py leaves it: metrics.jsonl and checkpoint.pt."""
     run_dir = os.path.join(root, name)
     os.makedirs(run_dir)
@@ -206,7 +206,8 @@ def _training_folder(root, name, accs, epochs, seed):
                                 "test_acc": acc, "test_top5": 99.0, "best_acc_on_test": max(accs),
                                 "epoch_time": 60.0}) + "\n")
     save_atomic({"format": CHECKPOINT_FORMAT, "epoch": len(accs),
-                 "args": {"epochs": epochs, "seed": seed, "arch": "PDARTS"},
+                 "args": {"epochs": epochs, "seed": seed, "arch": "PDARTS", "cutout": False,
+                          "workers": seed, **recipe},   # workers: a run-time flag
                  "network": network_info("cifar", "cifar10", 8, 5, 10, False),
                  "genotype": genotype_to_dict(PDARTS)}, os.path.join(run_dir, "checkpoint.pt"))
     return run_dir
@@ -218,6 +219,7 @@ def test_report_mean_and_sample_std_over_finished_runs(tmp_path, capsys):
     for seed, final in ((0, 90.0), (1, 92.0), (2, 97.0)):
         _training_folder(root, f"eval-seed{seed}-20260101-000000", [99.0, final], 2, seed)
     _training_folder(root, "eval-seed3-20260101-000000", [10.0], 2, 3)       # stopped after 1 of 2
+    _training_folder(root, "eval-seed5-20260101-000000", [99.0, 50.0], 2, 5, cutout=True)  # other recipe
     os.makedirs(os.path.join(root, "eval-seed4-20260101-000000"))            # died before epoch 0 ended
     with open(os.path.join(root, "eval-seed4-20260101-000000", "log.txt"), "w") as f:
         f.write("args = {}\n")
@@ -228,8 +230,10 @@ def test_report_mean_and_sample_std_over_finished_runs(tmp_path, capsys):
     rc, out_json, _ = _report([os.path.join(root, "*"), "--json"], capsys)
     assert rc == 0
     result = json.loads(out_json)
-    assert len(result["training_runs"]) == 5
-    (summary,) = result["training_summary"]
+    assert len(result["training_runs"]) == 6
+    summary, other = result["training_summary"]
+    assert other["runs"] == 1 and other["test_acc_mean"] == 50.0 and other["test_acc_std"] is None
+    assert other["setting"] == summary["setting"] + " (variant 2)"
     assert summary["runs"] == 3 and sorted(summary["seeds"]) == [0, 1, 2]
     assert summary["test_acc_mean"] == pytest.approx(93.0)
     assert summary["test_acc_std"] == pytest.approx(math.sqrt(13.0))      # ddof=1
@@ -241,10 +245,10 @@ def test_report_mean_and_sample_std_over_finished_runs(tmp_path, capsys):
     assert all(r["test_acc"] is None for r in unfinished.values())
 
     assert "93.00 ± 3.61" in out and "sample standard deviation (ddof=1)" in out
-    assert out.count("unfinished") == 2 and "| 90.00 | 97.00 |" in out
+    assert out.count("unfinished") == 2 and "| 90.00 | 97.00 |" in out and "50.00 ± -" in out
 
     rc, out_plots, _ = _report([root, "--plots", str(tmp_path / "figs")], capsys)   # a folder of runs
-    assert rc == 0 and "## Training runs (5)" in out_plots
+    assert rc == 0 and "## Training runs (6)" in out_plots
     _check_image(str(tmp_path / "figs" / "accuracy.png"), PNG)
 
 
