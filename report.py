@@ -10,11 +10,12 @@ Each folder is recognised from its files (runs.py). Training runs (train_cifar.p
 train_imagenet.py): the final epoch's test accuracy (never the best epoch, which is
 chosen on the test set), parameters, multiply-adds, epochs and time; finished runs with
 the same setting (the same cell, every flag the same but the seed and the run-time flags)
-are summarised as mean +- the sample standard deviation (ddof=1), min and max. Search runs (train_search.py): the final cells,
-their skip-connect count (final and before the --max_skip refinement), the parameters and
-multiply-adds of the 20-cell C=36 CIFAR network built from each cell, the search time, the
-stages whose derived cell collapsed, and how often each op was chosen on each edge. Runs
-that did not finish are listed as such and never averaged.
+are summarised as mean +- the sample standard deviation (ddof=1), min and max. Search
+runs (train_search.py): the final cells, their skip-connect count (final and before the
+--max_skip refinement), the parameters and multiply-adds of the 20-cell C=36 CIFAR network
+built from each cell, the search time, the stages whose derived cell collapsed, and how
+often each op was chosen on each edge. Runs that did not finish are listed as such and
+never averaged.
 """
 from __future__ import annotations
 

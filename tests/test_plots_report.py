@@ -25,9 +25,9 @@ from model_search import NUM_EDGES, SKIP, all_on_switches
 from utils import close_logging, logger
 
 PNG = b"\x89PNG"
-# 3/4/5 cells of C=4 on 16x16 images, 2 epochs per stage (1 weights-only, 1 with alphas).
-TINY_SEARCH = ["--init_channels", "4", "--layers", "3", "--add_layers", "1", "--add_layers", "2",
-               "--epochs", "2", "--arch_warmup_epochs", "1", "--batch_size", "10", "--image_size", "16",
+# 3 cells of C=4 per stage on 16x16 images, 2 epochs per stage (1 weights-only, 1 with alphas).
+TINY_SEARCH = ["--init_channels", "4", "--layers", "3", "--add_layers", "0", "--add_layers", "0",
+               "--epochs", "2", "--arch_warmup_epochs", "1", "--batch_size", "25", "--image_size", "16",
                "--workers", "0", "--report_freq", "5", "--seed", "3", "--device", "cpu"]
 TINY_TRAIN = ["--epochs", "2", "--layers", "2", "--init_channels", "4", "--batch_size", "25",
               "--workers", "0", "--report_freq", "5", "--device", "cpu"]
