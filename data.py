@@ -11,8 +11,12 @@
 """
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -157,6 +161,116 @@ def make_demo_arrays(train: bool, num_train: int = 1000, num_test: int = 500,
     img = img + 0.08 * torch.randn(n, 3, 32, 32, generator=g)
     data = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     return data.numpy(), labels.tolist()
+
+
+# ---------------------------------------------------------------------------------------
+# Dividing a training set in two (the search's weight/alpha halves, a held-out split)
+# ---------------------------------------------------------------------------------------
+
+# The CIFAR training batches are stored in random order, and the demo data is generated in
+# random order (its labels go through a random permutation), so their first and second
+# parts hold every class in about the same proportions: the release's in-order split is
+# right there and kept. Every other dataset (an image folder lists its images class by
+# class) is divided by a seeded, stratified draw.
+IN_ORDER_DATASETS = ("cifar10", "cifar100", "demo")
+COUNTS_SHOWN = 20   # class counts listed one by one in the log up to this many classes
+
+
+def split_rule(dataset: str) -> str:
+    """'in order' for the CIFAR pickles and the demo data, 'stratified' otherwise."""
+    return "in order" if dataset in IN_ORDER_DATASETS else "stratified"
+
+
+@dataclass
+class Split:
+    """Two disjoint sets of indices into one dataset, each in increasing order."""
+    first: list[int]
+    second: list[int]
+    rule: str
+    names: Sequence[str] = ()   # the files indexed (image folders), part of the digest
+
+    @property
+    def digest(self) -> str:
+        """A short fingerprint of the division (and of the files, when known), stored in
+        checkpoints so a resume can check that it divides the same data the same way."""
+        h = hashlib.sha256(f"{self.first}/{self.second}".encode())
+        for name in self.names:
+            h.update(name.encode() + b"\0")
+        return h.hexdigest()[:16]
+
+
+def sample_names(dataset) -> list[str]:
+    """The files of an image-folder dataset relative to its root ([] for arrays)."""
+    samples, root = getattr(dataset, "samples", None), getattr(dataset, "root", None)
+    if samples is None or root is None:
+        return []
+    return [os.path.relpath(path, root).replace(os.sep, "/") for path, _ in samples]
+
+
+def split_indices(labels: Sequence[int], portion: float, seed: int, rule: str) -> Split:
+    """Divide the indices of ``labels`` into ``floor(portion * n)`` and the rest.
+
+    ``rule`` 'in order': the first ones and the others (the release's rule). 'stratified':
+    every class is divided in the same proportion, each class's count in the first part
+    being ``portion * n_c`` rounded down or up (the remainders go to the classes with the
+    largest fractions, ties broken at random), and which images of a class go first is a
+    seeded random draw. A function of (labels, portion, seed) only.
+    """
+    n = len(labels)
+    m = int(math.floor(portion * n))
+    if rule == "in order":
+        return Split(list(range(m)), list(range(m, n)), rule)
+    if rule != "stratified":
+        raise ValueError(f"unknown split rule {rule!r}")
+    g = torch.Generator().manual_seed(int(seed))
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+    classes = sorted(by_class)
+    quota = [portion * len(by_class[c]) for c in classes]
+    take = [int(math.floor(q)) for q in quota]
+    # Largest remainders get the images left over; random tie-break, then class order.
+    ties = torch.rand(len(classes), generator=g).tolist()
+    order = sorted(range(len(classes)), key=lambda k: (-(quota[k] - take[k]), ties[k], k))
+    for k in order[:m - sum(take)]:
+        take[k] += 1
+    first: list[int] = []
+    for c, t in zip(classes, take):
+        idx = by_class[c]
+        perm = torch.randperm(len(idx), generator=g).tolist()
+        first.extend(idx[j] for j in perm[:t])
+    chosen = set(first)
+    return Split(sorted(first), [i for i in range(n) if i not in chosen], rule)
+
+
+def class_counts(labels: Sequence[int], indices: Sequence[int], num_classes: int) -> list[int]:
+    counts = [0] * num_classes
+    for i in indices:
+        counts[int(labels[i])] += 1
+    return counts
+
+
+def check_split(split: Split, labels: Sequence[int], class_names: Sequence[str],
+                names: tuple[str, str], advice: str) -> tuple[list[int], list[int]]:
+    """The class counts of both parts; a DataError naming the classes that have images
+    but none in one part (a class the weights never see, or one never validated)."""
+    counts = [class_counts(labels, part, len(class_names)) for part in (split.first, split.second)]
+    for name, part, other in zip(names, counts, counts[::-1]):
+        # A class with no image at all (a tiny CIFAR copy) has nothing to divide.
+        empty = [class_names[c] for c, k in enumerate(part) if k == 0 and other[c] > 0]
+        if empty:
+            shown = ", ".join(empty[:COUNTS_SHOWN]) + (" ..." if len(empty) > COUNTS_SHOWN else "")
+            raise DataError(f"the {split.rule} split leaves {len(empty)} class(es) with no "
+                            f"image in the {name}: {shown}; {advice}")
+    return counts[0], counts[1]
+
+
+def describe_counts(class_names: Sequence[str], first: Sequence[int], second: Sequence[int]) -> str:
+    """'name a/b, ...' for few classes, else the range of counts per class."""
+    if len(class_names) <= COUNTS_SHOWN:
+        return ", ".join(f"{c} {a}/{b}" for c, a, b in zip(class_names, first, second))
+    return (f"{len(class_names)} classes, {min(first)}..{max(first)} / "
+            f"{min(second)}..{max(second)} images per class")
 
 
 # ---------------------------------------------------------------------------------------

@@ -38,11 +38,18 @@ from data import (
     ArrayDataset,
     DataError,
     DeviceLoader,
+    Split,
+    check_split,
     cifar_transforms,
+    class_counts,
+    describe_counts,
     folder_transforms,
     get_dataset,
     get_image_folder,
     normalization,
+    sample_names,
+    split_indices,
+    split_rule,
 )
 from genotypes import PRIMITIVES, Genotype, format_genotype, genotype_to_dict, save_genotype
 from model_search import (
@@ -195,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image side; --dataset folder: resized and centre-cropped to it; "
                         "CIFAR/demo: resized to it when not 32 (default 32, demo 16)")
     g.add_argument("--train_portion", type=float, default=0.5,
-                   help="first part of the training split trains the weights, the rest the alphas")
+                   help="part of the training split that trains the weights, the rest trains "
+                        "the alphas: the first part for CIFAR and demo (the release's rule), a "
+                        "stratified draw seeded with --seed for an image folder")
     g.add_argument("--workers", type=int, default=None,
                    help=f"data loader processes (default {PAPER_DEFAULTS['workers']}, demo {d['workers']})")
 
@@ -314,7 +323,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------
-# Data: the training split, divided in order into a weight half and an alpha half
+# Data: the training split, divided into a weight half and an alpha half
 # ---------------------------------------------------------------------------------------
 
 def _seed_for(*parts: int) -> int:
@@ -400,6 +409,41 @@ def build_search_data(args: argparse.Namespace) -> tuple[Dataset, int, str]:
     return data, num_classes, text
 
 
+def search_split(dataset: Dataset, args: argparse.Namespace, ckpt: dict | None = None) -> Split:
+    """The weight half and the alpha half of the training split (SPEC section 2).
+
+    Faithful to the release for CIFAR: the first ``--train_portion`` of the training set
+    trains the weights, the rest the alphas (its batches are in random order; so is the
+    demo data). Deviation for every other dataset: an image folder lists its images class
+    by class, so an in-order split would train the weights and the alphas on different
+    classes; it is divided by a stratified draw seeded with ``--seed`` instead (both
+    halves hold every class in the same proportion). A class left without an image in
+    either half is refused. On resume the division must equal the run's (``ckpt``)."""
+    labels = dataset.targets
+    names = getattr(dataset, "classes", None) or [str(c) for c in range(max(labels) + 1)]
+    split = split_indices(labels, args.train_portion, args.seed, split_rule(args.dataset))
+    split.names = sample_names(dataset)
+    if not split.first or not split.second:
+        raise DataError(f"{len(labels)} training images cannot be split into a weight and an "
+                        f"alpha half at --train_portion {args.train_portion}")
+    check_split(split, labels, names, ("weight half", "alpha half"),
+                "add images to them or change --train_portion")
+    saved = (ckpt or {}).get("split_digest")
+    if saved is not None and saved != split.digest:
+        raise DataError(f"the data in {args.tmp_data_dir} is divided differently from the run "
+                        f"being resumed (split {split.digest}, the run's {saved}): images were "
+                        "added, removed or renamed since it started; resume with the same data")
+    return split
+
+
+def describe_split(dataset: Dataset, split: Split) -> str:
+    labels = dataset.targets
+    num = max(labels) + 1
+    names = getattr(dataset, "classes", None) or [str(c) for c in range(num)]
+    return describe_counts(names, class_counts(labels, split.first, len(names)),
+                           class_counts(labels, split.second, len(names)))
+
+
 class SearchData:
     """The loaders of one run: weight half and alpha half (both shuffled per epoch, the
     alpha half as long as the weight half so the two step in lockstep), and the alpha
@@ -415,13 +459,11 @@ class SearchData:
     augmentations of the same distribution.
     """
 
-    def __init__(self, dataset: Dataset, args: argparse.Namespace, env: DistInfo) -> None:
-        n = len(dataset)
-        split = int(math.floor(args.train_portion * n))
-        if split < 1 or n - split < 1:
-            raise DataError(f"{n} training images cannot be split into a weight and an alpha "
-                            f"half at --train_portion {args.train_portion}")
-        weight_idx, alpha_idx = range(split), range(split, n)
+    def __init__(self, dataset: Dataset, args: argparse.Namespace, env: DistInfo,
+                 split: Split | None = None) -> None:
+        if split is None:
+            split = search_split(dataset, args)
+        weight_idx, alpha_idx = split.first, split.second
         rank, world = env.rank, env.world_size
         self.w_sampler = EpochSampler(weight_idx, args.seed, 0, rank, world)
         self.a_sampler = EpochSampler(alpha_idx, args.seed, 1, rank, world,
@@ -448,7 +490,7 @@ class SearchData:
             self.weights = DataLoader(dataset, sampler=self.w_sampler, **kw)
             self.alphas = DataLoader(dataset, sampler=self.a_sampler, **kw)
             self.valid = DataLoader(dataset, sampler=self.v_sampler, **kw)
-        self.sizes = (split, n - split)
+        self.sizes = (len(weight_idx), len(alpha_idx))
 
     def set_epoch(self, stage: int, epoch: int) -> None:
         """Every epoch's batches and augmentation draws are a function of (seed, stage,
@@ -839,6 +881,7 @@ class SearchRun:
     num_classes: int
     run_dir: str
     metrics: MetricsWriter
+    split_digest: str = ""                                  # weight/alpha division
     stages_done: list[dict] = field(default_factory=list)   # arch_state.json's "stages"
     epochs_run: int = 0                                     # epochs run by this process
 
@@ -924,6 +967,7 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
             "model": model.state_dict(), "w_opt": w_opt.state_dict(), "a_opt": a_opt.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "lr": lr, "skip_dropout": drop, "stages_done": run.stages_done,
+            "split_digest": run.split_digest,
             "rng": _gather(get_rng_state(), env),
         }
         if env.is_main:
@@ -1026,6 +1070,7 @@ def main(args: argparse.Namespace) -> int:
     check_amp(env.device, args.amp)
     # Read the data before creating the run folder: a wrong path leaves nothing behind.
     dataset, num_classes, description = build_search_data(args)
+    split = search_split(dataset, args, ckpt)
     run_dir = _open_run_dir(args, env)
     setup_logging(run_dir if env.is_main else None, env.is_main)
     seed_everything(args.seed, args.deterministic)
@@ -1035,8 +1080,10 @@ def main(args: argparse.Namespace) -> int:
                     "averaged, as one process with batch %d); batch-norm statistics are per "
                     "process", env.world_size, args.batch_size, env.world_size,
                     args.batch_size // env.world_size, args.batch_size)
-    data = SearchData(dataset, args, env)
+    data = SearchData(dataset, args, env, split)
     logger.info("data: %s; %d train the weights, %d the alphas", description, *data.sizes)
+    logger.info("split %s (seed %d for stratified), images per class weight/alpha half: %s",
+                split.rule, args.seed, describe_split(dataset, split))
     if data.on_device:
         logger.info("input pipeline: images on the GPU as uint8, augmented there in batches")
     if args.amp != "none" or args.channels_last or args.compile:
@@ -1044,7 +1091,8 @@ def main(args: argparse.Namespace) -> int:
                     "differs from the default float32 path)", args.amp, args.channels_last,
                     args.compile)
     run = SearchRun(args, env, data, num_classes, run_dir,
-                    MetricsWriter(os.path.join(run_dir, METRICS_FILE) if env.is_main else None))
+                    MetricsWriter(os.path.join(run_dir, METRICS_FILE) if env.is_main else None),
+                    split.digest)
 
     switches_n, switches_r = all_on_switches(), all_on_switches()
     start_stage = 0
