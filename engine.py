@@ -25,7 +25,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -67,7 +67,7 @@ TOPK = (1, 5)
 # read and how often they are reported, not what is computed.
 RESUME_FREE_FLAGS = {"resume", "tmp_data_dir", "data", "workers", "report_freq", "device",
                      "save", "note", "download", "deterministic", "host_data", "channels_last",
-                     "compile"}
+                     "compile", "skip_bad_images"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -355,10 +355,12 @@ def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.devic
 
 def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
                      args: argparse.Namespace, genotype: Genotype, network: dict,
-                     best: dict, last: dict) -> dict[str, Any]:
+                     best: dict, last: dict, data: dict | None = None) -> dict[str, Any]:
     """The full checkpoint: plain types and tensors only, so ``torch.load(...,
-    weights_only=True)`` reads it. ``epoch`` counts the epochs completed."""
+    weights_only=True)`` reads it. ``epoch`` counts the epochs completed. ``data``: what
+    an image folder run needs to be tested or resumed (classes, size, normalisation)."""
     return {
+        "data": data,
         "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -453,6 +455,14 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def write_json_atomic(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def _sync_buffers(model: nn.Module) -> None:
     """Give every process rank 0's batch-norm statistics before evaluating and saving
     (DDP broadcasts them before each forward; each process then updates its own copy
@@ -478,6 +488,9 @@ class RunSpec:
     eval_criterion: nn.Module
     input_size: tuple[int, int, int, int]
     device_augment: dict | None = None  # mean, std, cutout_length: GPU pipeline for arrays
+    data_info: dict | None = None       # kept in the checkpoint as "data" (image folders)
+    run_files: dict[str, Any] = field(default_factory=dict)  # JSON files for the run folder
+    data_lines: list[str] = field(default_factory=list)      # logged at the start
 
 
 def fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | None = None) -> int:
@@ -499,6 +512,11 @@ def fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | N
                 run_dir, env.world_size, batch)
     logger.info("genotype = %s", format_genotype(spec.genotype))
     logger.info(format_summary(summary))
+    for line in spec.data_lines:
+        logger.info("data: %s", line)
+    if env.is_main:
+        for name, obj in spec.run_files.items():
+            write_json_atomic(obj, os.path.join(run_dir, name))
 
     optimizer = torch.optim.SGD(model.parameters(), args.learning_rate, momentum=args.momentum,
                                 weight_decay=args.weight_decay, foreach=True)
@@ -586,7 +604,7 @@ def fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | N
             # Faithful to the release: weights.pt, a plain state dict, every epoch (without
             # the 'module.' prefix DataParallel gave the release's). checkpoint.pt is new.
             save_atomic(checkpoint_state(model, optimizer, epoch + 1, args, spec.genotype,
-                                         spec.network, best, last),
+                                         spec.network, best, last, spec.data_info),
                         os.path.join(run_dir, CHECKPOINT_NAME))
             save_atomic(model.state_dict(), os.path.join(run_dir, WEIGHTS_NAME))
         barrier()

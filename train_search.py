@@ -43,10 +43,11 @@ from data import (
     cifar_transforms,
     class_counts,
     describe_counts,
+    describe_stats,
     folder_transforms,
     get_dataset,
-    get_image_folder,
     normalization,
+    open_training_folder,
     sample_names,
     split_indices,
     split_rule,
@@ -193,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--dataset folder, the ImageFolder tree itself (class subfolders)")
     g.add_argument("--dataset", choices=["cifar10", "cifar100", "folder", "demo"], default=None,
                    help="cifar10 (default), cifar100, folder (your own ImageFolder tree, "
-                        "normalised with the ImageNet mean/std), demo (built-in generated "
+                        "normalised with its own mean/std), demo (built-in generated "
                         "10-class task; the default with --demo)")
     g.add_argument("--cifar100", action="store_true", help="same as --dataset cifar100")
     g.add_argument("--download", action="store_true",
@@ -205,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="part of the training split that trains the weights, the rest trains "
                         "the alphas: the first part for CIFAR and demo (the release's rule), a "
                         "stratified draw seeded with --seed for an image folder")
+    g.add_argument("--skip_bad_images", action="store_true",
+                   help="--dataset folder: decode every image once at the start and leave out "
+                        "the unreadable ones (counted in the log) instead of stopping at the "
+                        "first with its path")
     g.add_argument("--workers", type=int, default=None,
                    help=f"data loader processes (default {PAPER_DEFAULTS['workers']}, demo {d['workers']})")
 
@@ -374,9 +379,11 @@ def _resize_images(images, size: int):
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def build_search_data(args: argparse.Namespace) -> tuple[Dataset, int, str]:
+def build_search_data(args: argparse.Namespace, stats: dict | None = None
+                      ) -> tuple[Dataset, int, str]:
     """The training split with the training augmentation, its number of classes, and a
-    line describing it."""
+    line describing it. An image folder's normalisation is ``stats`` when given (a
+    resumed run's), else computed from its images; it is left in ``dataset.stats``."""
     size = args.image_size
     if args.dataset in CIFAR_FOLDERS:
         folder = os.path.join(args.tmp_data_dir, CIFAR_FOLDERS[args.dataset][0])
@@ -389,13 +396,20 @@ def build_search_data(args: argparse.Namespace) -> tuple[Dataset, int, str]:
                            cifar_transforms("demo", True, image_size=size))
         num_classes, where = 10, "(built-in, generated)"
     elif args.dataset == "folder":
-        data = get_image_folder(args.tmp_data_dir, folder_transforms(True, args.image_size),
-                                "image folder (--dataset folder)")
+        # Deviation: normalised with the folder's own mean and std (computed once, kept in
+        # the checkpoint), not a fixed dataset's.
+        data, stats = open_training_folder(
+            args.tmp_data_dir, size, args.seed, getattr(args, "skip_bad_images", False),
+            args.workers, stats, "image folder (--dataset folder)")
+        data.transform = folder_transforms(True, size, stats["mean"], stats["std"])
         num_classes = len(data.classes)
-        where = f"from {args.tmp_data_dir}, resized to {args.image_size}x{args.image_size}"
+        where = f"from {args.tmp_data_dir}, resized to {size}x{size}"
         if num_classes < 2:
             raise DataError(f"{args.tmp_data_dir} has {num_classes} class folder(s); "
                             "a search needs 2 or more")
+        if data.skipped:
+            where += f", {len(data.skipped)} unreadable image(s) left out (--skip_bad_images)"
+        norm = describe_stats(stats)
     else:
         raise UserError(f"unknown dataset {args.dataset!r}")
     if args.dataset != "folder":
@@ -403,9 +417,12 @@ def build_search_data(args: argparse.Namespace) -> tuple[Dataset, int, str]:
             # Deviation (CIFAR/demo only when asked): smaller images make the demo fast.
             data.data = _resize_images(data.data, size)
             where += f", resized to {size}x{size}"
-    mean, std = normalization(args.dataset)
+        mean, std = normalization(args.dataset)
+        norm = f"mean {tuple(mean)} std {tuple(std)}"
+        stats = None
     text = (f"{args.dataset} {where}: {len(data)} training images, {num_classes} classes, "
-            f"normalised with mean {tuple(mean)} std {tuple(std)}")
+            f"normalised with {norm}")
+    data.stats = stats
     return data, num_classes, text
 
 
@@ -491,6 +508,7 @@ class SearchData:
             self.alphas = DataLoader(dataset, sampler=self.a_sampler, **kw)
             self.valid = DataLoader(dataset, sampler=self.v_sampler, **kw)
         self.sizes = (len(weight_idx), len(alpha_idx))
+        self.stats = getattr(dataset, "stats", None)   # an image folder's mean and std
 
     def set_epoch(self, stage: int, epoch: int) -> None:
         """Every epoch's batches and augmentation draws are a function of (seed, stage,
@@ -967,7 +985,7 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
             "model": model.state_dict(), "w_opt": w_opt.state_dict(), "a_opt": a_opt.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "lr": lr, "skip_dropout": drop, "stages_done": run.stages_done,
-            "split_digest": run.split_digest,
+            "split_digest": run.split_digest, "data_stats": run.data.stats,
             "rng": _gather(get_rng_state(), env),
         }
         if env.is_main:
@@ -1069,7 +1087,7 @@ def main(args: argparse.Namespace) -> int:
                         f"{env.world_size} processes")
     check_amp(env.device, args.amp)
     # Read the data before creating the run folder: a wrong path leaves nothing behind.
-    dataset, num_classes, description = build_search_data(args)
+    dataset, num_classes, description = build_search_data(args, (ckpt or {}).get("data_stats"))
     split = search_split(dataset, args, ckpt)
     run_dir = _open_run_dir(args, env)
     setup_logging(run_dir if env.is_main else None, env.is_main)
@@ -1082,6 +1100,8 @@ def main(args: argparse.Namespace) -> int:
                     args.batch_size // env.world_size, args.batch_size)
     data = SearchData(dataset, args, env, split)
     logger.info("data: %s; %d train the weights, %d the alphas", description, *data.sizes)
+    for reason in getattr(dataset, "skipped", []):
+        logger.warning("left out: %s", reason)
     logger.info("split %s (seed %d for stratified), images per class weight/alpha half: %s",
                 split.rule, args.seed, describe_split(dataset, split))
     if data.on_device:

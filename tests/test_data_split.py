@@ -6,9 +6,9 @@ import glob
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
+from conftest import write_colour_folder
 from PIL import Image
 
 import train_search as ts
@@ -17,20 +17,6 @@ from utils import close_logging, run_main
 
 # A class-sorted label list with odd class sizes, as ImageFolder lists a folder.
 SORTED_LABELS = [0] * 10 + [1] * 7 + [2] * 13 + [3] * 5
-
-
-def write_colour_folder(root: str, num_classes: int = 4, per_class: int = 12, seed: int = 0) -> str:
-    """A learnable folder: each class a flat colour under strong noise, odd sizes, PNGs."""
-    rng = np.random.default_rng(seed)
-    colours = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40)]
-    for c in range(num_classes):
-        d = os.path.join(root, f"class_{c}")
-        os.makedirs(d, exist_ok=True)
-        for i in range(per_class):
-            h, w = 12 + (i % 3) * 4, 14 + (i % 2) * 6
-            img = np.clip(np.array(colours[c])[None, None] + rng.normal(0, 40, (h, w, 3)), 0, 255)
-            Image.fromarray(img.astype(np.uint8)).save(os.path.join(d, f"{i:03d}.png"))
-    return root
 
 
 @pytest.fixture(autouse=True)
