@@ -46,8 +46,8 @@ class DataError(UserError):
 
 
 def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std used for a dataset name (demo uses CIFAR-10's; folder and imagenet
-    use ImageNet's)."""
+    """Mean and std used for a dataset name (demo uses CIFAR-10's, imagenet ImageNet's;
+    an image folder's own are computed by ``image_stats``)."""
     if dataset == "cifar100":
         return CIFAR100_MEAN, CIFAR100_STD
     if dataset in ("cifar10", "demo"):

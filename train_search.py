@@ -1102,8 +1102,9 @@ def main(args: argparse.Namespace) -> int:
     logger.info("data: %s; %d train the weights, %d the alphas", description, *data.sizes)
     for reason in getattr(dataset, "skipped", []):
         logger.warning("left out: %s", reason)
-    logger.info("split %s (seed %d for stratified), images per class weight/alpha half: %s",
-                split.rule, args.seed, describe_split(dataset, split))
+    logger.info("split %s%s, images per class weight/alpha half: %s", split.rule,
+                f" with seed {args.seed}" if split.rule == "stratified" else "",
+                describe_split(dataset, split))
     if data.on_device:
         logger.info("input pipeline: images on the GPU as uint8, augmented there in batches")
     if args.amp != "none" or args.channels_last or args.compile:
