@@ -170,3 +170,42 @@ def test_bad_image_read_in_a_worker_is_one_line(tmp_path):
     message = str(info.value)
     assert "\n" not in message and message.startswith("cannot read image ")
     assert bad in message or "zz.jpg" in message
+
+
+def test_imagenet_style_folders_name_a_bad_file(tmp_path):
+    from data import BadImageError, get_image_folder, imagenet_transforms
+
+    tree = write_colour_folder(str(tmp_path / "tree"), num_classes=3, per_class=4)
+    bad = _corrupt(tree)
+    data = get_image_folder(tree, imagenet_transforms(False))
+    index = [p for p, _ in data.samples].index(bad)
+    with pytest.raises(BadImageError, match="cannot read image .*003.png"):
+        data[index]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "folder", "--image_size", "64", "--auxiliary"], "does not fit --image_size 64"),
+    (["--dataset", "folder", "--image_size", "12", "--auxiliary"], "does not fit --image_size 12"),
+    (["--image_size", "64"], "--image_size is for --dataset folder"),
+    (["--dataset", "folder", "--val_portion", "1.0"], "--val_portion must be between 0 and 1"),
+    (["--dataset", "folder", "--image_size", "4"], "--image_size must be at least 8"),
+])
+def test_folder_flags_are_checked(argv, message):
+    from utils import UserError
+
+    with pytest.raises(UserError, match=message):
+        train_cifar.resolve_dataset(train_cifar.parse_args(argv))
+
+
+def test_auxiliary_sizes_are_those_that_build():
+    from genotypes import PDARTS
+    from model import NetworkCIFAR
+
+    for size in (28, 29, 36, 40, 41):
+        net = NetworkCIFAR(4, 3, 5, True, PDARTS).train()
+        try:
+            net(torch.randn(2, 3, size, size))
+            builds = True
+        except RuntimeError:
+            builds = False
+        assert builds == train_cifar.auxiliary_fits(size), size
