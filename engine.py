@@ -60,6 +60,7 @@ from utils import (
 WEIGHTS_NAME = "weights.pt"        # the release's name: a plain state dict
 CHECKPOINT_NAME = "checkpoint.pt"  # everything needed to resume or rebuild
 METRICS_NAME = "metrics.jsonl"
+SPLIT_NAME = "split.json"          # an image folder's held-out images (test.py, --resume)
 CHECKPOINT_FORMAT = "pdarts-eval-checkpoint/1"
 TOPK = (1, 5)
 

@@ -43,6 +43,7 @@ from data import (
     scan_folder,
 )
 from engine import (
+    SPLIT_NAME,
     build_network,
     checkpoint_genotype,
     evaluate,
@@ -54,7 +55,6 @@ from engine import (
 )
 from genotypes import format_genotype, get_genotype
 from model import format_summary, model_summary
-from train_cifar import SPLIT_FILE
 from utils import UserError, init_distributed, logger, run_main, setup_logging
 
 # The release's test.py / test_imagenet.py defaults: channels, cells, batch size.
@@ -120,7 +120,7 @@ def folder_test_set(data_info: dict | None, root: str | None, checkpoint_path: s
     classes, size, stats = data_info["classes"], data_info["image_size"], data_info["stats"]
     if not os.path.isdir(root):
         raise DataError(f"image folder not found: {root} (set --data)")
-    split_path = os.path.join(os.path.dirname(checkpoint_path), SPLIT_FILE)
+    split_path = os.path.join(os.path.dirname(checkpoint_path), SPLIT_NAME)
     names = [n for n in ("test", "val") if os.path.isdir(os.path.join(root, n))]
     if os.path.isdir(os.path.join(root, "train")) and names:
         folder = os.path.join(root, names[0])

@@ -47,6 +47,7 @@ from data import (
     split_indices,
 )
 from engine import (
+    SPLIT_NAME,
     RunSpec,
     add_training_args,
     check_sizes,
@@ -62,7 +63,6 @@ from utils import UserError, barrier, init_distributed, run_main
 IMAGE_SIZE = 32          # CIFAR's, and the default for an image folder
 MIN_IMAGE_SIZE = 8
 AUX_POOL, AUX_STRIDE = 5, 3   # the CIFAR auxiliary head's average pool
-SPLIT_FILE = "split.json"     # a held-out split's images, for test.py and --resume
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,15 +168,14 @@ def folder_data(args: argparse.Namespace, cutout: int, resume: dict | None):
             raise DataError(f"the images in {train_dir} are divided differently from the run "
                             "being resumed: images were added, removed or renamed since it "
                             "started; resume with the same data")
-        names = sample_names(data)
         train_set, eval_set = data.subset(split.first), data.subset(split.second)
         info["split_digest"], info["eval"] = split.digest, "held-out"
-        files[SPLIT_FILE] = {"root": os.path.abspath(train_dir), "seed": args.seed,
+        files[SPLIT_NAME] = {"root": os.path.abspath(train_dir), "seed": args.seed,
                              "val_portion": args.val_portion, "classes": data.classes,
-                             "digest": split.digest, "held_out": [names[i] for i in split.second]}
+                             "digest": split.digest, "held_out": [split.names[i] for i in split.second]}
         lines.append(f"{len(train_set)} training images, {len(eval_set)} held out for evaluation "
                      f"(--val_portion {args.val_portion}, stratified, seed {args.seed}; "
-                     f"{SPLIT_FILE}); images per class training/held-out: "
+                     f"{SPLIT_NAME}); images per class training/held-out: "
                      + describe_counts(data.classes, train_counts, eval_counts))
     lines += [f"left out: {reason}" for reason in data.skipped]
     if data.skipped:
