@@ -44,6 +44,12 @@ def train(argv):
 
 def test_search_train_test_chain(tmp_path, capsys):
     tree = write_colour_folder(str(tmp_path / "tree"), num_classes=3, per_class=10, modes=True)
+    from PIL import Image
+
+    from data import scan_folder
+    images = scan_folder(tree)
+    assert [Image.open(images.samples[k][0]).mode for k in (0, 10)] == ["L", "RGBA"]
+    assert images[0][0].mode == images[10][0].mode == "RGB"
     assert run_script(ts, ["--tmp_data_dir", tree, "--save", str(tmp_path / "s-"), *SEARCH]) == 0
     search_dir, = glob.glob(str(tmp_path / "s-search-*"))
     genotype = os.path.join(search_dir, "genotype.json")
