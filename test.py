@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", type=str, default=None,
-                   help=f"data directory (default: --tmp_data_dir, else {DEFAULT_DATA})")
+                   help=f"data directory (default: --tmp_data_dir, else an image-folder run's "
+                        f"own folder, else {DEFAULT_DATA})")
     p.add_argument("--tmp_data_dir", type=str, default=None, help="same as --data")
     p.add_argument("--dataset", choices=["cifar10", "cifar100", "demo", "imagenet", "folder"],
                    default=None,
