@@ -192,12 +192,11 @@ def genotype_from_dict(data: Any, source: str = "genotype") -> Genotype:
 
 
 def save_genotype(genotype: Genotype, path: str) -> None:
-    """Write a genotype as JSON (atomically: temp file, then rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(genotype_to_dict(genotype), f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write a genotype as JSON (atomically: temp file, then rename; a failed write is a
+    one-line StorageError)."""
+    from utils import write_bytes_atomic
+
+    write_bytes_atomic((json.dumps(genotype_to_dict(genotype), indent=1) + "\n").encode(), path)
 
 
 def load_genotype_file(path: str) -> Genotype:
