@@ -37,6 +37,7 @@ from checkpoint import CheckpointError, describe_checkpoint, load_file, save_ato
 from data import ArrayDataset, DeviceLoader
 from genotypes import Genotype, format_genotype, genotype_from_dict, genotype_to_dict
 from model import NetworkCIFAR, NetworkImageNet, format_summary, model_summary
+from plots import add_plot_args, plot_run_safely
 from speed import add_speed_args, autocast, check_amp, grad_scaler, prepare_input, prepare_model
 from utils import (
     AverageMeter,
@@ -74,7 +75,7 @@ TOPK = (1, 5)
 # read and how often they are reported, not what is computed.
 RESUME_FREE_FLAGS = {"resume", "tmp_data_dir", "data", "workers", "report_freq", "device",
                      "save", "note", "download", "deterministic", "host_data", "channels_last",
-                     "compile", "dist_timeout", "skip_bad_images"}
+                     "compile", "dist_timeout", "plot_format", "skip_bad_images"}
 # What load_resume and test.py need in a training checkpoint.
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "args", "genotype", "network",
                    "best_acc_on_test", "best_epoch_on_test", "last_acc", "last_top5", "last_loss")
@@ -148,6 +149,7 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
                    help="on CUDA, keep CIFAR augmentation in DataLoader workers on the CPU "
                         "instead of the default GPU pipeline (same distribution, other draws)")
     add_speed_args(p)
+    add_plot_args(p)
 
 
 def check_sizes(C: int, layers: int, kind: str) -> None:
@@ -629,4 +631,6 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
                     "%.2f%% top-5", last["top1"], last["top5"])
         logger.info("best epoch, chosen on the test set (optimistic, not a result): %.2f%% at "
                     "epoch %d", best["acc"], best["epoch"])
+    if env.is_main:
+        plot_run_safely(run_dir, getattr(args, "plot_format", "png"))  # older runs lack the flag
     return 0

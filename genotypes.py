@@ -31,6 +31,22 @@ PRIMITIVES = [
 # Ops that published cells of other papers use; the evaluation networks build them too.
 EXTRA_PRIMITIVES = ["sep_conv_7x7", "conv_7x1_1x7"]
 KNOWN_OPS = PRIMITIVES + EXTRA_PRIMITIVES
+# One colour per op, shared by the cell diagrams (visualize.py) and the plots of alphas
+# (plots.py), so an op looks the same everywhere. Parameter-free ops in greys, blue and
+# red (skip_connect, the op of the DARTS collapse), convolutions in greens, orange, purple.
+OP_COLORS = {
+    "none": "#9e9e9e",
+    "max_pool_3x3": "#1f77b4",
+    "avg_pool_3x3": "#17becf",
+    "skip_connect": "#d62728",
+    "sep_conv_3x3": "#2ca02c",
+    "sep_conv_5x5": "#0b5d1e",
+    "dil_conv_3x3": "#ff7f0e",
+    "dil_conv_5x5": "#9467bd",
+    "sep_conv_7x7": "#8c564b",
+    "conv_7x1_1x7": "#e377c2",
+}
+assert set(OP_COLORS) == set(KNOWN_OPS)
 
 NASNet = Genotype(
     normal=[

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from checkpoint import CheckpointError, describe_checkpoint, load_file, save_atomic
+from collapse import CollapseMonitor
 from data import (
     CIFAR_FOLDERS,
     ArrayDataset,
@@ -65,6 +66,7 @@ from model_search import (
     prune_switches,
     skip_budget_genotypes,
 )
+from plots import add_plot_args, plot_run_safely
 from speed import add_speed_args, autocast, check_amp, grad_scaler, prepare_input, prepare_model
 from utils import (
     AverageMeter,
@@ -132,7 +134,7 @@ DEMO_DEFAULTS = dict(dataset="demo", epochs=5, arch_warmup_epochs=2, batch_size=
 # On --resume these come from the new command line; everything else from the run itself.
 RUNTIME_FLAGS = ("resume", "workers", "report_freq", "device", "tmp_data_dir", "download",
                  "stop_after_epochs", "derive", "threads", "host_data", "channels_last", "compile",
-                 "dist_timeout")
+                 "dist_timeout", "plot_format")
 
 
 # ---------------------------------------------------------------------------------------
@@ -291,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on CUDA, keep the CIFAR/demo augmentation in DataLoader workers on the "
                         "CPU instead of the default GPU pipeline (same distribution, other draws)")
     add_speed_args(p, channels_last_default=None)   # the demo turns it on
+    add_plot_args(g)
     # For tests of resume: stop (as if killed) after this many epochs of this process.
     g.add_argument("--stop_after_epochs", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -951,6 +954,7 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
                 "%.3fM weights ===", stage + 1, NUM_STAGES, layers, C, OPS_PER_STAGE[stage],
                 rate, sum(p.numel() for p in model.weight_parameters()) / 1e6)
 
+    collapse = CollapseMonitor(stage + 1, args.arch_warmup_epochs, env.is_main)
     for epoch in range(first_epoch, args.epochs):
         t0 = time.time()
         lr = learning_rate(epoch, args.epochs, args.learning_rate, args.learning_rate_min)
@@ -980,6 +984,7 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
             "images_per_s": round(stats["images"] / max(seconds, 1e-9), 2),
             "peak_memory_mb": round(peak_memory_mb(env.device), 1),
             "alphas_normal_softmax": probs_n.tolist(), "alphas_reduce_softmax": probs_r.tolist(),
+            **collapse.check(epoch, switches_n, probs_n),
         }
         logger.info("stage %d epoch %d: train_acc %.2f train_loss %.4f%s, %.1fs, %.0f img/s",
                     stage + 1, epoch, stats["train_acc"], stats["train_loss"],
@@ -1159,6 +1164,7 @@ def _main(args: argparse.Namespace) -> int:
     logger.info("search done in %.1f min; outputs in %s", (time.time() - search_start) / 60, run_dir)
     barrier()
     if env.is_main:     # the other ranks' cells were checked equal in finish_search
+        plot_run_safely(run_dir, getattr(args, "plot_format", "png"))  # older runs lack the flag
         print(format_genotype(genotype), flush=True)
     return 0
 
