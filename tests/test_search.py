@@ -44,8 +44,9 @@ def test_skip_dropout_rate_per_epoch():
     assert all(ts.skip_dropout_rate(e, E, 0.0, W) == 0.0 for e in range(E))
 
 
-def test_validation_in_the_last_5_epochs():
-    assert [e for e in range(25) if ts.is_validation_epoch(e, 25)] == [20, 21, 22, 23, 24]
+def test_validation_in_the_release_s_last_4_epochs():
+    # The release: `epochs - epoch < 5` (SPEC section 2).
+    assert [e for e in range(25) if ts.is_validation_epoch(e, 25)] == [21, 22, 23, 24]
     assert all(ts.is_validation_epoch(e, 3) for e in range(3))
 
 
