@@ -35,7 +35,7 @@ def int_at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = _number(int, text)
         if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text}")
         return value
     parse.__name__ = f"integer >= {low}"   # argparse names the type in some messages
     return parse
@@ -46,7 +46,7 @@ def int_between(low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = _number(int, text)
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be an integer in {low}..{high}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be an integer in {low}..{high}, got {text}")
         return value
     parse.__name__ = f"integer in {low}..{high}"
     return parse
@@ -63,7 +63,7 @@ def float_range(low: float, high: float = math.inf, *, low_open: bool = False,
         ok = (value > low if low_open else value >= low) and (
             value < high if high_open else value <= high)
         if not ok:
-            raise argparse.ArgumentTypeError(f"must be in {where}, got {value:g}")
+            raise argparse.ArgumentTypeError(f"must be in {where}, got {text}")
         return value
     parse.__name__ = f"number in {where}"
     return parse

@@ -163,13 +163,12 @@ def validate_genotype(genotype: Genotype, source: str = "genotype") -> Genotype:
             normalised.append((op, index))
         steps = len(pairs) // 2
         concat = getattr(genotype, kind + "_concat")
-        # Whole numbers only (2.0 from a hand-written file is fine; 2.7 is not silently 2).
+        # Integers only, as the pairs' inputs: 2.7 is refused, not silently taken as 2.
         if not isinstance(concat, (list, tuple)) or not all(
-                isinstance(c, (int, float)) and not isinstance(c, bool) and float(c).is_integer()
-                for c in concat):
+                isinstance(c, int) and not isinstance(c, bool) for c in concat):
             raise GenotypeError(f"{source}: '{kind}_concat' must be a list of integer node "
                                 f"indices, got {concat!r}")
-        concat = [int(c) for c in concat]
+        concat = list(concat)
         if not concat or any(not 0 <= c < 2 + steps for c in concat):
             raise GenotypeError(
                 f"{source}: '{kind}_concat' must list node indices in 0..{1 + steps}, got {concat}")
