@@ -69,8 +69,8 @@ def test_warmup_of_all_the_epochs_is_refused(capsys):
 
 
 def test_in_range_values_pass():
-    args = train_search.parse_args(["--add_width", "0", "--add_width", "1", "--threads", "0", "--workers", "0",
-                                    "--dropout_rate", "0", "--dropout_rate", "0.4",
+    args = train_search.parse_args(["--add_width", "0", "--add_width", "1", "--threads", "0",
+                                    "--workers", "0", "--dropout_rate", "0", "--dropout_rate", "0.4",
                                     "--dropout_rate", "0.99", "--max_skip", "-1",
                                     "--learning_rate_min", "0", "--momentum", "0"])
     assert args.dropout_rate == [0.0, 0.4, 0.99] and args.max_skip == -1
