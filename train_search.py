@@ -740,8 +740,10 @@ def final_cells(sw_n: Switches, sw_r: Switches, probs_n, probs_r, max_skip: int
 def run_derive(args: argparse.Namespace) -> int:
     """``--derive FILE``: print the cell for every skip budget, then the chosen one last."""
     try:
-        with open(args.derive) as f:
+        with open(args.derive, encoding="utf-8") as f:
             state = json.load(f)
+    except UnicodeDecodeError:
+        raise UserError(f"{args.derive} is not an arch_state.json file (it is not text)") from None
     except OSError as e:
         raise UserError(f"cannot read {args.derive}: {e.strerror}") from None
     except json.JSONDecodeError as e:

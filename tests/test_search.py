@@ -235,6 +235,14 @@ def test_derive_missing_file(tmp_path, capsys):
     assert rc == 2 and "nope.json" in capsys.readouterr().err
 
 
+def test_derive_of_a_binary_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"PK\x03\x04\x80\xff\xfe binary")
+    rc = run_main(ts.main, ts.parse_args(["--derive", str(path)]))
+    err = capsys.readouterr().err
+    assert rc == 2 and "is not an arch_state.json file" in err and len(err.strip().splitlines()) == 1
+
+
 # ---------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------
