@@ -130,9 +130,10 @@ ARCH_STATE = "arch_state.json"
 BUDGETS_FILE = "genotypes_by_skip_budget.json"
 METRICS_FILE = "metrics.jsonl"
 
-# Flags whose default depends on --demo (None on the command line = not given).
 RELEASE_WORKERS = 2         # the release's loader processes; never more than the CPU cores
-MIN_IMAGE_SIZE = 8          # three halvings (two reduction cells and the crop padding) need 8
+MIN_IMAGE_SIZE = 8          # the smallest --image_size the two reduction cells can halve twice
+
+# Flags whose default depends on --demo (None on the command line = not given).
 PAPER_DEFAULTS = dict(dataset="cifar10", epochs=25, arch_warmup_epochs=10, batch_size=96,
                       init_channels=16, layers=5, add_layers=[0, 6, 12],
                       workers=default_workers(RELEASE_WORKERS),
