@@ -25,7 +25,14 @@ import sys
 
 import torch.nn as nn
 
-from checkpoint import CheckpointError, extract_state_dict, infer_network, load_file, load_weights
+from checkpoint import (
+    CheckpointError,
+    describe_checkpoint,
+    extract_state_dict,
+    infer_network,
+    load_file,
+    load_weights,
+)
 from data import (
     DataError,
     cifar_transforms,
@@ -36,6 +43,7 @@ from data import (
 )
 from engine import (
     build_network,
+    check_training_checkpoint,
     checkpoint_genotype,
     evaluate,
     is_training_checkpoint,
@@ -55,7 +63,7 @@ from flags import (
 )
 from genotypes import format_genotype, get_genotype
 from model import format_summary, model_summary
-from utils import UserError, init_distributed, logger, run_main, setup_logging
+from utils import UserError, add_dist_timeout_arg, init_distributed, logger, run_main, setup_logging
 
 # The release's test.py / test_imagenet.py defaults: channels, cells, batch size.
 RELEASE_DEFAULTS = {"cifar": (36, 20, 128), "imagenet": (48, 14, 128)}
@@ -91,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report_freq", type=positive_int, default=50, help="steps between progress lines")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto = CUDA when available")
+    add_dist_timeout_arg(p)
     return p
 
 
@@ -157,16 +166,24 @@ def explain_mismatch(error: CheckpointError, built: dict, found: dict | None, ar
 
 
 def main(args: argparse.Namespace) -> int:
-    env = init_distributed(args.device)
+    env = init_distributed(args.device, args.dist_timeout)
     setup_logging(None, env.is_main)
     if not args.model_path:
         raise UserError("--model_path is required (a checkpoint file or a run folder)")
     path = resume_path(args.model_path)
     obj = load_file(path)
     ours = is_training_checkpoint(obj)
+    if ours:
+        check_training_checkpoint(obj, path)
+    elif isinstance(obj, dict) and obj.get("kind") == "pdarts-search":
+        raise CheckpointError(
+            f"{path} is {describe_checkpoint(obj)}; test.py evaluates a trained network: train "
+            "the searched cell first (train_cifar.py --arch SEARCH_RUN/genotype.json) and give "
+            "that run's folder or checkpoint.pt")
+    state = extract_state_dict(obj)  # weights in it? Say so before reading any data
     saved = obj["network"] if ours else {}
     # Bare state dicts (the authors', our weights.pt): read the sizes from the tensors.
-    found = None if ours else infer_network(extract_state_dict(obj))
+    found = None if ours else infer_network(state)
     if found is not None:
         logger.info("read from %s: %s network, %s", path, found["kind"], _describe(found))
     known = saved or found or {}
