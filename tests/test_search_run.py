@@ -277,7 +277,8 @@ def test_fp16_on_cpu_is_refused(cifar10_dir, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("extra", [[], ["--amp", "fp16", "--channels_last"], ["--amp", "bf16", "--compile"]])
+@pytest.mark.parametrize("extra", [[], ["--amp", "fp16", "--channels_last"], ["--amp", "bf16", "--compile"],
+                                   ["--cutout", "--cutout_length", "6"]])
 def test_search_on_cuda_with_the_gpu_input_pipeline(cifar10_dir, tmp_path, capsys, extra):
     save = str(tmp_path / "runs") + "/"
     os.makedirs(save)
