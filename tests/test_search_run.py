@@ -178,7 +178,7 @@ def test_ctrl_c_says_how_to_resume(cifar10_dir, tmp_path, capsys, monkeypatch, i
         assert f"continue with: python train_search.py --resume {run_dir}" in err
 
 
-def test_release_search_flags_cutout_and_drop_path_prob(cifar10_dir, tmp_path, capsys, monkeypatch):
+def test_release_search_flags_cutout_and_drop_path_prob(cifar10_dir):
     """The release's --cutout/--cutout_length (Cutout on the images of both halves) and
     --drop_path_prob (unused) are accepted; Cutout is off without --cutout."""
     from data import Cutout
@@ -193,11 +193,6 @@ def test_release_search_flags_cutout_and_drop_path_prob(cifar10_dir, tmp_path, c
     # Both halves are the same dataset object, so both get the Cutout: zeroed squares.
     x, _ = data[0]
     assert (x == 0).all(dim=0).sum() >= 9
-    save = str(tmp_path / "runs") + "/"
-    os.makedirs(save)
-    rc, lines = search([*argv, "--save", save, "--cutout", "--drop_path_prob", "0.3", "--epochs", "1",
-                        "--arch_warmup_epochs", "0"], capsys)
-    assert rc == 0 and lines[-1].startswith("Genotype(")
 
 
 def test_search_on_an_image_folder(image_folder, tmp_path, capsys):
