@@ -151,9 +151,10 @@ def cifar_folder(root: str, dataset: str) -> str:
     return os.path.join(root, CIFAR_FOLDERS[dataset][0])
 
 
-def load_cifar_arrays(root: str, dataset: str, train: bool,
-                      download: bool = False) -> tuple[np.ndarray, list[int]]:
-    """Read a CIFAR split into (uint8 N x 32 x 32 x 3, labels)."""
+def load_cifar_arrays(root: str, dataset: str, train: bool, download: bool = False,
+                      offer_download: bool = True) -> tuple[np.ndarray, list[int]]:
+    """Read a CIFAR split into (uint8 N x 32 x 32 x 3, labels). ``offer_download``: the
+    script has a --download flag to suggest when the folder is missing."""
     folder_name, train_files, test_files, label_key, num_classes = CIFAR_FOLDERS[dataset]
     folder = os.path.join(root, folder_name)
     if not os.path.isdir(folder) and download:
@@ -169,7 +170,7 @@ def load_cifar_arrays(root: str, dataset: str, train: bool,
         raise DataError(
             f"{dataset} not found: expected the python-version folder {folder} "
             f"(with {', '.join(files)}). Set --tmp_data_dir to the folder that contains "
-            f"{folder_name}, or add --download to fetch it.")
+            f"{folder_name}" + (", or add --download to fetch it." if offer_download else "."))
     data, labels = [], []
     for name in files:
         path = os.path.join(folder, name)
@@ -591,11 +592,12 @@ def image_stats(dataset: FolderDataset, image_size: int, seed: int = 0,
     return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist()), len(indices)
 
 
-def get_dataset(name: str, root: str, train: bool, transform, download: bool = False):
+def get_dataset(name: str, root: str, train: bool, transform, download: bool = False,
+                offer_download: bool = True):
     """``cifar10``, ``cifar100`` (from ``root``) or ``demo`` (generated) as an
     ArrayDataset with the given transform."""
     if name in CIFAR_FOLDERS:
-        data, labels = load_cifar_arrays(root, name, train, download)
+        data, labels = load_cifar_arrays(root, name, train, download, offer_download)
     elif name == "demo":
         data, labels = make_demo_arrays(train)
     else:
