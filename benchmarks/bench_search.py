@@ -41,6 +41,7 @@ import torch
 from common import add_common_args, measure_paths, path_options, print_table, setup
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from flags import positive_int
 from genotypes import PRIMITIVES
 from model_search import Network
 from speed import prepare_input, prepare_model
@@ -115,7 +116,7 @@ def count_step(stage: int, path: str, device: torch.device, batch: int = 2) -> t
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(p, cpu_steps=3)
-    p.add_argument("--batch_size", type=int, default=None,
+    p.add_argument("--batch_size", type=positive_int, default=None,
                    help="images in each of the two batches (default 96 on CUDA, 8 on CPU)")
     p.add_argument("--stages", default="1,2,3", help="comma-separated stages to measure")
     p.add_argument("--counts_only", action="store_true",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train_search as ts
-from data import DataError
+from data import DataError, folder_transforms
 from genotypes import PRIMITIVES, format_genotype
 from model_search import NUM_EDGES, all_on_switches, ops_on
 from utils import run_main
@@ -44,8 +44,9 @@ def test_skip_dropout_rate_per_epoch():
     assert all(ts.skip_dropout_rate(e, E, 0.0, W) == 0.0 for e in range(E))
 
 
-def test_validation_in_the_last_5_epochs():
-    assert [e for e in range(25) if ts.is_validation_epoch(e, 25)] == [20, 21, 22, 23, 24]
+def test_validation_in_the_release_s_last_4_epochs():
+    # The release: `epochs - epoch < 5` (SPEC section 2).
+    assert [e for e in range(25) if ts.is_validation_epoch(e, 25)] == [21, 22, 23, 24]
     assert all(ts.is_validation_epoch(e, 3) for e in range(3))
 
 
@@ -234,6 +235,14 @@ def test_derive_missing_file(tmp_path, capsys):
     assert rc == 2 and "nope.json" in capsys.readouterr().err
 
 
+def test_derive_of_a_binary_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"PK\x03\x04\x80\xff\xfe binary")
+    rc = run_main(ts.main, ts.parse_args(["--derive", str(path)]))
+    err = capsys.readouterr().err
+    assert rc == 2 and "is not an arch_state.json file" in err and len(err.strip().splitlines()) == 1
+
+
 # ---------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------
@@ -279,7 +288,11 @@ def test_image_folder_data(image_folder):
     data, classes, text = ts.build_search_data(args)
     assert classes == 3 and len(data) == 12
     assert data[0][0].shape == (3, 16, 16)
-    assert "mean (0.485, 0.456, 0.406)" in text   # ImageNet normalisation, stated
+    # Normalised with the folder's own statistics, stated and kept for the checkpoint.
+    assert "of 12 sampled training images" in text and len(data.stats["mean"]) == 3
+    data.transform = folder_transforms(False, 16, data.stats["mean"], data.stats["std"])
+    x = torch.stack([data[i][0] for i in range(12)]).transpose(0, 1).flatten(1)
+    assert x.mean(1).abs().max() < 1e-4 and (x.std(1) - 1).abs().max() < 1e-2
 
 
 def test_demo_data_and_resize():
