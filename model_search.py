@@ -6,19 +6,27 @@ cell type, PRIMITIVES order). Alphas have shape 14 x (ops on). A stride-1
 ``skip_connect`` is followed by skip-connect dropout whose rate ``set_drop_rate`` changes
 between epochs (paper Sec. 3.3, "search space regularization").
 
+Two cells compute the same thing. ``Cell`` (with ``MixedOp``) runs the 14 edges one by
+one, op by op, as the release does: the plain path (``Network(..., batched=False)``).
+``BatchedCell``, the default, runs the edges that read the same input and have the same
+op switched on as one op over their inputs stacked on channels, and mixes all of them
+into the nodes with one matrix product: about a third of the operators per step, which
+is what bounds the search on a GPU. Its ``state_dict`` is the release's layout.
+
 The functions at the end prune ops after a stage, derive the final cell and restrict
 the number of skip-connects (paper Sec. 3.3, "architecture refinement"). They do no I/O.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from genotypes import PRIMITIVES, Genotype
-from operations import OPS, FactorizedReduce, Identity, ReLUConvBN
+from operations import OPS, DilConv, FactorizedReduce, Identity, ReLUConvBN, SepConv
 
 NONE = PRIMITIVES.index("none")
 SKIP = PRIMITIVES.index("skip_connect")
@@ -142,15 +150,279 @@ class Cell(nn.Module):
         return torch.cat(states[-self._multiplier:], dim=1)
 
 
+# ---------------------------------------------------------------------------------------
+# The batched cell. A cell's 14 edges read only steps + 1 = 5 tensors; edges are grouped
+# into "levels" by what they read (steps = 4):
+#   level 0: s0 and s1, stacked on channels -> edges 0,1,2,3,5,6,9,10 (nodes 0-3)
+#   level 1: node 0                           -> edges 4,7,11         (nodes 1-3)
+#   level 2: node 1                           -> edges 8,12           (nodes 2-3)
+#   level 3: node 2                           -> edge 13              (node 3)
+# Within a level, the edges on which op k is switched on form one EdgeGroup: op k runs
+# once on their inputs stacked on channels (grouped depthwise and pointwise convs, one
+# pooling, one BN: BN statistics are per channel, so stacking changes nothing). The
+# ReLU that starts every conv op runs once per level. The level's group outputs are
+# concatenated and one matrix product with the softmax weights adds each (edge, op)
+# output, weighted, to its node (Eq. 1 summed over a node's edges). `none` is not
+# computed; its alpha stays in the softmax.
+# ---------------------------------------------------------------------------------------
+
+class GroupLayout(NamedTuple):
+    """Op ``op`` (PRIMITIVES index) on ``edges`` of one level; ``sources[i]`` is the
+    input that edge ``edges[i]`` reads within the level's stacked input (0 = s0, 1 = s1
+    at level 0; always 0 at later levels), ``positions[i]`` the op's place among the ops
+    switched on at that edge (its alpha column and its index in the release's ``m_ops``)."""
+    op: int
+    edges: tuple[int, ...]
+    sources: tuple[int, ...]
+    positions: tuple[int, ...]
+
+
+def edge_target(edge: int, steps: int = STEPS) -> tuple[int, int]:
+    """(node, input) of an edge: edges are numbered node by node, node i has 2 + i inputs."""
+    start = 0
+    for i in range(steps):
+        if edge < start + 2 + i:
+            return i, edge - start
+        start += 2 + i
+    raise ValueError(f"edge {edge} is not in a cell of {steps} nodes")
+
+
+def level_layouts(switches: Switches, steps: int = STEPS) -> list[list[GroupLayout]]:
+    """The EdgeGroups of every level (see the comment above), ops in PRIMITIVES order,
+    edges in edge order; `none` left out."""
+    levels: list[list[GroupLayout]] = []
+    num_edges = sum(2 + i for i in range(steps))
+    for level in range(steps):
+        groups = []
+        for k in range(len(PRIMITIVES)):
+            if k == NONE:
+                continue
+            members = []
+            for e in range(num_edges):
+                _, j = edge_target(e, steps)
+                reads = j if level == 0 and j < 2 else (0 if level > 0 and j == level + 1 else None)
+                if reads is not None and switches[e][k]:
+                    members.append((e, reads, ops_on(switches[e]).index(k)))
+            if members:
+                edges, sources, positions = zip(*members, strict=True)
+                groups.append(GroupLayout(k, edges, sources, positions))
+        levels.append(groups)
+    return levels
+
+
+def mixing_index(switches: Switches, steps: int = STEPS) -> torch.Tensor:
+    """Index into the flattened softmax weights (plus one trailing zero) that builds, for
+    every level, the matrix whose row r, column m holds the weight of the level's m-th
+    (edge, op) output if that edge feeds node ``level + r``, else zero. Shape
+    (steps, steps, most outputs of a level)."""
+    levels = level_layouts(switches, steps)
+    offsets = [0]
+    for row in switches:
+        offsets.append(offsets[-1] + sum(row))
+    zero = offsets[-1]
+    width = max(1, max(sum(len(g.edges) for g in groups) for groups in levels))
+    index = torch.full((steps, steps, width), zero, dtype=torch.long)
+    for level, groups in enumerate(levels):
+        m = 0
+        for g in groups:
+            for e, pos in zip(g.edges, g.positions, strict=True):
+                node, _ = edge_target(e, steps)
+                index[level, node - level, m] = offsets[e] + pos
+                m += 1
+    return index
+
+
+def mixing_weights(weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The per-level mixing matrices of ``mixing_index`` from softmax weights (14 x ops on)."""
+    return F.pad(weights.flatten(), (0, 1))[index]
+
+
+def _stacked_op(name: str, C: int, stride: int, edges: int, drop_rate: float) -> nn.Module:
+    """Op ``name`` of ``edges`` edges on their inputs stacked on channels, built so that its
+    state-dict keys are those of one edge's op in ``MixedOp`` (tensors stacked on dim 0).
+    Conv ops (and the stride-2 skip) leave their first ReLU to the caller."""
+    if name in ("max_pool_3x3", "avg_pool_3x3"):
+        return nn.Sequential(OPS[name](C, stride, False), nn.BatchNorm2d(edges * C, affine=False))
+    if name == "skip_connect":
+        if stride == 1:
+            return nn.Sequential(Identity(), SkipDropout(drop_rate))
+        return FactorizedReduce(C, C, affine=False, stack=edges, relu=False)
+    stacked = {
+        "sep_conv_3x3": lambda: SepConv(C, C, 3, stride, 1, False, stack=edges, relu=False),
+        "sep_conv_5x5": lambda: SepConv(C, C, 5, stride, 2, False, stack=edges, relu=False),
+        "dil_conv_3x3": lambda: DilConv(C, C, 3, stride, 2, 2, False, stack=edges, relu=False),
+        "dil_conv_5x5": lambda: DilConv(C, C, 5, stride, 4, 2, False, stack=edges, relu=False),
+    }
+    return stacked[name]()
+
+
+class EdgeGroup(nn.Module):
+    """One op on the edges of one level where it is switched on: their inputs are
+    stacked on channels (one copy) and the op runs once; output channels
+    ``i*C..(i+1)*C`` are edge ``layout.edges[i]``'s."""
+
+    def __init__(self, layout: GroupLayout, C: int, stride: int, drop_rate: float,
+                 num_inputs: int) -> None:
+        super().__init__()
+        self.layout = layout
+        name = PRIMITIVES[layout.op]
+        self.reads_relu = name.startswith(("sep_conv", "dil_conv")) or (
+            name == "skip_connect" and stride == 2)
+        self.op = _stacked_op(name, C, stride, len(layout.edges), drop_rate)
+        n, sources = len(layout.edges), layout.sources
+        # How to stack the inputs (``num_inputs`` tensors stacked: s0 and s1 at level 0):
+        # one input n times, or (s0, s1) n/2 times, is a repeat; anything else a gather.
+        self.repeat = None
+        if num_inputs == 1:
+            self.repeat = n
+        elif n % num_inputs == 0 and sources == tuple(range(num_inputs)) * (n // num_inputs):
+            self.repeat = n // num_inputs
+        channels = [s * C + c for s in sources for c in range(C)]
+        self.register_buffer("channels", torch.tensor(channels), persistent=False)
+
+    def forward(self, x: torch.Tensor, relu_x: torch.Tensor | None) -> torch.Tensor:
+        x = relu_x if self.reads_relu else x
+        if self.repeat is None:
+            x = x.index_select(1, self.channels)
+        elif self.repeat > 1:
+            x = x.repeat(1, self.repeat, 1, 1)
+        return self.op(x)
+
+
+class BatchedCell(nn.Module):
+    """The search cell of ``Cell`` (same constructor, same state-dict keys and the same
+    initial weights for the same random state), its edges run in EdgeGroups level by
+    level (see the comment above). ``forward(s0, s1, mixing)`` takes the mixing matrices
+    of ``mixing_weights`` instead of the softmax weights."""
+
+    def __init__(self, steps: int, multiplier: int, C_prev_prev: int, C_prev: int, C: int,
+                 reduction: bool, reduction_prev: bool, switches: Switches,
+                 drop_rate: float = 0.0) -> None:
+        super().__init__()
+        # The release's cell draws the initial weights (the same random numbers as the
+        # plain network); its preprocessing is kept and its edges' weights are stacked.
+        plain = Cell(steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev,
+                     switches, drop_rate)
+        self.reduction = reduction
+        self.preprocess0, self.preprocess1 = plain.preprocess0, plain.preprocess1
+        self._steps = steps
+        self._multiplier = multiplier
+        self._C = C
+        self.layouts = level_layouts(switches, steps)
+        with torch.random.fork_rng(devices=[]):   # their own initial values are overwritten
+            self.stacked = nn.ModuleList(
+                nn.ModuleList(EdgeGroup(g, C, 2 if reduction and level == 0 else 1, drop_rate,
+                                        2 if level == 0 else 1) for g in groups)
+                for level, groups in enumerate(self.layouts))
+        self.register_state_dict_post_hook(_release_layout_hook)
+        self.register_load_state_dict_pre_hook(_stacked_layout_hook)
+        self.load_state_dict(plain.state_dict())
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.preprocess0(s0), self.preprocess1(s1)], dim=1)  # level 0 input
+        nodes = []
+        pending = None   # the sums of the nodes not finished yet, (N, nodes, C, H, W)
+        for level, groups in enumerate(self.stacked):
+            if level > 0:
+                x = nodes[-1]
+            relu_x = F.relu(x) if any(g.reads_relu for g in groups) else None
+            outs = [g(x, relu_x) for g in groups]
+            if outs:
+                y = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+                w = mixing[level, : self._steps - level, : y.shape[1] // self._C]
+                added = _mix(w, y, self._C)
+                pending = added if pending is None else pending + added
+            elif pending is None:   # only `none` on every edge of level 0: zeros
+                stride = 2 if self.reduction else 1
+                z = x[:, : self._C, ::stride, ::stride]
+                pending = z.new_zeros(z.shape[0], self._steps, *z.shape[1:])
+            nodes.append(pending[:, 0])
+            pending = pending[:, 1:]
+        return torch.cat(nodes[-self._multiplier:], dim=1)
+
+    def release_layout(self, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+        """Replace, in ``tensors``, this cell's stacked entries (names ``prefix`` +
+        ``stacked.L.G.op.X``) by the release's per-edge ones (``cell_ops.E.m_ops.K.X``,
+        slices of dim 0), appended in the release's order."""
+        entries = []
+        for level, groups in enumerate(self.stacked):
+            for i, group in enumerate(groups):
+                head = f"{prefix}stacked.{level}.{i}.op."
+                layout, n = group.layout, len(group.layout.edges)
+                for key in [k for k in tensors if k.startswith(head)]:
+                    value = tensors.pop(key)
+                    parts = [value] * n if value.dim() == 0 else value.chunk(n)
+                    for e, pos, part in zip(layout.edges, layout.positions, parts, strict=True):
+                        name = f"{prefix}cell_ops.{e}.m_ops.{pos}.{key[len(head):]}"
+                        entries.append(((e, pos, len(entries)), name, part))
+        for _, name, part in sorted(entries, key=lambda t: t[0]):
+            tensors[name] = part
+
+
+def _release_layout_hook(cell: BatchedCell, state_dict, prefix: str, local_metadata) -> None:
+    cell.release_layout(state_dict, prefix)
+
+
+def _stacked_layout_hook(cell: BatchedCell, state_dict, prefix: str, local_metadata, strict,
+                         missing_keys, unexpected_keys, error_msgs) -> None:
+    """load_state_dict from the release's layout: stack the per-edge tensors. Entries
+    that are missing stay missing (load_state_dict reports them)."""
+    for level, groups in enumerate(cell.stacked):
+        for i, group in enumerate(groups):
+            layout, n = group.layout, len(group.layout.edges)
+            for suffix, own in group.op.state_dict().items():
+                keys = [f"{prefix}cell_ops.{e}.m_ops.{pos}.{suffix}"
+                        for e, pos in zip(layout.edges, layout.positions, strict=True)]
+                if not all(k in state_dict for k in keys):
+                    continue
+                parts = [state_dict[k] for k in keys]
+                if own.dim() == 0:   # num_batches_tracked: one counter for all
+                    stacked = parts[0]
+                else:
+                    want = (own.shape[0] // n, *own.shape[1:])
+                    bad = [(k, p) for k, p in zip(keys, parts, strict=True) if tuple(p.shape) != want]
+                    if bad:
+                        error_msgs.append(f"size mismatch for {bad[0][0]}: copying a param with "
+                                          f"shape {tuple(bad[0][1].shape)} from checkpoint, the "
+                                          f"shape in current model is {want}.")
+                        continue
+                    stacked = torch.cat(parts)
+                for k in keys:
+                    del state_dict[k]
+                state_dict[f"{prefix}stacked.{level}.{i}.op.{suffix}"] = stacked
+
+
+def _mix(w: torch.Tensor, y: torch.Tensor, C: int) -> torch.Tensor:
+    """out[:, r] = sum_m w[r, m] * y[:, m*C:(m+1)*C], as (N, rows, C, H, W): one batched
+    matrix product on a view of ``y`` (in either memory format, no copy)."""
+    N, _, H, W = y.shape
+    rows, M = w.shape
+    w = w.to(y.dtype)
+    if y.is_contiguous():
+        return torch.bmm(w.expand(N, rows, M), y.view(N, M, C * H * W)).view(N, rows, C, H, W)
+    # channels_last: every pixel holds its M blocks of C channels side by side.
+    y = y.permute(0, 2, 3, 1).reshape(N * H * W, M, C)
+    out = torch.bmm(w.expand(N * H * W, rows, M), y)
+    return out.view(N, H, W, rows, C).permute(0, 3, 4, 1, 2)
+
+
 class Network(nn.Module):
     """The search network: stem, ``layers`` cells (reduction at 1/3 and 2/3 of the
     depth), global pooling, classifier. Normal cells share ``alphas_normal``, reduction
-    cells ``alphas_reduce``."""
+    cells ``alphas_reduce``.
+
+    ``batched`` (default) builds BatchedCells, else the release's per-edge Cells (the
+    plain path); both have the same state-dict layout and, for the same random state,
+    the same initial weights. ``skip_zero=False`` (plain cells only) computes `none`."""
 
     def __init__(self, C: int, num_classes: int, layers: int, switches_normal: Switches,
                  switches_reduce: Switches, drop_rate: float = 0.0, steps: int = STEPS,
-                 multiplier: int = 4, stem_multiplier: int = 3, skip_zero: bool = True) -> None:
+                 multiplier: int = 4, stem_multiplier: int = 3, skip_zero: bool = True,
+                 batched: bool = True) -> None:
         super().__init__()
+        if batched and not skip_zero:
+            raise ValueError("skip_zero=False (compute `none`) needs batched=False")
+        self.batched = batched
         self._C = C
         self._num_classes = num_classes
         self._layers = layers
@@ -174,8 +446,12 @@ class Network(nn.Module):
             if reduction:
                 C_curr *= 2
             switches = self.switches_reduce if reduction else self.switches_normal
-            cell = Cell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction,
-                        reduction_prev, switches, drop_rate, skip_zero)
+            if batched:
+                cell = BatchedCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction,
+                                   reduction_prev, switches, drop_rate)
+            else:
+                cell = Cell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction,
+                            reduction_prev, switches, drop_rate, skip_zero)
             reduction_prev = reduction
             self.cells.append(cell)
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
@@ -184,10 +460,18 @@ class Network(nn.Module):
 
         self.alphas_normal = nn.Parameter(1e-3 * torch.randn(NUM_EDGES, num_normal))
         self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(NUM_EDGES, num_reduce))
+        if batched:
+            self.register_buffer("mixing_index_normal", mixing_index(self.switches_normal, steps),
+                                 persistent=False)
+            self.register_buffer("mixing_index_reduce", mixing_index(self.switches_reduce, steps),
+                                 persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights_normal = F.softmax(self.alphas_normal, dim=-1)
         weights_reduce = F.softmax(self.alphas_reduce, dim=-1)
+        if self.batched:   # once per forward, shared by the cells of each type
+            weights_normal = mixing_weights(weights_normal, self.mixing_index_normal)
+            weights_reduce = mixing_weights(weights_reduce, self.mixing_index_reduce)
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             weights = weights_reduce if cell.reduction else weights_normal
@@ -200,6 +484,16 @@ class Network(nn.Module):
         for m in self.modules():
             if isinstance(m, SkipDropout):
                 m.p = p
+
+    def release_layout(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` named as this network's parameters and buffers (e.g. optimizer
+        state by parameter name), renamed and sliced to the release's per-edge layout,
+        as ``state_dict`` does. The identity for a plain network."""
+        out = dict(tensors)
+        if self.batched:
+            for i, cell in enumerate(self.cells):
+                cell.release_layout(out, f"cells.{i}.")
+        return out
 
     def arch_parameters(self) -> list[nn.Parameter]:
         return [self.alphas_normal, self.alphas_reduce]

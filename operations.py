@@ -39,16 +39,23 @@ class ReLUConvBN(nn.Module):
 
 
 class DilConv(nn.Module):
-    """ReLU, dilated depthwise conv, pointwise conv, BN."""
+    """ReLU, dilated depthwise conv, pointwise conv, BN.
+
+    ``stack`` > 1 runs the op of that many edges at once on their inputs stacked on
+    channels (the batched search cell): the depthwise conv is grouped per channel, the
+    pointwise conv per edge, BN is per channel anyway; parameter ``i`` of edge ``e`` is
+    rows ``e*C..(e+1)*C`` of the stacked one. ``relu=False`` leaves the first ReLU to the
+    caller, which shares it between ops (an ``nn.Identity`` keeps the module indices)."""
 
     def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int,
-                 dilation: int, affine: bool = True) -> None:
+                 dilation: int, affine: bool = True, stack: int = 1, relu: bool = True) -> None:
         super().__init__()
+        C_in, C_out = stack * C_in, stack * C_out
         self.op = nn.Sequential(
-            nn.ReLU(inplace=False),
+            nn.ReLU(inplace=False) if relu else nn.Identity(),
             nn.Conv2d(C_in, C_in, kernel_size, stride=stride, padding=padding,
                       dilation=dilation, groups=C_in, bias=False),
-            nn.Conv2d(C_in, C_out, 1, bias=False),
+            nn.Conv2d(C_in, C_out, 1, groups=stack, bias=False),
             nn.BatchNorm2d(C_out, affine=affine),
         )
 
@@ -57,21 +64,23 @@ class DilConv(nn.Module):
 
 
 class SepConv(nn.Module):
-    """Two stacked (ReLU, depthwise conv, pointwise conv, BN); only the first is strided."""
+    """Two stacked (ReLU, depthwise conv, pointwise conv, BN); only the first is strided.
+    ``stack`` and ``relu`` as in ``DilConv``."""
 
     def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int,
-                 affine: bool = True) -> None:
+                 affine: bool = True, stack: int = 1, relu: bool = True) -> None:
         super().__init__()
+        C_in, C_out = stack * C_in, stack * C_out
         self.op = nn.Sequential(
-            nn.ReLU(inplace=False),
+            nn.ReLU(inplace=False) if relu else nn.Identity(),
             nn.Conv2d(C_in, C_in, kernel_size, stride=stride, padding=padding, groups=C_in,
                       bias=False),
-            nn.Conv2d(C_in, C_in, 1, bias=False),
+            nn.Conv2d(C_in, C_in, 1, groups=stack, bias=False),
             nn.BatchNorm2d(C_in, affine=affine),
             nn.ReLU(inplace=False),
             nn.Conv2d(C_in, C_in, kernel_size, stride=1, padding=padding, groups=C_in,
                       bias=False),
-            nn.Conv2d(C_in, C_out, 1, bias=False),
+            nn.Conv2d(C_in, C_out, 1, groups=stack, bias=False),
             nn.BatchNorm2d(C_out, affine=affine),
         )
 
@@ -102,16 +111,21 @@ class Zero(nn.Module):
 
 class FactorizedReduce(nn.Module):
     """Halve the resolution with two 1x1 stride-2 convs, the second on the input shifted
-    by one pixel, concatenated on channels."""
+    by one pixel, concatenated on channels. ``stack`` and ``relu`` as in ``DilConv``
+    (stacked: each edge's output is its own two halves, side by side)."""
 
-    def __init__(self, C_in: int, C_out: int, affine: bool = True) -> None:
+    def __init__(self, C_in: int, C_out: int, affine: bool = True, stack: int = 1,
+                 relu: bool = True) -> None:
         super().__init__()
         if C_out % 2 != 0:
             raise ValueError(f"FactorizedReduce needs an even number of output channels, got {C_out}")
-        self.relu = nn.ReLU(inplace=False)
-        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
-        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
-        self.bn = nn.BatchNorm2d(C_out, affine=affine)
+        self.stack = stack
+        self.relu = nn.ReLU(inplace=False) if relu else nn.Identity()
+        self.conv_1 = nn.Conv2d(stack * C_in, stack * C_out // 2, 1, stride=2, padding=0,
+                                groups=stack, bias=False)
+        self.conv_2 = nn.Conv2d(stack * C_in, stack * C_out // 2, 1, stride=2, padding=0,
+                                groups=stack, bias=False)
+        self.bn = nn.BatchNorm2d(stack * C_out, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(x)
@@ -121,7 +135,10 @@ class FactorizedReduce(nn.Module):
         b = self.conv_2(x[:, :, 1:, 1:])
         if b.shape[-2:] != a.shape[-2:]:
             b = nn.functional.pad(b, (0, a.shape[-1] - b.shape[-1], 0, a.shape[-2] - b.shape[-2]))
-        return self.bn(torch.cat([a, b], dim=1))
+        if self.stack == 1:
+            return self.bn(torch.cat([a, b], dim=1))
+        halves = [t.unflatten(1, (self.stack, -1)) for t in (a, b)]   # (N, edges, C/2, H, W)
+        return self.bn(torch.cat(halves, dim=2).flatten(1, 2))
 
 
 def _conv_7x1_1x7(C: int, stride: int, affine: bool) -> nn.Module:

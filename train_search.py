@@ -666,7 +666,7 @@ def reference_search_step(model: Network, batch_w: tuple[torch.Tensor, torch.Ten
     """The plain path: the straightforward search step (SPEC section 2), single process.
     Each backward pass fills every gradient, weights' and alphas' alike; clipping goes
     parameter by parameter; both losses are read back every step. Build ``model`` with
-    ``skip_zero=False`` (the ``none`` op computed) and the optimizers with
+    ``batched=False, skip_zero=False`` (the release's per-edge cells, `none` computed) and the optimizers with
     ``foreach=False``. Benchmarks and equivalence tests compare ``search_step`` with it."""
     loss_a = (_plain_update(model, batch_a, a_opt, model.arch_parameters(), grad_clip)
               if update_arch else None)

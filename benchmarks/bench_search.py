@@ -25,6 +25,11 @@ Paths:
   foreach optimizers and clipping, losses kept on the device. Identical numerics.
 - +bf16, +channels_last, +compile, +all: the opt-in flags (change float rounding).
 
+Before the timings, per stage and path (plain, default): aten operators one warm search
+step dispatches (a TorchDispatchMode around it, batch 2; a device-independent stand-in
+for launch-bound GPU time) and the bytes of activations saved for backward
+(saved_tensors_hooks, each storage once). ``--counts_only`` stops there.
+
 The last line is ``speedup <x>``: default over plain at stage 1.
 """
 from __future__ import annotations
@@ -34,6 +39,7 @@ from functools import partial
 
 import torch
 from common import add_common_args, measure_paths, path_options, print_table, setup
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from flags import positive_int
 from genotypes import PRIMITIVES
@@ -54,8 +60,9 @@ def make_step(stage: int, path: str, device: torch.device, batch: int):
     switches = [[name in spec["ops"] for name in PRIMITIVES] for _ in range(14)]
     plain = path == "plain"
     torch.manual_seed(0)
+    # plain: the release's per-edge cells; default: the batched cells.
     model = Network(16, 10, spec["layers"], switches, switches, drop_rate=spec["drop"],
-                    skip_zero=not plain).to(device).train()
+                    skip_zero=not plain, batched=not plain).to(device).train()
     amp, channels_last, compile_model = path_options(path)
     forward = prepare_model(model, channels_last, compile_model)
     w_opt = torch.optim.SGD(model.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4,
@@ -78,20 +85,60 @@ def make_step(stage: int, path: str, device: torch.device, batch: int):
     return step_plain if plain else step_default
 
 
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_step(stage: int, path: str, device: torch.device, batch: int = 2) -> tuple[int, int]:
+    """(aten operators, bytes saved for backward) of one warm search step."""
+    step = make_step(stage, path, device, batch)
+    step()
+    with _CountOps() as ops:
+        step()
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return ops.count, sum(saved.values())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(p, cpu_steps=3)
     p.add_argument("--batch_size", type=positive_int, default=None,
                    help="images in each of the two batches (default 96 on CUDA, 8 on CPU)")
     p.add_argument("--stages", default="1,2,3", help="comma-separated stages to measure")
+    p.add_argument("--counts_only", action="store_true",
+                   help="print operators and saved bytes per step, no timing")
     args = p.parse_args()
     device, steps, warmup, paths = setup(args, cpu_steps=3)
+    stages = [int(s) for s in args.stages.split(",")]
+    print("\noperators and saved activations per search step (batch 2 + 2)")
+    print("| stage | plain ops | default ops | fewer | plain saved MiB | default saved MiB |")
+    print("|---|---|---|---|---|---|")
+    for stage in stages:
+        (ops_p, mem_p), (ops_d, mem_d) = (count_step(stage, path, device) for path in ("plain", "default"))
+        print(f"| {stage} | {ops_p} | {ops_d} | {ops_p / ops_d:.2f}x | {mem_p / 2 ** 20:.1f} | "
+              f"{mem_d / 2 ** 20:.1f} |")
+    if args.counts_only:
+        return
     cuda = device.type == "cuda"
     batch = args.batch_size or (96 if cuda else 8)
     print(f"batch {batch} + {batch} (alpha + weight step), {warmup} warm-up + {steps} timed steps"
           + ("" if cuda or args.steps else f" ({2 * steps} at stage 1)"))
     speedup = None
-    for stage in (int(s) for s in args.stages.split(",")):
+    for stage in stages:
         if any("compile" in path or path.endswith("+all") for path in paths):
             torch._dynamo.reset()
         # On the CPU stage 1, which gives the speedup line, takes twice the timed rounds:

@@ -80,7 +80,7 @@ def test_mixed_ops_hold_exactly_the_switched_on_ops(n_ops):
     if n_ops < 8:
         assert len({tuple(r) for r in sw_normal}) > 1  # edges differ
         assert sw_normal != sw_reduce
-    net = tiny_net(sw_normal, sw_reduce)
+    net = tiny_net(sw_normal, sw_reduce, batched=False)   # the release's per-edge modules
     assert net.alphas_normal.shape == (14, n_ops)
     assert net.alphas_reduce.shape == (14, n_ops)
     for cell in net.cells:
@@ -164,7 +164,7 @@ def _skip_dropouts(net):
 
 
 def test_dropout_follows_every_stride1_skip_and_no_stride2_skip():
-    net = tiny_net()
+    net = tiny_net(batched=False)
     # cell 0 normal: 14 stride-1 edges; cells 1 and 2 reduction: 14 - 8 = 6 stride-1 edges.
     assert len(_skip_dropouts(net)) == 14 + 6 + 6
     for cell in net.cells:
@@ -184,6 +184,9 @@ def test_set_drop_rate_changes_dropout_without_rebuild():
     sw = [[k in (3, 4) for k in range(8)] for _ in range(14)]
     net = tiny_net(sw, sw, drop_rate=0.0)
     dropouts = _skip_dropouts(net)
+    # Batched: one per level whose skips are stride 1 (4 in the normal cell, 3 in each
+    # reduction cell, whose level 0 skips are FactorizedReduce).
+    assert len(dropouts) == 4 + 3 + 3
     x = torch.randn(2, 3, 8, 8)
     net.train()
     with torch.no_grad():
@@ -214,7 +217,7 @@ def test_skip_zero_changes_nothing(n_ops):
     nets = []
     for skip_zero in (True, False):
         torch.manual_seed(123)
-        nets.append(tiny_net(sw_n, sw_r, skip_zero=skip_zero))
+        nets.append(tiny_net(sw_n, sw_r, skip_zero=skip_zero, batched=False))
     fast, full = nets
     for (na, pa), (nb, pb) in zip(fast.named_parameters(), full.named_parameters(), strict=True):
         assert na == nb and torch.equal(pa, pb)
@@ -248,3 +251,42 @@ def test_skip_dropout_matches_nn_dropout_in_distribution():
     assert torch.equal(drop(x), x) and drop.rate.item() == 0.0
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         drop.p = 1.0
+
+
+@pytest.mark.parametrize("n_ops", [8, 5, 3])
+def test_batched_network_has_the_release_state_dict_and_initial_weights(n_ops):
+    """Same seed, same switches: the batched network's state dict has the plain (release)
+    network's keys, in its order, shapes and values; it loads back in either network."""
+    sw_n, sw_r = stage_switches(n_ops, 21), stage_switches(n_ops, 22)
+    nets = []
+    for batched in (False, True):
+        torch.manual_seed(5)
+        nets.append(tiny_net(sw_n, sw_r, batched=batched))
+    plain, fast = nets
+    sp, sf = plain.state_dict(), fast.state_dict()
+    assert list(sp) == list(sf)
+    assert "cells.0.cell_ops.13.m_ops.4.op.1.weight" in sf or n_ops < 8   # sep_conv_3x3
+    for name in sp:
+        assert torch.equal(sp[name], sf[name]), name
+    # Stored stacked: fewer parameter tensors, the same number of weights.
+    assert len(list(fast.parameters())) < len(list(plain.parameters()))
+    assert sum(p.numel() for p in fast.parameters()) == sum(p.numel() for p in plain.parameters())
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(torch.randn_like(p))
+    fast.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    plain.eval(), fast.eval()
+    torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_batched_network_load_reports_wrong_shapes_and_missing_keys():
+    net = tiny_net()
+    state = net.state_dict()
+    key = "cells.0.cell_ops.4.m_ops.5.op.2.weight"
+    bad = dict(state, **{key: torch.zeros(3, 3, 1, 1)})
+    with pytest.raises(RuntimeError, match=key.replace(".", r"\.")):
+        net.load_state_dict(bad)
+    del state["cells.1.cell_ops.0.m_ops.3.conv_1.weight"]
+    with pytest.raises(RuntimeError, match="Missing key"):
+        net.load_state_dict(state)
