@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from genotypes import PRIMITIVES, Genotype
+from memory import run_cell
 from operations import OPS, FactorizedReduce, Identity, ReLUConvBN
 
 NONE = PRIMITIVES.index("none")
@@ -145,7 +146,10 @@ class Cell(nn.Module):
 class Network(nn.Module):
     """The search network: stem, ``layers`` cells (reduction at 1/3 and 2/3 of the
     depth), global pooling, classifier. Normal cells share ``alphas_normal``, reduction
-    cells ``alphas_reduce``."""
+    cells ``alphas_reduce``. ``checkpoint_cells``: recompute each cell's activations in
+    the backward pass instead of keeping them (memory.run_cell; same results)."""
+
+    checkpoint_cells = False
 
     def __init__(self, C: int, num_classes: int, layers: int, switches_normal: Switches,
                  switches_reduce: Switches, drop_rate: float = 0.0, steps: int = STEPS,
@@ -191,7 +195,7 @@ class Network(nn.Module):
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             weights = weights_reduce if cell.reduction else weights_normal
-            s0, s1 = s1, cell(s0, s1, weights)
+            s0, s1 = s1, run_cell(cell, s0, s1, weights, checkpointed=self.checkpoint_cells)
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1))
 
