@@ -13,8 +13,8 @@ every search stage and of training, and out-of-memory errors as one line.
   checkpointing. The saved tensors are counted once on a batch of ``MEASURE_BATCH``
   images (``saved_tensors_hooks``, each storage once) and scaled linearly to the batch.
 - ``check_fits``: on CUDA, stop before training with one line when the estimate exceeds
-  the free memory; ``report_out_of_memory``: the same line for an out-of-memory error
-  that happens anyway.
+  the free memory (a warning when only its headroom does); ``report_out_of_memory``: the
+  same advice for an out-of-memory error that happens anyway.
 """
 from __future__ import annotations
 
@@ -211,10 +211,13 @@ class MemoryEstimate:
     def static(self) -> int:
         return self.params + self.grads + self.optimizer
 
+    def total(self, checkpointed: bool) -> int:
+        """Parameters, gradients, optimizer state and activations."""
+        return self.static + (self.activations_checkpointed if checkpointed else self.activations)
+
     def needed(self, checkpointed: bool) -> int:
-        """What to have free: the estimate times SAFETY."""
-        acts = self.activations_checkpointed if checkpointed else self.activations
-        return int(SAFETY * (self.static + acts))
+        """What to have free: the total times SAFETY."""
+        return int(SAFETY * self.total(checkpointed))
 
     def batch_that_fits(self, available: int, checkpointed: bool) -> int:
         """The largest per-process batch whose ``needed`` is within ``available``."""
@@ -309,18 +312,28 @@ class MemoryPlan:
 
 
 def check_fits(plan: MemoryPlan, device: torch.device,
-               available_fn: Callable[[torch.device], int | None] | None = None) -> None:
-    """On CUDA: raise OutOfMemory, before anything trains, if the step will not fit."""
+               available_fn: Callable[[torch.device], int | None] | None = None) -> bool:
+    """On CUDA: raise OutOfMemory, before anything trains, if the step surely will not fit
+    (the estimate without headroom exceeds the free memory); return False, after a
+    warning, if it fits only without the headroom; True otherwise (and on a CPU)."""
     available = (available_fn or free_memory)(device)
     plan.available = available
     if available is None:
-        return
-    needed = plan.estimate.needed(plan.checkpointed)
-    if needed > available:
+        return True
+    est = plan.estimate
+    bare = est.total(plan.checkpointed)
+    if bare > available:
         raise OutOfMemory(
-            f"one step at batch {plan.estimate.batch} per process needs about "
-            f"{needed / GiB:.1f} GiB of GPU memory, {available / GiB:.1f} GiB are free on "
-            f"{device}: use {plan.advice(available)}")
+            f"one step at batch {est.batch} per process needs about {bare / GiB:.1f} GiB of GPU "
+            f"memory ({est.needed(plan.checkpointed) / GiB:.1f} GiB with headroom), "
+            f"{available / GiB:.1f} GiB are free on {device}: use {plan.advice(available)}")
+    if est.needed(plan.checkpointed) > available:
+        logger.warning("the step may not fit: about %.1f GiB needed (%.1f GiB with headroom), "
+                       "%.1f GiB free on %s; if it runs out of memory, use %s", bare / GiB,
+                       est.needed(plan.checkpointed) / GiB, available / GiB, device,
+                       plan.advice(available))
+        return False
+    return True
 
 
 def plan_memory(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
@@ -332,8 +345,7 @@ def plan_memory(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
     estimate = estimate_memory(model, optimizers, input_shape, batch, partial(autocast, device, amp))
     logger.info(estimate.describe(checkpointed))
     plan = MemoryPlan(estimate, checkpointed, global_batch, world_size, learning_rates)
-    check_fits(plan, device)
-    if plan.available is not None:
+    if check_fits(plan, device) and plan.available is not None:
         logger.info("%.1f GiB free on %s: the step fits", plan.available / GiB, device)
     return plan
 
