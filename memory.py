@@ -173,6 +173,10 @@ def measure_saved_activations(model: nn.Module, input_shape: Sequence[int],
 # The estimate
 # ---------------------------------------------------------------------------------------
 
+def format_bytes(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2 ** 20:.1f} MiB"
+
+
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -226,8 +230,7 @@ class MemoryEstimate:
         return max(0, math.floor((available / SAFETY - self.static) / per_image))
 
     def describe(self, checkpointed: bool) -> str:
-        def gib(n: int) -> str:
-            return f"{n / GiB:.2f} GiB"
+        gib = format_bytes
         on, off = self.needed(True), self.needed(False)
         return (f"memory estimate at batch {self.batch} per process: parameters {gib(self.params)}, "
                 f"gradients {gib(self.grads)}, optimizer state {gib(self.optimizer)}, saved "
@@ -342,7 +345,13 @@ def plan_memory(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
                 amp: str = "none") -> MemoryPlan:
     """Estimate one step's memory, log it, and on CUDA stop (OutOfMemory) if it will not
     fit. Call it when the network and its optimizers exist, before training."""
-    estimate = estimate_memory(model, optimizers, input_shape, batch, partial(autocast, device, amp))
+    try:
+        estimate = estimate_memory(model, optimizers, input_shape, batch,
+                                   partial(autocast, device, amp))
+    except torch.OutOfMemoryError:
+        raise OutOfMemory(f"CUDA out of memory while measuring the activations of "
+                          f"{MEASURE_BATCH} images: {device} is (nearly) full; free it, or use a "
+                          f"GPU with more memory") from None
     logger.info(estimate.describe(checkpointed))
     plan = MemoryPlan(estimate, checkpointed, global_batch, world_size, learning_rates)
     if check_fits(plan, device) and plan.available is not None:
