@@ -11,27 +11,49 @@ that is most likely wrong.
 """
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from utils import StorageError, write_bytes_atomic
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit; the message says how to fix it."""
 
 
-def save_atomic(obj: Any, path: str) -> None:
-    """torch.save to a temp file in the same folder, then rename: a crash never leaves a
-    half-written checkpoint behind."""
-    tmp = f"{path}.tmp.{os.getpid()}"
+def save_atomic(obj: Any, path: str, resume_hint: str | None = None) -> None:
+    """Serialise in memory, write to a temp file in the same folder, then rename: a crash
+    or a full disk never leaves a half-written checkpoint behind, and the previous one
+    stays intact. A failed write is a StorageError (one line; ``resume_hint`` is the
+    folder to name in its "continue with --resume" advice)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        write_bytes_atomic(buffer.getbuffer(), path, "the checkpoint")
+    except StorageError as e:
+        kept = (f"the previous {os.path.basename(path)} is intact" if os.path.exists(path)
+                else "nothing was saved")
+        hint = f"; once the cause is fixed, continue with --resume {resume_hint}" if resume_hint else ""
+        raise StorageError(f"{e}; {kept}{hint}") from None
+
+
+def describe_checkpoint(obj: Any) -> str:
+    """What kind of file a loaded checkpoint is, for messages about the wrong kind."""
+    if isinstance(obj, dict):
+        if obj.get("kind") == "pdarts-search":
+            return "a train_search.py checkpoint (a search, not a trained network)"
+        if str(obj.get("format", "")).startswith("pdarts-eval-checkpoint"):
+            return "a train_cifar.py / train_imagenet.py checkpoint"
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return "a plain state dict (network weights only)"
+        keys = sorted(str(k) for k in obj)
+        return (f"a dict with the keys {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}"
+                if keys else "an empty dict")
+    return f"a {type(obj).__name__}, not a dict"
 
 
 def load_file(path: str, map_location: str | torch.device = "cpu") -> Any:
@@ -49,6 +71,7 @@ def load_file(path: str, map_location: str | torch.device = "cpu") -> Any:
 
 def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     """The state dict inside a loaded checkpoint, with any ``module.`` prefix removed."""
+    original = obj
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if key in obj and isinstance(obj[key], dict):
@@ -56,8 +79,9 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, dict) or not obj or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise CheckpointError("the checkpoint holds no state dict (expected a dict of tensors, "
-                              "optionally wrapped as {'state_dict': ...})")
+        raise CheckpointError(f"the checkpoint is {describe_checkpoint(original)}, with no state dict "
+                              "in it: expected network weights (a dict of tensors, optionally "
+                              "wrapped as {'state_dict': ...} or {'model': ...})")
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj

@@ -92,8 +92,55 @@ class _CifarUnpickler(pickle.Unpickler):
 def _read_batch(path: str) -> dict:
     with open(path, "rb") as f:
         batch = _CifarUnpickler(f, encoding="bytes").load()
+    if not isinstance(batch, dict):
+        raise DataError(f"{path} holds a {type(batch).__name__}, not a dict: expected a CIFAR "
+                        "python-version batch file (a dict with 'data' and the labels)")
     # The official files were pickled by Python 2 (bytes keys); accept str keys too.
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+
+
+CIFAR_IMAGE_VALUES = 3 * 32 * 32
+
+
+def _batch_arrays(batch: dict, path: str, label_key: str,
+                  num_classes: int) -> tuple[np.ndarray, list[int]]:
+    """Check one CIFAR batch and return (uint8 N x 3 x 32 x 32, labels): the images are
+    integers in 0..255 (N x 3072 as in the official files, or N x 3 x 32 x 32), the labels
+    one integer in 0..num_classes-1 per image."""
+    for key in ("data", label_key):
+        if key not in batch:
+            raise DataError(f"{path} has no '{key}' entry (it has: {', '.join(map(str, batch))}); "
+                            "expected a CIFAR python-version batch file")
+    x = batch["data"]
+    if not isinstance(x, np.ndarray):
+        raise DataError(f"{path}: 'data' is a {type(x).__name__}, expected a numpy array of uint8")
+    if x.dtype.kind not in "ui":
+        raise DataError(f"{path}: the image data is stored as {x.dtype}; expected integers "
+                        "0..255 (uint8), as in the official files. Convert with "
+                        "np.clip(np.round(data), 0, 255).astype(np.uint8) if that is what it holds")
+    if x.size and (x.min() < 0 or x.max() > 255):
+        raise DataError(f"{path}: image values range from {x.min()} to {x.max()}; expected 0..255")
+    if x.ndim == 2 and x.shape[1] == CIFAR_IMAGE_VALUES:
+        x = x.reshape(-1, 3, 32, 32)
+    if x.ndim != 4 or x.shape[1:] != (3, 32, 32):
+        raise DataError(f"{path}: 'data' has shape {list(x.shape)}; expected N x {CIFAR_IMAGE_VALUES} "
+                        "(the official layout) or N x 3 x 32 x 32")
+    y = batch[label_key]
+    y = y.tolist() if isinstance(y, np.ndarray) else y
+    if not isinstance(y, (list, tuple)):
+        raise DataError(f"{path}: '{label_key}' is a {type(y).__name__}; expected a list of integers")
+    bad = next((v for v in y if isinstance(v, bool) or not isinstance(v, (int, np.integer))), None)
+    if bad is not None:
+        raise DataError(f"{path}: the labels must be integers, found {bad!r} "
+                        f"({type(bad).__name__}) in '{label_key}'")
+    out = [v for v in y if not 0 <= v < num_classes]
+    if out:
+        raise DataError(f"{path}: label {out[0]} is out of range for {num_classes} classes "
+                        f"(expected 0..{num_classes - 1}); is this the right dataset "
+                        "(--cifar100 / --dataset)?")
+    if len(y) != len(x):
+        raise DataError(f"{path}: {len(x)} images but {len(y)} labels")
+    return x.astype(np.uint8, copy=False), [int(v) for v in y]
 
 
 def cifar_folder(root: str, dataset: str) -> str:
@@ -103,7 +150,7 @@ def cifar_folder(root: str, dataset: str) -> str:
 def load_cifar_arrays(root: str, dataset: str, train: bool,
                       download: bool = False) -> tuple[np.ndarray, list[int]]:
     """Read a CIFAR split into (uint8 N x 32 x 32 x 3, labels)."""
-    folder_name, train_files, test_files, label_key, _ = CIFAR_FOLDERS[dataset]
+    folder_name, train_files, test_files, label_key, num_classes = CIFAR_FOLDERS[dataset]
     folder = os.path.join(root, folder_name)
     if not os.path.isdir(folder) and download:
         from torchvision import datasets
@@ -124,15 +171,12 @@ def load_cifar_arrays(root: str, dataset: str, train: bool,
         path = os.path.join(folder, name)
         try:
             batch = _read_batch(path)
-            x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            y = list(batch[label_key])
-        except (OSError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
+        except (OSError, EOFError, ValueError, IndexError, TypeError, pickle.UnpicklingError) as e:
             raise DataError(f"cannot read {path}: {e}. Expected a CIFAR python-version batch "
                             "file; re-download the dataset.") from None
-        if len(y) != len(x):
-            raise DataError(f"{path}: {len(x)} images but {len(y)} labels")
+        x, y = _batch_arrays(batch, path, label_key, num_classes)
         data.append(x)
-        labels.extend(int(v) for v in y)
+        labels.extend(y)
     return np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1)), labels
 
 

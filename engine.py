@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import os
 import time
@@ -33,11 +32,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from checkpoint import CheckpointError, load_file, save_atomic
+from checkpoint import CheckpointError, describe_checkpoint, load_file, save_atomic
 from data import ArrayDataset, DeviceLoader
 from genotypes import Genotype, format_genotype, genotype_from_dict, genotype_to_dict
 from memory import plan_memory, report_out_of_memory
 from model import NetworkCIFAR, NetworkImageNet, format_summary, model_summary
+from plots import add_plot_args, plot_run_safely
 from speed import add_speed_args, autocast, check_amp, grad_scaler, prepare_input, prepare_model
 from utils import (
     AverageMeter,
@@ -46,14 +46,19 @@ from utils import (
     Progress,
     UserError,
     accuracy,
+    add_dist_timeout_arg,
     barrier,
     broadcast_object,
     check_finite,
+    check_finite_state,
+    create_run_dir,
     log_run_start,
     logger,
+    own_run_dir,
     peak_memory_mb,
+    release_run_locks,
     reset_peak_memory,
-    run_dir_name,
+    rewrite_metrics,
     seed_everything,
     setup_logging,
 )
@@ -68,7 +73,10 @@ TOPK = (1, 5)
 # read and how often they are reported, not what is computed.
 RESUME_FREE_FLAGS = {"resume", "tmp_data_dir", "data", "workers", "report_freq", "device",
                      "save", "note", "download", "deterministic", "host_data", "channels_last",
-                     "compile", "checkpoint_cells"}
+                     "compile", "dist_timeout", "plot_format", "checkpoint_cells"}
+# What load_resume and test.py need in a training checkpoint.
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "args", "genotype", "network",
+                   "best_acc_on_test", "best_epoch_on_test", "last_acc", "last_top5", "last_loss")
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,6 +137,7 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
     p.add_argument("--resume", type=str, default=None, metavar="RUN_DIR_OR_CHECKPOINT",
                    help="continue a run from its folder (or its checkpoint.pt) at the next epoch")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_dist_timeout_arg(p)
     p.add_argument("--sync_bn", action="store_true",
                    help="synchronise batch-norm statistics across GPUs under torchrun "
                         "(off by default, matching the release's DataParallel statistics)")
@@ -138,6 +147,7 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
                    help="on CUDA, keep CIFAR augmentation in DataLoader workers on the CPU "
                         "instead of the default GPU pipeline (same distribution, other draws)")
     add_speed_args(p)
+    add_plot_args(p)
 
 
 def check_sizes(C: int, layers: int, kind: str) -> None:
@@ -379,6 +389,19 @@ def is_training_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
 
 
+def check_training_checkpoint(obj: Any, path: str) -> None:
+    """A CheckpointError unless ``obj`` is a complete checkpoint.pt of a training run."""
+    if not is_training_checkpoint(obj):
+        raise CheckpointError(
+            f"{path} is {describe_checkpoint(obj)}; expected the {CHECKPOINT_NAME} of a "
+            f"train_cifar.py / train_imagenet.py run: give its run folder or its {CHECKPOINT_NAME}")
+    missing = [k for k in CHECKPOINT_KEYS if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path} is a training checkpoint without {', '.join(missing)} "
+                              "(damaged or written by another version); expected all of "
+                              f"{', '.join(CHECKPOINT_KEYS)}")
+
+
 def checkpoint_genotype(obj: dict, source: str) -> Genotype:
     return genotype_from_dict(obj.get("genotype"), source=f"{source} (genotype)")
 
@@ -397,10 +420,7 @@ def load_resume(args: argparse.Namespace,
         return args, None
     path = resume_path(args.resume)
     ckpt = load_file(path)
-    if not is_training_checkpoint(ckpt):
-        raise CheckpointError(
-            f"{path} is not a full training checkpoint of this project (weights.pt holds "
-            f"weights only); resume from the run folder or its {CHECKPOINT_NAME}")
+    check_training_checkpoint(ckpt, path)
     saved = ckpt["args"]
     conflicts = [k for k, v in sorted(vars(args).items())
                  if k not in RESUME_FREE_FLAGS and k in saved and v != defaults.get(k)
@@ -417,33 +437,22 @@ def load_resume(args: argparse.Namespace,
 
 
 def _open_run_dir(args: argparse.Namespace, env: DistInfo, resumed: bool) -> str:
-    """Rank 0 creates ``{save}eval-{note}-{time}`` (or reuses the resumed run's folder) and
-    tells the other processes its name."""
+    """Rank 0 creates ``{save}eval-{note}-{time}`` (or reuses the resumed run's folder),
+    locks it for this run and tells the other processes its name."""
     run_dir = None
     if env.is_main:
         if resumed:
             run_dir = os.path.dirname(os.path.abspath(args.resume))
         else:
-            base = run_dir_name(args.save, "eval", args.note)
-            run_dir, k = base, 0
-            while os.path.exists(run_dir):  # two runs started in the same second
-                k += 1
-                run_dir = f"{base}-{k}"
-            try:
-                os.makedirs(run_dir)
-            except OSError as e:
-                raise UserError(f"cannot create the run folder {run_dir}: {e.strerror}") from None
+            run_dir = create_run_dir(args.save, "eval", args.note)
+        own_run_dir(run_dir)
     return broadcast_object(run_dir)
 
 
 def _truncate_metrics(path: str, start_epoch: int) -> None:
-    """On resume, drop lines of epochs that the checkpoint does not include."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("epoch", -1) < start_epoch]
-    with open(path, "w") as f:
-        f.writelines(lines)
+    """On resume, drop lines of epochs that the checkpoint does not include (and a torn
+    last line)."""
+    rewrite_metrics(path, lambda record: record.get("epoch", -1) < start_epoch)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -483,7 +492,15 @@ class RunSpec:
 
 def fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | None = None) -> int:
     """Train ``spec``'s network for ``args.epochs`` epochs (from the resumed epoch), test
-    after each epoch, save ``weights.pt`` and ``checkpoint.pt`` after each epoch."""
+    after each epoch, save ``weights.pt`` and ``checkpoint.pt`` after each epoch. The
+    run folder is locked while this runs."""
+    try:
+        return _fit(args, env, spec, resume)
+    finally:
+        release_run_locks()
+
+
+def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | None) -> int:
     device = env.device
     check_amp(device, args.amp)
     batch = per_process_batch(args.batch_size, env.world_size)
@@ -568,6 +585,7 @@ def fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | N
                             report_freq=args.report_freq, desc=f"test {epoch}", show=env.is_main,
                             amp=args.amp, channels_last=args.channels_last)
         check_finite(test["loss"], "test loss")
+        check_finite_state(model)   # batch-norm statistics too: nothing non-finite is saved
         epoch_time = time.time() - start
 
         last = test
@@ -595,8 +613,8 @@ def fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | N
             # the 'module.' prefix DataParallel gave the release's). checkpoint.pt is new.
             save_atomic(checkpoint_state(model, optimizer, epoch + 1, args, spec.genotype,
                                          spec.network, best, last),
-                        os.path.join(run_dir, CHECKPOINT_NAME))
-            save_atomic(model.state_dict(), os.path.join(run_dir, WEIGHTS_NAME))
+                        os.path.join(run_dir, CHECKPOINT_NAME), resume_hint=run_dir)
+            save_atomic(model.state_dict(), os.path.join(run_dir, WEIGHTS_NAME), resume_hint=run_dir)
         barrier()
 
     if last.get("top1") is not None:
@@ -604,4 +622,6 @@ def fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | N
                     "%.2f%% top-5", last["top1"], last["top5"])
         logger.info("best epoch, chosen on the test set (optimistic, not a result): %.2f%% at "
                     "epoch %d", best["acc"], best["epoch"])
+    if env.is_main:
+        plot_run_safely(run_dir, getattr(args, "plot_format", "png"))  # older runs lack the flag
     return 0

@@ -31,6 +31,22 @@ PRIMITIVES = [
 # Ops that published cells of other papers use; the evaluation networks build them too.
 EXTRA_PRIMITIVES = ["sep_conv_7x7", "conv_7x1_1x7"]
 KNOWN_OPS = PRIMITIVES + EXTRA_PRIMITIVES
+# One colour per op, shared by the cell diagrams (visualize.py) and the plots of alphas
+# (plots.py), so an op looks the same everywhere. Parameter-free ops in greys, blue and
+# red (skip_connect, the op of the DARTS collapse), convolutions in greens, orange, purple.
+OP_COLORS = {
+    "none": "#9e9e9e",
+    "max_pool_3x3": "#1f77b4",
+    "avg_pool_3x3": "#17becf",
+    "skip_connect": "#d62728",
+    "sep_conv_3x3": "#2ca02c",
+    "sep_conv_5x5": "#0b5d1e",
+    "dil_conv_3x3": "#ff7f0e",
+    "dil_conv_5x5": "#9467bd",
+    "sep_conv_7x7": "#8c564b",
+    "conv_7x1_1x7": "#e377c2",
+}
+assert set(OP_COLORS) == set(KNOWN_OPS)
 
 NASNet = Genotype(
     normal=[
@@ -192,12 +208,11 @@ def genotype_from_dict(data: Any, source: str = "genotype") -> Genotype:
 
 
 def save_genotype(genotype: Genotype, path: str) -> None:
-    """Write a genotype as JSON (atomically: temp file, then rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(genotype_to_dict(genotype), f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write a genotype as JSON (atomically: temp file, then rename; a failed write is a
+    one-line StorageError)."""
+    from utils import write_bytes_atomic
+
+    write_bytes_atomic((json.dumps(genotype_to_dict(genotype), indent=1) + "\n").encode(), path)
 
 
 def load_genotype_file(path: str) -> Genotype:

@@ -24,7 +24,7 @@ import sys
 
 import torch.nn as nn
 
-from checkpoint import load_file, load_weights
+from checkpoint import CheckpointError, describe_checkpoint, extract_state_dict, load_file, load_weights
 from data import (
     DataError,
     cifar_transforms,
@@ -35,6 +35,7 @@ from data import (
 )
 from engine import (
     build_network,
+    check_training_checkpoint,
     checkpoint_genotype,
     evaluate,
     is_training_checkpoint,
@@ -45,7 +46,7 @@ from engine import (
 )
 from genotypes import format_genotype, get_genotype
 from model import format_summary, model_summary
-from utils import UserError, init_distributed, logger, run_main, setup_logging
+from utils import UserError, add_dist_timeout_arg, init_distributed, logger, run_main, setup_logging
 
 # The release's test.py / test_imagenet.py defaults: channels, cells, batch size.
 RELEASE_DEFAULTS = {"cifar": (36, 20, 96), "imagenet": (48, 14, 128)}
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4, help="data-loading worker processes")
     p.add_argument("--report_freq", type=int, default=50)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_dist_timeout_arg(p)
     return p
 
 
@@ -93,13 +95,21 @@ def imagenet_val(root: str):
 
 
 def main(args: argparse.Namespace) -> int:
-    env = init_distributed(args.device)
+    env = init_distributed(args.device, args.dist_timeout)
     setup_logging(None, env.is_main)
     if not args.model_path:
         raise UserError("--model_path is required (a checkpoint file or a run folder)")
     path = resume_path(args.model_path)
     obj = load_file(path)
     ours = is_training_checkpoint(obj)
+    if ours:
+        check_training_checkpoint(obj, path)
+    elif isinstance(obj, dict) and obj.get("kind") == "pdarts-search":
+        raise CheckpointError(
+            f"{path} is {describe_checkpoint(obj)}; test.py evaluates a trained network: train "
+            "the searched cell first (train_cifar.py --arch SEARCH_RUN/genotype.json) and give "
+            "that run's folder or checkpoint.pt")
+    extract_state_dict(obj)  # weights in it? Say so before reading any data
     saved = obj["network"] if ours else {}
 
     dataset = args.dataset or ("cifar100" if args.cifar100 else None) or saved.get("dataset", "cifar10")

@@ -69,7 +69,7 @@ def resolve_dataset(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    env = init_distributed(args.device)
+    env = init_distributed(args.device, args.dist_timeout)
     args, resume = load_resume(args, vars(parse_args([])))
     resolve_dataset(args)
     genotype = checkpoint_genotype(resume, args.resume) if resume else get_genotype(args.arch)

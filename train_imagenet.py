@@ -86,7 +86,7 @@ def imagenet_split(root: str, split: str, train: bool):
 
 
 def main(args: argparse.Namespace) -> int:
-    env = init_distributed(args.device)
+    env = init_distributed(args.device, args.dist_timeout)
     args, resume = load_resume(args, vars(parse_args([])))
     genotype = checkpoint_genotype(resume, args.resume) if resume else get_genotype(args.arch)
     check_sizes(args.init_channels, args.layers, "imagenet")

@@ -32,7 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from checkpoint import CheckpointError, load_file, save_atomic
+from checkpoint import CheckpointError, describe_checkpoint, load_file, save_atomic
+from collapse import CollapseMonitor
 from data import (
     CIFAR_FOLDERS,
     ArrayDataset,
@@ -58,6 +59,7 @@ from model_search import (
     prune_switches,
     skip_budget_genotypes,
 )
+from plots import add_plot_args, plot_run_safely
 from speed import add_speed_args, autocast, check_amp, grad_scaler, prepare_input, prepare_model
 from utils import (
     AverageMeter,
@@ -66,20 +68,26 @@ from utils import (
     Progress,
     UserError,
     accuracy,
+    add_dist_timeout_arg,
     barrier,
     broadcast_object,
     check_finite,
+    check_finite_state,
+    create_run_dir,
     get_rng_state,
     init_distributed,
     log_run_start,
     logger,
+    own_run_dir,
     peak_memory_mb,
+    release_run_locks,
     reset_peak_memory,
-    run_dir_name,
+    rewrite_metrics,
     run_main,
     seed_everything,
     set_rng_state,
     setup_logging,
+    write_bytes_atomic,
 )
 
 # ---------------------------------------------------------------------------------------
@@ -99,6 +107,9 @@ DROPOUT_DECAY = 0.2         # p = rate * exp(-(e - W) * 0.2) after the warm-up
 PAPER_DROPOUT_RATES = {"cifar10": (0.0, 0.4, 0.7), "cifar100": (0.1, 0.2, 0.3)}
 
 CHECKPOINT = "checkpoint.pt"
+# What a resume needs in a search checkpoint.
+SEARCH_CHECKPOINT_KEYS = ("args", "stage", "epoch", "world_size", "switches_normal",
+                          "switches_reduce", "model", "w_opt", "a_opt", "rng", "stages_done")
 ARCH_STATE = "arch_state.json"
 GENOTYPE_FILE = "genotype.json"
 BUDGETS_FILE = "genotypes_by_skip_budget.json"
@@ -116,7 +127,7 @@ DEMO_DEFAULTS = dict(dataset="demo", epochs=5, arch_warmup_epochs=2, batch_size=
 # On --resume these come from the new command line; everything else from the run itself.
 RUNTIME_FLAGS = ("resume", "workers", "report_freq", "device", "tmp_data_dir", "download",
                  "stop_after_epochs", "derive", "threads", "host_data", "channels_last", "compile",
-                 "checkpoint_cells")
+                 "dist_timeout", "plot_format", "checkpoint_cells")
 
 
 # ---------------------------------------------------------------------------------------
@@ -249,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "an uninterrupted one")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto = CUDA when available")
+    add_dist_timeout_arg(g)
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for PyTorch; 0 = PyTorch's default (all cores). The demo "
                         "uses 1: its tensors are too small to gain from more, and on a busy "
@@ -268,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on CUDA, keep the CIFAR/demo augmentation in DataLoader workers on the "
                         "CPU instead of the default GPU pipeline (same distribution, other draws)")
     add_speed_args(p, channels_last_default=None)   # the demo turns it on
+    add_plot_args(g)
     # For tests of resume: stop (as if killed) after this many epochs of this process.
     g.add_argument("--stop_after_epochs", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -683,6 +696,9 @@ def replay_stages(stages: Sequence[dict], source: str = "arch state") -> list[tu
             if not ok:
                 raise UserError(f"{source}: stage {s + 1} needs '{key}' as {NUM_EDGES} rows of "
                                 f"{OPS_PER_STAGE[s]} numbers (one column per op on, PRIMITIVES order)")
+            if not all(math.isfinite(v) for r in rows for v in r):
+                raise UserError(f"{source}: stage {s + 1} '{key}' holds non-finite values (NaN or "
+                                "infinity): the search diverged, and no cell can be derived from it")
         result.append((sw_n, sw_r))
         sw_n, sw_r = prune_after_stage(s, sw_n, sw_r, _softmax_rows(stage["alphas_normal"]),
                                        _softmax_rows(stage["alphas_reduce"]))
@@ -752,11 +768,7 @@ def _draw(genotype: Genotype, out_dir: str, prefix: str) -> None:
 
 
 def _write_json(obj, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_bytes_atomic((json.dumps(obj, indent=1) + "\n").encode(), path)
 
 
 def write_arch_state(run_dir: str, stages: list[dict], extra: dict | None = None) -> None:
@@ -769,28 +781,33 @@ def write_arch_state(run_dir: str, stages: list[dict], extra: dict | None = None
 # ---------------------------------------------------------------------------------------
 
 def _open_run_dir(args: argparse.Namespace, env: DistInfo) -> str:
+    """Rank 0 creates the run folder (or takes the resumed one) and locks it for this
+    run; every rank gets its name."""
     if args.resume:
         if not os.path.isdir(args.resume):
             raise UserError(f"--resume: no run folder {args.resume}")
+        if env.is_main:
+            own_run_dir(args.resume)
         return args.resume
     run_dir = None
     if env.is_main:
         # Faithful to the release: --save is a prefix, the folder is {save}search-{note}-{time}.
-        # Deviation: a folder that already exists gets a -2, -3, ... suffix.
-        base = run_dir_name(args.save, "search", args.note)
-        run_dir, k = base, 1
-        while os.path.exists(run_dir):
-            k += 1
-            run_dir = f"{base}-{k}"
-        os.makedirs(run_dir)
+        run_dir = create_run_dir(args.save, "search", args.note)
+        own_run_dir(run_dir)
     return broadcast_object(run_dir)
 
 
 def _load_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
     """The run's checkpoint and its settings, with the run-time flags of this command."""
-    ckpt = load_file(os.path.join(args.resume, CHECKPOINT))
+    path = os.path.join(args.resume, CHECKPOINT)
+    ckpt = load_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "pdarts-search":
-        raise CheckpointError(f"{args.resume}/{CHECKPOINT} is not a train_search.py checkpoint")
+        raise CheckpointError(f"{path} is {describe_checkpoint(ckpt)}; --resume of "
+                              "train_search.py expects the folder of a search run")
+    missing = [k for k in SEARCH_CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is a search checkpoint without {', '.join(missing)} "
+                              "(damaged or written by another version); it cannot be resumed")
     saved = dict(ckpt["args"])
     overrides = set(getattr(args, "resume_overrides", [])) | {"resume", "stop_after_epochs", "derive"}
     for key in overrides:
@@ -800,18 +817,10 @@ def _load_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
 
 
 def _truncate_metrics(path: str, stage: int, epochs_done: int) -> None:
-    """Drop metric lines of epochs after the checkpoint (they will be run again)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip()]
-    keep = []
-    for ln in lines:
-        rec = json.loads(ln)
-        if (rec["stage"] - 1, rec["epoch"]) < (stage, epochs_done):
-            keep.append(ln)
-    with open(path, "w") as f:
-        f.writelines(keep)
+    """Drop metric lines of epochs after the checkpoint (they will be run again) and a
+    torn last line."""
+    rewrite_metrics(path, lambda rec: (rec.get("stage", 0) - 1, rec.get("epoch", -1))
+                    < (stage, epochs_done))
 
 
 def _gather(obj, env: DistInfo) -> list:
@@ -892,6 +901,7 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
                               {"--learning_rate": args.learning_rate}, model.checkpoint_cells,
                               env.device, args.amp)
 
+    collapse = CollapseMonitor(stage + 1, args.arch_warmup_epochs, env.is_main)
     for epoch in range(first_epoch, args.epochs):
         t0 = time.time()
         lr = learning_rate(epoch, args.epochs, args.learning_rate, args.learning_rate_min)
@@ -913,6 +923,8 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
                 # Faithful to the release: the alpha half is validated with the training
                 # augmentation (it is the same dataset object).
                 valid = evaluate(forward, run.data.valid, env.device, args.amp, args.channels_last)
+                check_finite(valid["valid_loss"], "validation loss")
+        check_finite_state(model)   # batch-norm statistics and alphas: nothing non-finite is saved
         seconds = time.time() - t0
         probs_n, probs_r = model.arch_probs()
         record = {
@@ -922,6 +934,7 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
             "images_per_s": round(stats["images"] / max(seconds, 1e-9), 2),
             "peak_memory_mb": round(peak_memory_mb(env.device), 1),
             "alphas_normal_softmax": probs_n.tolist(), "alphas_reduce_softmax": probs_r.tolist(),
+            **collapse.check(epoch, switches_n, probs_n),
         }
         logger.info("stage %d epoch %d: train_acc %.2f train_loss %.4f%s, %.1fs, %.0f img/s",
                     stage + 1, epoch, stats["train_acc"], stats["train_loss"],
@@ -940,7 +953,7 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
         }
         if env.is_main:
             run.metrics.write(record)   # a resume drops lines after its checkpoint
-            save_atomic(state, os.path.join(run.run_dir, CHECKPOINT))
+            save_atomic(state, os.path.join(run.run_dir, CHECKPOINT), resume_hint=run.run_dir)
         run.epochs_run += 1
         if args.stop_after_epochs is not None and run.epochs_run >= args.stop_after_epochs:
             logger.info("stopping after %d epoch(s) as asked (--stop_after_epochs); continue "
@@ -1020,9 +1033,17 @@ def finish_search(run: SearchRun, model: Network, switches_n: Switches,
 
 
 def main(args: argparse.Namespace) -> int:
+    """The search (or --derive); the run folder is locked while it runs."""
+    try:
+        return _main(args)
+    finally:
+        release_run_locks()
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.derive:
         return run_derive(args)
-    env = init_distributed(args.device)
+    env = init_distributed(args.device, args.dist_timeout)
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt = None
@@ -1085,6 +1106,7 @@ def main(args: argparse.Namespace) -> int:
     logger.info("search done in %.1f min; outputs in %s", (time.time() - search_start) / 60, run_dir)
     barrier()
     if env.is_main:     # the other ranks' cells were checked equal in finish_search
+        plot_run_safely(run_dir, getattr(args, "plot_format", "png"))  # older runs lack the flag
         print(format_genotype(genotype), flush=True)
     return 0
 

@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 
-from genotypes import Genotype, GenotypeError, get_genotype, known_genotypes
+from genotypes import OP_COLORS, Genotype, GenotypeError, get_genotype, known_genotypes
 
 FORMATS = ("pdf", "png", "svg")
 DOT_MISSING = ("the graphviz 'dot' program is not installed; install it "
@@ -50,7 +50,8 @@ def plot_cell(pairs, concat, path_stem: str, fmt: str = "pdf") -> str:
         g.node(str(i), fillcolor="lightblue")
     for k, (op, j) in enumerate(pairs):
         src = {0: "c_{k-2}", 1: "c_{k-1}"}.get(j, str(j - 2))
-        g.edge(src, str(k // 2), label=op, fillcolor="gray")
+        colour = OP_COLORS.get(op, "gray")   # the colours of plots.py's alpha plots
+        g.edge(src, str(k // 2), label=op, color=colour, fontcolor=colour, penwidth="2")
     g.node("c_{k}", fillcolor="palegoldenrod")
     for j in concat:
         src = {0: "c_{k-2}", 1: "c_{k-1}"}.get(j, str(j - 2))

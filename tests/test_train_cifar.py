@@ -150,11 +150,11 @@ def test_resume_continues_exactly(cifar10_dir, tmp_path, monkeypatch, capsys):
     interrupted = str(tmp_path / "b") + os.sep
     real_save, calls = engine.save_atomic, []
 
-    def crash_on_third_save(obj, path):
+    def crash_on_third_save(obj, path, **kwargs):
         calls.append(path)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        real_save(obj, path)
+        real_save(obj, path, **kwargs)
 
     monkeypatch.setattr(engine, "save_atomic", crash_on_third_save)
     assert train([*common, "--save", interrupted]) == 130
@@ -183,7 +183,8 @@ def test_resume_continues_exactly(cifar10_dir, tmp_path, monkeypatch, capsys):
 
     # weights.pt holds weights only: not resumable, and the message says what is.
     assert train([*common, "--resume", os.path.join(run_dir, "weights.pt")]) == 2
-    assert "not a full training checkpoint" in capsys.readouterr().err
+    assert "is a plain state dict (network weights only); expected the checkpoint.pt" in \
+        capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cifar10_dir, tmp_path, monkeypatch,

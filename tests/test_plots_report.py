@@ -1,0 +1,296 @@
+"""Plots of a run (plots.py), collapse diagnostics of the search (collapse.py) and the
+summary over many runs (report.py): plots from a tiny search and a tiny training run, a run
+without matplotlib, mean and sample std over generated run folders, bad input."""
+import glob
+import json
+import logging
+import math
+import os
+import sys
+
+import pytest
+import torch
+from train_helpers import one_thread, read_metrics, run_script  # noqa: F401 - autouse fixture
+
+import plots
+import report
+import runs
+import train_cifar
+import train_search
+from checkpoint import save_atomic
+from collapse import CollapseMonitor
+from engine import CHECKPOINT_FORMAT, network_info
+from genotypes import PDARTS, genotype_to_dict, load_genotype_file
+from model_search import NUM_EDGES, SKIP, all_on_switches
+from utils import close_logging, logger
+
+PNG = b"\x89PNG"
+# 3 cells of C=4 per stage on 16x16 images, 2 epochs per stage (1 weights-only, 1 with alphas).
+TINY_SEARCH = ["--init_channels", "4", "--layers", "3", "--add_layers", "0", "--add_layers", "0",
+               "--epochs", "2", "--arch_warmup_epochs", "1", "--batch_size", "25", "--image_size", "16",
+               "--workers", "0", "--report_freq", "5", "--seed", "3", "--device", "cpu"]
+TINY_TRAIN = ["--epochs", "2", "--layers", "2", "--init_channels", "4", "--batch_size", "25",
+              "--workers", "0", "--report_freq", "5", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _close_logging():
+    det = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(det)
+    close_logging()
+
+
+def _only(pattern):
+    dirs = glob.glob(pattern)
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def _log(run_dir):
+    with open(os.path.join(run_dir, "log.txt")) as f:
+        return f.read()
+
+
+def _check_image(path, magic):
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data.startswith(magic) and len(data) > 5000, path
+
+
+def _report(argv, capsys):
+    capsys.readouterr()
+    rc = run_script(report, argv)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+# ---------------------------------------------------------------------------------------
+# A tiny search: plots at its end, collapse counts per epoch, report.py on it
+# ---------------------------------------------------------------------------------------
+
+def test_search_draws_plots_logs_collapse_counts_and_reports(cifar10_dir, tmp_path, capsys):
+    save = str(tmp_path / "runs") + "/"
+    os.makedirs(save)
+    assert run_script(train_search, ["--tmp_data_dir", cifar10_dir, "--save", save, *TINY_SEARCH,
+                                     "--plot_format", "svg"]) == 0
+    close_logging()
+    run_dir = _only(save + "search-*")
+    for name in ("alphas.svg", "curves.svg"):
+        _check_image(os.path.join(run_dir, name), b"<")
+    assert not glob.glob(os.path.join(run_dir, "*.png"))
+    log = _log(run_dir)
+    assert "plots: alphas.svg, curves.svg" in log
+
+    # Collapse counts: null in the warm-up epoch, the derived normal cell's counts after it.
+    records = read_metrics(run_dir)
+    for r in records:
+        if r["epoch"] == 0:
+            assert r["normal_param_free"] is None and r["collapse"] is None
+        else:
+            assert 0 <= r["normal_skip_connects"] <= r["normal_param_free"] <= 8
+            assert r["collapse"] == (r["normal_param_free"] > 4)
+            assert (f"stage {r['stage']} epoch 1: derived normal cell has {r['normal_param_free']} of "
+                    "8 edges parameter-free") in log
+    collapsed_stages = {r["stage"] for r in records if r["collapse"]}
+    assert log.count("is mostly parameter-free") == len(collapsed_stages)
+
+    # The panels: one per stage and cell type; five curves sharing the epoch axis.
+    switches = runs.search_stage_switches(runs.read_arch_state(run_dir), 3)
+    assert len(plots.alphas_figure(records, switches).axes) == 6
+    assert len(plots.search_curves_figure(records).axes) == 5
+    # A stage still running (no arch_state entry yet) is drawn with the switches it ran with.
+    partial = [r for r in records if r["stage"] <= 2]
+    state = runs.read_arch_state(run_dir)
+    state["stages"] = state["stages"][:1]
+    assert runs.search_stage_switches(state, 2) == switches[:2]
+    assert len(plots.alphas_figure(partial, switches[:2]).axes) == 4
+
+    # On demand, as PNG.
+    assert plots.main(plots.parse_args([run_dir])) == 0
+    for name in ("alphas.png", "curves.png"):
+        _check_image(os.path.join(run_dir, name), PNG)
+
+    rc, out, _ = _report([run_dir, "--json"], capsys)
+    assert rc == 0
+    (search,) = json.loads(out)["search_runs"]
+    genotype = load_genotype_file(os.path.join(run_dir, "genotype.json"))
+    assert search["finished"] and search["seed"] == 3
+    assert search["skip_connects"] == sum(op == "skip_connect" for op, _ in genotype.normal)
+    assert search["collapse_stages"] == sorted(collapsed_stages)
+    assert 1e6 < search["params"] < 5e6 and search["multiply_adds"] > 1e8
+    freq = json.loads(out)["op_frequency"]
+    assert sum(map(sum, freq["normal"])) == 8 and sum(map(sum, freq["reduce"])) == 8
+
+
+def test_collapse_warns_once_per_stage_after_the_warmup():
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append((record.levelno, record.getMessage()))
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        switches = all_on_switches()
+        skip_heavy = torch.full((NUM_EDGES, 8), 0.05)
+        skip_heavy[:, SKIP] = 0.65      # every edge prefers skip_connect: 8 of 8 parameter-free
+        monitor = CollapseMonitor(stage=2, warmup_epochs=3)
+        assert monitor.check(2, switches, skip_heavy) == {
+            "normal_param_free": None, "normal_skip_connects": None, "collapse": None}
+        assert not messages
+        assert monitor.check(3, switches, skip_heavy) == {
+            "normal_param_free": 8, "normal_skip_connects": 8, "collapse": True}
+        monitor.check(4, switches, skip_heavy)
+        warnings = [m for lvl, m in messages if lvl == logging.WARNING]
+        assert len(warnings) == 1 and "stage 2 epoch 3" in warnings[0] and "8 of 8 edges" in warnings[0]
+        # A cell of convolutions is not flagged.
+        conv = torch.full((NUM_EDGES, 8), 0.05)
+        conv[:, 4] = 0.65
+        assert CollapseMonitor(1, 0).check(0, switches, conv)["collapse"] is False
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------
+# A tiny training run without matplotlib, then its plots on demand
+# ---------------------------------------------------------------------------------------
+
+def test_training_run_without_matplotlib_finishes_and_says_plots_are_skipped(cifar10_dir, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)      # import matplotlib -> ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    save = str(tmp_path / "runs") + "/"
+    assert run_script(train_cifar, ["--tmp_data_dir", cifar10_dir, "--save", save, *TINY_TRAIN]) == 0
+    close_logging()
+    run_dir = _only(save + "eval-*")
+    assert _log(run_dir).count("plots skipped") == 1
+    assert not glob.glob(os.path.join(run_dir, "curves.*"))
+    assert len(read_metrics(run_dir)) == 2
+
+    monkeypatch.undo()
+    assert plots.plot_run(run_dir) == [os.path.join(run_dir, "curves.png")]
+    _check_image(os.path.join(run_dir, "curves.png"), PNG)
+    assert len(plots.train_curves_figure(read_metrics(run_dir)).axes) == 4
+
+
+def test_a_plotting_failure_never_fails_the_run(tmp_path):
+    run_dir = tmp_path / "search-x-1"
+    run_dir.mkdir()   # a record whose alphas cover 1 edge instead of 14
+    (run_dir / "metrics.jsonl").write_text(json.dumps(
+        {"stage": 1, "epoch": 0, "alphas_normal_softmax": [[1.0]], "alphas_reduce_softmax": [[1.0]]}) + "\n")
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        assert plots.plot_run_safely(str(run_dir), "png") == []
+    finally:
+        logger.removeHandler(handler)
+    assert any("could not draw the plots" in m for m in messages)
+    assert plots.plot_run_safely(str(run_dir), "none") == []
+
+
+# ---------------------------------------------------------------------------------------
+# report.py over generated run folders
+# ---------------------------------------------------------------------------------------
+
+def _training_folder(root, name, accs, epochs, seed, **recipe):
+    """A run folder as train_cifar.py leaves it: metrics.jsonl and checkpoint.pt."""
+    run_dir = os.path.join(root, name)
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        for epoch, acc in enumerate(accs):
+            f.write(json.dumps({"epoch": epoch, "lr": 0.01, "drop_path_prob": 0.0, "train_loss": 1.0,
+                                "train_acc": 50.0, "train_top5": 90.0, "test_loss": 1.0,
+                                "test_acc": acc, "test_top5": 99.0, "best_acc_on_test": max(accs),
+                                "epoch_time": 60.0}) + "\n")
+    save_atomic({"format": CHECKPOINT_FORMAT, "epoch": len(accs),
+                 "args": {"epochs": epochs, "seed": seed, "arch": "PDARTS", "cutout": False,
+                          "workers": seed, **recipe},   # workers: a run-time flag
+                 "network": network_info("cifar", "cifar10", 8, 5, 10, False),
+                 "genotype": genotype_to_dict(PDARTS)}, os.path.join(run_dir, "checkpoint.pt"))
+    return run_dir
+
+
+def test_report_mean_and_sample_std_over_finished_runs(tmp_path, capsys):
+    root = str(tmp_path / "runs")
+    # The best epoch (99.0) is never the result: the final epoch's accuracy is.
+    for seed, final in ((0, 90.0), (1, 92.0), (2, 97.0)):
+        _training_folder(root, f"eval-seed{seed}-20260101-000000", [99.0, final], 2, seed)
+    _training_folder(root, "eval-seed3-20260101-000000", [10.0], 2, 3)       # stopped after 1 of 2
+    _training_folder(root, "eval-seed5-20260101-000000", [99.0, 50.0], 2, 5, cutout=True)  # other recipe
+    os.makedirs(os.path.join(root, "eval-seed4-20260101-000000"))            # died before epoch 0 ended
+    with open(os.path.join(root, "eval-seed4-20260101-000000", "log.txt"), "w") as f:
+        f.write("args = {}\n")
+
+    rc, out, _ = _report([os.path.join(root, "eval-seed*")], capsys)
+    assert rc == 0
+    os.makedirs(os.path.join(root, "notes"))                # not a run: a glob skips it
+    rc, out_json, _ = _report([os.path.join(root, "*"), "--json"], capsys)
+    assert rc == 0
+    result = json.loads(out_json)
+    assert len(result["training_runs"]) == 6
+    summary, other = result["training_summary"]
+    assert other["runs"] == 1 and other["test_acc_mean"] == 50.0 and other["test_acc_std"] is None
+    assert other["setting"] == summary["setting"] + " (variant 2)"
+    assert summary["runs"] == 3 and sorted(summary["seeds"]) == [0, 1, 2]
+    assert summary["test_acc_mean"] == pytest.approx(93.0)
+    assert summary["test_acc_std"] == pytest.approx(math.sqrt(13.0))      # ddof=1
+    assert (summary["test_acc_min"], summary["test_acc_max"]) == (90.0, 97.0)
+    assert summary["params"] > 0 and summary["multiply_adds"] > 0
+    unfinished = {r["run"].split(os.sep)[-1]: r for r in result["training_runs"] if not r["finished"]}
+    assert set(unfinished) == {"eval-seed3-20260101-000000", "eval-seed4-20260101-000000"}
+    assert unfinished["eval-seed3-20260101-000000"]["status"] == "unfinished (1 of 2 epochs)"
+    assert all(r["test_acc"] is None for r in unfinished.values())
+
+    assert "93.00 ± 3.61" in out and "sample standard deviation (ddof=1)" in out
+    assert out.count("unfinished") == 2 and "| 90.00 | 97.00 |" in out and "50.00 ± -" in out
+
+    rc, out_plots, _ = _report([root, "--plots", str(tmp_path / "figs")], capsys)   # a folder of runs
+    assert rc == 0 and "## Training runs (6)" in out_plots
+    _check_image(str(tmp_path / "figs" / "accuracy.png"), PNG)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing", "no such folder"),
+    (lambda d: d / "nothing-*", "matches no folder"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", "is not a run folder"),
+])
+def test_report_bad_input_is_one_line(tmp_path, capsys, make, message):
+    rc, out, err = _report([str(make(tmp_path))], capsys)
+    assert rc == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+
+
+def test_cell_diagrams_use_the_op_colours_of_the_plots(tmp_path):
+    import visualize
+    from genotypes import OP_COLORS
+
+    if not visualize.graphviz_available():
+        pytest.skip("graphviz 'dot' is not installed")
+    normal, _ = visualize.draw_genotype(PDARTS, str(tmp_path), "svg")
+    with open(normal) as f:
+        svg = f.read().lower()
+    for op in ("skip_connect", "sep_conv_3x3", "dil_conv_3x3", "dil_conv_5x5"):   # PDARTS's normal ops
+        assert OP_COLORS[op].lower() in svg, op
+    assert OP_COLORS["max_pool_3x3"].lower() not in svg
+
+
+def test_report_lists_an_unfinished_search_without_counting_its_cell(tmp_path, capsys):
+    run_dir = tmp_path / "search-stopped-20260101-000000"
+    run_dir.mkdir()
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for epoch, collapse in ((0, None), (1, True)):
+            f.write(json.dumps({"stage": 1, "epoch": epoch, "epoch_time_s": 30.0, "collapse": collapse,
+                                "normal_param_free": None if collapse is None else 6}) + "\n")
+        f.write('{"stage": 1, "epoch": 2, "epoch_ti')              # torn by a kill
+    rc, out, _ = _report([str(run_dir), "--json"], capsys)
+    assert rc == 0
+    result = json.loads(out)
+    (search,) = result["search_runs"]
+    assert not search["finished"] and search["status"].startswith("unfinished (stage 1 epoch 2 of")
+    assert search["collapse_stages"] == [1] and search["time_s"] == 60.0
+    assert result["finished_searches"] == 0 and sum(map(sum, result["op_frequency"]["normal"])) == 0
+    rc, out, _ = _report([str(run_dir)], capsys)
+    assert "| unfinished (stage 1 epoch 2 of ?) |" in out and "Final cells" not in out
