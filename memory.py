@@ -291,7 +291,7 @@ class MemoryPlan:
         est, options = self.estimate, []
         if not self.checkpointed:
             fits = "fits" if est.needed(True) <= available else "does not fit either"
-            options.append(f"--checkpoint_cells (same results, about 1.3x the step time; "
+            options.append(f"--checkpoint_cells (same results, slower steps; "
                            f"needs {est.needed(True) / GiB:.1f} GiB: {fits})")
         per_process = est.batch_that_fits(available, True)
         if per_process >= 1:

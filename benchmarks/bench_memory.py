@@ -119,6 +119,7 @@ def main() -> None:
                    help="batch of the timed steps (default: the paper's on CUDA, 8 / 16 / 4 for "
                         "search / CIFAR / ImageNet on the CPU)")
     p.add_argument("--no_timing", action="store_true", help="bytes only")
+    p.add_argument("--no_bytes", action="store_true", help="timing only")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = PyTorch's default)")
     args = p.parse_args()
     if args.threads:
@@ -129,19 +130,21 @@ def main() -> None:
     names = args.networks.split(",")
     print(environment(device))
 
-    print(f"\nsaved activations per step (GiB), counted at batches {COUNT_BATCHES} and scaled; "
-          f"needed = x{memory.SAFETY} (parameters + gradients + optimizer state + activations)")
-    print("| network | batch | activations | checkpointed | smaller | needed | needed, checkpointed "
-          "| fits in | fits in, checkpointed | linear within |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
     ratios = {}
-    for name in names:
-        r = count_bytes(name, device)
-        est = r["est"]
-        ratios[name] = est.activations / est.activations_checkpointed
-        print(f"| {name} | {r['batch']} | {gib(est.activations)} | {gib(est.activations_checkpointed)} | "
-              f"{ratios[name]:.1f}x | {gib(est.needed(False))} | {gib(est.needed(True))} | "
-              f"{fits_in(est.needed(False))} | {fits_in(est.needed(True))} | {100 * r['linearity']:.2f}% |")
+    if not args.no_bytes:
+        print(f"\nsaved activations per step (GiB), counted at batches {COUNT_BATCHES} and scaled; "
+              f"needed = x{memory.SAFETY} (parameters + gradients + optimizer state + activations)")
+        print("| network | batch | activations | checkpointed | smaller | needed | needed, checkpointed "
+              "| fits in | fits in, checkpointed | linear within |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for name in names:
+            r = count_bytes(name, device)
+            est = r["est"]
+            ratios[name] = est.activations / est.activations_checkpointed
+            print(f"| {name} | {r['batch']} | {gib(est.activations)} | "
+                  f"{gib(est.activations_checkpointed)} | {ratios[name]:.1f}x | "
+                  f"{gib(est.needed(False))} | {gib(est.needed(True))} | {fits_in(est.needed(False))} | "
+                  f"{fits_in(est.needed(True))} | {100 * r['linearity']:.2f}% |")
 
     if args.no_timing:
         return
@@ -152,7 +155,8 @@ def main() -> None:
         print_table(f"{name}: one step at batch {batch}", rows, "default")
         r = dict(rows)
         slowdown[name] = r["checkpoint_cells"]["step_ms"] / r["default"]["step_ms"]
-    if "stage 3" in names:
+        print(f"{name}: checkpointed step {slowdown[name]:.2f}x the time")
+    if "stage 3" in names and "stage 3" in ratios:
         print(f"stage 3: saved activations {ratios['stage 3']:.1f}x smaller, step "
               f"{slowdown['stage 3']:.2f}x the time")
 
