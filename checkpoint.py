@@ -94,6 +94,26 @@ def _num_cells(keys) -> int:
     return max(ids) + 1 if ids else 0
 
 
+CIFAR_STEM_MULTIPLIER = 3   # model.NetworkCIFAR's stem: a 3x3 conv from 3 to 3C channels
+
+
+def infer_network(state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """What a state dict of an evaluation network tells about it: ``kind`` (cifar or
+    imagenet, from the stem), ``C`` (the stem's width), ``layers`` (cells), ``auxiliary``
+    (an auxiliary head) and ``num_classes`` (the classifier's outputs); None if it does not
+    look like one. The cells' operations cannot be read back: that is ``--arch``."""
+    if "stem.0.weight" in state:
+        kind, C = "cifar", state["stem.0.weight"].shape[0] // CIFAR_STEM_MULTIPLIER
+    elif "stem0.0.weight" in state:     # NetworkImageNet: stem0 is a 3x3 conv from 3 to C/2
+        kind, C = "imagenet", 2 * state["stem0.0.weight"].shape[0]
+    else:
+        return None
+    classifier = state.get("classifier.weight")
+    return {"kind": kind, "C": int(C), "layers": _num_cells(state),
+            "auxiliary": any(k.startswith("auxiliary_head.") for k in state),
+            "num_classes": int(classifier.shape[0]) if classifier is not None else None}
+
+
 def _likely_cause(missing: list[str], unexpected: list[str],
                   shapes: list[tuple[str, tuple, tuple]],
                   num_cells: tuple[int, int] = (0, 0)) -> str:

@@ -147,9 +147,10 @@ def cifar_folder(root: str, dataset: str) -> str:
     return os.path.join(root, CIFAR_FOLDERS[dataset][0])
 
 
-def load_cifar_arrays(root: str, dataset: str, train: bool,
-                      download: bool = False) -> tuple[np.ndarray, list[int]]:
-    """Read a CIFAR split into (uint8 N x 32 x 32 x 3, labels)."""
+def load_cifar_arrays(root: str, dataset: str, train: bool, download: bool = False,
+                      offer_download: bool = True) -> tuple[np.ndarray, list[int]]:
+    """Read a CIFAR split into (uint8 N x 32 x 32 x 3, labels). ``offer_download``: the
+    script has a --download flag to suggest when the folder is missing."""
     folder_name, train_files, test_files, label_key, num_classes = CIFAR_FOLDERS[dataset]
     folder = os.path.join(root, folder_name)
     if not os.path.isdir(folder) and download:
@@ -165,7 +166,7 @@ def load_cifar_arrays(root: str, dataset: str, train: bool,
         raise DataError(
             f"{dataset} not found: expected the python-version folder {folder} "
             f"(with {', '.join(files)}). Set --tmp_data_dir to the folder that contains "
-            f"{folder_name}, or add --download to fetch it.")
+            f"{folder_name}" + (", or add --download to fetch it." if offer_download else "."))
     data, labels = [], []
     for name in files:
         path = os.path.join(folder, name)
@@ -238,15 +239,16 @@ def cifar_transforms(dataset: str, train: bool, cutout_length: int = 0, image_si
     return T.Compose(steps)
 
 
-def folder_transforms(train: bool, image_size: int = 32):
+def folder_transforms(train: bool, image_size: int = 32, cutout_length: int = 0):
     """A user's ImageFolder for the search: resize the short side to ``image_size`` and
     centre-crop, then the CIFAR augmentation (crop with padding image_size/8, flip);
-    normalised with the ImageNet mean and std."""
+    normalised with the ImageNet mean and std; optional cutout (training)."""
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     base = [T.Resize(image_size), T.CenterCrop(image_size)]
     if train:
         base += [T.RandomCrop(image_size, padding=image_size // 8), T.RandomHorizontalFlip()]
-    return T.Compose(base + [T.ToTensor(), T.Normalize(mean, std)])
+    cutout = [Cutout(cutout_length)] if train and cutout_length > 0 else []
+    return T.Compose(base + [T.ToTensor(), T.Normalize(mean, std)] + cutout)
 
 
 def imagenet_transforms(train: bool):
@@ -276,11 +278,12 @@ def get_image_folder(path: str, transform, what: str = "image folder"):
         raise DataError(f"cannot use {path} as {what}: {e}") from None
 
 
-def get_dataset(name: str, root: str, train: bool, transform, download: bool = False):
+def get_dataset(name: str, root: str, train: bool, transform, download: bool = False,
+                offer_download: bool = True):
     """``cifar10``, ``cifar100`` (from ``root``) or ``demo`` (generated) as an
     ArrayDataset with the given transform."""
     if name in CIFAR_FOLDERS:
-        data, labels = load_cifar_arrays(root, name, train, download)
+        data, labels = load_cifar_arrays(root, name, train, download, offer_download)
     elif name == "demo":
         data, labels = make_demo_arrays(train)
     else:

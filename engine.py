@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,18 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from checkpoint import CheckpointError, describe_checkpoint, load_file, save_atomic
 from data import ArrayDataset, DeviceLoader
+from flags import (
+    DEFAULT_DATA_DIR,
+    default_workers,
+    int_at_least,
+    momentum,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    prob,
+    workers_help,
+)
 from genotypes import Genotype, format_genotype, genotype_from_dict, genotype_to_dict
 from memory import plan_memory, report_out_of_memory
 from model import NetworkCIFAR, NetworkImageNet, format_summary, model_summary
@@ -56,11 +69,14 @@ from utils import (
     logger,
     own_run_dir,
     peak_memory_mb,
+    refuse_changed_flags,
+    register_run,
     release_run_locks,
     reset_peak_memory,
     rewrite_metrics,
     seed_everything,
     setup_logging,
+    sync_buffers,
 )
 
 WEIGHTS_NAME = "weights.pt"        # the release's name: a plain state dict
@@ -109,34 +125,43 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
     """The release's flags common to train_cifar.py and train_imagenet.py, with each
     script's paper defaults."""
     p = parser
-    p.add_argument("--tmp_data_dir", type=str, default="../data", help="data directory")
-    p.add_argument("--workers", type=int, default=workers,
-                   help="data-loading worker processes (per process under torchrun)")
-    p.add_argument("--batch_size", type=int, default=batch_size,
+    p.add_argument("--tmp_data_dir", type=str, default=DEFAULT_DATA_DIR, help="data directory")
+    p.add_argument("--workers", type=nonneg_int, default=default_workers(workers),
+                   help=workers_help(workers, per_process=True))
+    p.add_argument("--batch_size", type=positive_int, default=batch_size,
                    help="GLOBAL batch size: under torchrun each process takes batch_size / world_size")
-    p.add_argument("--learning_rate", "--lr", type=float, default=learning_rate,
+    p.add_argument("--learning_rate", "--lr", type=positive_float, default=learning_rate,
                    help="GLOBAL initial learning rate (not rescaled with the number of processes)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    wd_help = "weight decay" if weight_decay is not None else "weight decay (default 3e-4, 5e-4 on CIFAR-100)"
-    p.add_argument("--weight_decay", type=float, default=weight_decay, help=wd_help)
-    p.add_argument("--report_freq", type=int, default=report_freq, help="report every N steps")
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--init_channels", type=int, default=init_channels, help="C of the network")
-    p.add_argument("--layers", type=int, default=layers, help="number of cells")
-    p.add_argument("--auxiliary", action="store_true", default=False, help="use the auxiliary tower")
-    p.add_argument("--auxiliary_weight", type=float, default=0.4, help="weight of the auxiliary loss")
-    p.add_argument("--drop_path_prob", type=float, default=drop_path_prob,
+    p.add_argument("--momentum", type=momentum, default=0.9, help="SGD momentum")
+    wd_help = ("SGD weight decay" if weight_decay is not None else
+               "SGD weight decay (default 3e-4, 5e-4 on CIFAR-100)")
+    p.add_argument("--weight_decay", type=nonneg_float, default=weight_decay, help=wd_help)
+    p.add_argument("--report_freq", type=positive_int, default=report_freq,
+                   help="steps between progress lines")
+    p.add_argument("--epochs", type=positive_int, default=epochs, help="training epochs")
+    p.add_argument("--init_channels", type=int_at_least(2), default=init_channels,
+                   help="C of the network")
+    p.add_argument("--layers", type=int_at_least(2), default=layers, help="number of cells")
+    p.add_argument("--auxiliary", action="store_true", default=False,
+                   help="use the auxiliary tower (off by default; the release's command line "
+                        "turns it on)")
+    p.add_argument("--auxiliary_weight", type=nonneg_float, default=0.4,
+                   help="weight of the auxiliary loss")
+    p.add_argument("--drop_path_prob", type=prob, default=drop_path_prob,
                    help="final drop-path rate (grows linearly from 0)")
     p.add_argument("--save", type=str, default="",
-                   help="prefix of the run folder: {save}eval-{note}-{YYYYmmdd-HHMMSS}")
+                   help="prefix of the run folder: {save}eval-{note}-{YYYYmmdd-HHMMSS} (default: '')")
     p.add_argument("--note", type=str, default="try", help="note in the run folder name")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seeds everything")
     p.add_argument("--arch", type=str, default="PDARTS",
-                   help="a cell name from genotypes.py or a genotype JSON file from a search run")
-    p.add_argument("--grad_clip", type=float, default=5.0, help="gradient norm clipping (0: off)")
+                   help="a cell name from genotypes.py (any case), a genotype JSON file, or a "
+                        "search run folder (its genotype.json)")
+    p.add_argument("--grad_clip", type=nonneg_float, default=5.0,
+                   help="gradient norm clipping (0: off)")
     p.add_argument("--resume", type=str, default=None, metavar="RUN_DIR_OR_CHECKPOINT",
                    help="continue a run from its folder (or its checkpoint.pt) at the next epoch")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto = CUDA when available")
     add_dist_timeout_arg(p)
     p.add_argument("--sync_bn", action="store_true",
                    help="synchronise batch-norm statistics across GPUs under torchrun "
@@ -422,14 +447,9 @@ def load_resume(args: argparse.Namespace,
     ckpt = load_file(path)
     check_training_checkpoint(ckpt, path)
     saved = ckpt["args"]
-    conflicts = [k for k, v in sorted(vars(args).items())
-                 if k not in RESUME_FREE_FLAGS and k in saved and v != defaults.get(k)
-                 and v != saved[k]]
-    if conflicts:
-        raise UserError(
-            "--resume continues the saved run with its own settings; these flags differ from "
-            "them: " + ", ".join(f"--{k} {getattr(args, k)} (saved: {saved[k]})" for k in conflicts)
-            + ". Drop them, or start a new run")
+    # A flag whose value is not its default was given on the command line.
+    given = {k: v for k, v in vars(args).items() if v != defaults.get(k)}
+    refuse_changed_flags(given, saved, RESUME_FREE_FLAGS)
     merged = {**vars(args), **saved}
     merged.update({k: getattr(args, k) for k in RESUME_FREE_FLAGS if hasattr(args, k)})
     merged["resume"] = path
@@ -461,15 +481,6 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     uninterrupted one, whatever happened before."""
     digest = hashlib.sha256(f"{seed}/{epoch}/{rank}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
-
-
-def _sync_buffers(model: nn.Module) -> None:
-    """Give every process rank 0's batch-norm statistics before evaluating and saving
-    (DDP broadcasts them before each forward; each process then updates its own copy
-    with its own last batch)."""
-    if dist.is_available() and dist.is_initialized():
-        for buf in model.buffers():
-            dist.broadcast(buf, 0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -510,11 +521,13 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
 
     run_dir = _open_run_dir(args, env, resume is not None)
     setup_logging(run_dir, env.is_main)
+    script = os.path.basename(sys.argv[0])
+    register_run(run_dir, CHECKPOINT_NAME, script if script.endswith(".py") else "SCRIPT.py")
     metrics_path = os.path.join(run_dir, METRICS_NAME) if env.is_main else None
     metrics = MetricsWriter(metrics_path)
     log_run_start(args, device)
     logger.info("run folder %s; %d process(es), %d images per process per step",
-                run_dir, env.world_size, batch)
+                os.path.abspath(run_dir), env.world_size, batch)
     logger.info("genotype = %s", format_genotype(spec.genotype))
     logger.info(format_summary(summary))
 
@@ -580,7 +593,9 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
                                     desc=f"train {epoch}", show=env.is_main, amp=args.amp,
                                     channels_last=args.channels_last, scaler=scaler)
             train_time = time.time() - start
-            _sync_buffers(model)
+            # DDP broadcasts the buffers before each forward; each process then updates its
+            # own copy with its own last batch.
+            sync_buffers(model)
             test = evaluate(model, test_loader, spec.eval_criterion, device,
                             report_freq=args.report_freq, desc=f"test {epoch}", show=env.is_main,
                             amp=args.amp, channels_last=args.channels_last)

@@ -10,10 +10,13 @@ j - 2. The JSON form, written by the search and read by every script::
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from collections import namedtuple
 from typing import Any
+
+GENOTYPE_FILE = "genotype.json"   # the final cell a search writes into its run folder
 
 Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
 
@@ -176,13 +179,20 @@ def validate_genotype(genotype: Genotype, source: str = "genotype") -> Genotype:
             normalised.append((op, index))
         steps = len(pairs) // 2
         concat = getattr(genotype, kind + "_concat")
-        try:
-            concat = [int(c) for c in concat]
-        except (TypeError, ValueError):
-            raise GenotypeError(f"{source}: '{kind}_concat' must be a list of node indices") from None
+        # Integers only, as the pairs' inputs: 2.7 is refused, not silently taken as 2.
+        if not isinstance(concat, (list, tuple)) or not all(
+                isinstance(c, int) and not isinstance(c, bool) for c in concat):
+            raise GenotypeError(f"{source}: '{kind}_concat' must be a list of integer node "
+                                f"indices, got {concat!r}")
+        concat = list(concat)
         if not concat or any(not 0 <= c < 2 + steps for c in concat):
             raise GenotypeError(
                 f"{source}: '{kind}_concat' must list node indices in 0..{1 + steps}, got {concat}")
+        if all(c < 2 for c in concat):
+            raise GenotypeError(
+                f"{source}: '{kind}_concat' {concat} lists only the cell's inputs (0 and 1), so "
+                f"none of its operations would reach the output; list intermediate nodes "
+                f"(2..{1 + steps}; a P-DARTS cell uses [2, 3, 4, 5])")
         fields[kind] = normalised
         fields[kind + "_concat"] = concat
     return Genotype(**fields)
@@ -217,8 +227,11 @@ def save_genotype(genotype: Genotype, path: str) -> None:
 
 def load_genotype_file(path: str) -> Genotype:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
+    except UnicodeDecodeError:
+        raise GenotypeError(f"{path} is not a genotype JSON file (it is not text); pass the "
+                            f"{GENOTYPE_FILE} a search wrote, or a cell name") from None
     except OSError as e:
         raise GenotypeError(f"cannot read genotype file {path}: {e.strerror}") from None
     except json.JSONDecodeError as e:
@@ -227,15 +240,27 @@ def load_genotype_file(path: str) -> Genotype:
 
 
 def get_genotype(name_or_path: str) -> Genotype:
-    """Look a cell up by name (``PDARTS``) or read it from a genotype JSON file. Never eval."""
+    """Look a cell up by name (``PDARTS``, any case) or read it from a genotype JSON file or
+    a search run folder (its genotype.json). Never eval."""
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, GENOTYPE_FILE)
+        if not os.path.isfile(path):
+            raise GenotypeError(
+                f"{name_or_path} is a folder without {GENOTYPE_FILE}: a search run folder holds "
+                "it once the search has finished; or pass a genotype JSON file or a cell name "
+                f"({', '.join(known_genotypes())})")
+        return load_genotype_file(path)
     if name_or_path.endswith(".json") or os.path.sep in name_or_path or os.path.isfile(name_or_path):
         return load_genotype_file(name_or_path)
-    value = globals().get(name_or_path)
-    if not isinstance(value, Genotype):
+    by_lower = {name.lower(): name for name in known_genotypes()}
+    name = by_lower.get(name_or_path.lower())
+    if name is None:
+        close = difflib.get_close_matches(name_or_path.lower(), list(by_lower), n=1, cutoff=0.6)
+        hint = f"did you mean {by_lower[close[0]]}? " if close else ""
         raise GenotypeError(
-            f"unknown genotype {name_or_path!r}: use one of {', '.join(known_genotypes())} "
-            "or the path to a genotype JSON file")
-    return validate_genotype(value, name_or_path)
+            f"unknown genotype {name_or_path!r}: {hint}use one of {', '.join(known_genotypes())}, "
+            f"a genotype JSON file or a search run folder (its {GENOTYPE_FILE})")
+    return validate_genotype(globals()[name], name)
 
 
 def format_genotype(genotype: Genotype) -> str:

@@ -1,6 +1,6 @@
 """Evaluate a trained network: CIFAR-10 / CIFAR-100 test set or ImageNet validation set.
 Replaces the release's test.py and test_imagenet.py. Reports loss, top-1 and top-5, then
-one JSON line for machines::
+one JSON line for machines:
 
     python test.py --auxiliary --model_path MODEL --data DATA [--arch PDARTS]
         # the authors' CIFAR-10 checkpoint: 97.58%
@@ -12,8 +12,9 @@ one JSON line for machines::
 ``--model_path`` may be a plain state dict (the authors' CIFAR checkpoints, our
 weights.pt), one whose keys start with ``module.``, one wrapped as ``{'state_dict': ...}``
 (the authors' ImageNet checkpoint), or this project's checkpoint.pt (or its run folder).
-Without a checkpoint that says otherwise the network is the release's: PDARTS, C = 36 and
-20 cells on CIFAR, C = 48 and 14 cells on ImageNet.
+A bare state dict tells the stem width C, the number of cells, the auxiliary head and the
+number of classes: they are read from it (and logged); only the cells' operations cannot
+be, so ``--arch`` names the cell when it is not PDARTS. Flags override what is read.
 """
 from __future__ import annotations
 
@@ -24,7 +25,14 @@ import sys
 
 import torch.nn as nn
 
-from checkpoint import CheckpointError, describe_checkpoint, extract_state_dict, load_file, load_weights
+from checkpoint import (
+    CheckpointError,
+    describe_checkpoint,
+    extract_state_dict,
+    infer_network,
+    load_file,
+    load_weights,
+)
 from data import (
     DataError,
     cifar_transforms,
@@ -44,37 +52,53 @@ from engine import (
     per_process_batch,
     resume_path,
 )
+from flags import (
+    DEFAULT_DATA_DIR,
+    HelpFormatter,
+    default_workers,
+    int_at_least,
+    nonneg_int,
+    positive_int,
+    workers_help,
+)
 from genotypes import format_genotype, get_genotype
 from model import format_summary, model_summary
 from utils import UserError, add_dist_timeout_arg, init_distributed, logger, run_main, setup_logging
 
 # The release's test.py / test_imagenet.py defaults: channels, cells, batch size.
-RELEASE_DEFAULTS = {"cifar": (36, 20, 96), "imagenet": (48, 14, 128)}
-DEFAULT_DATA = "../data"
+RELEASE_DEFAULTS = {"cifar": (36, 20, 128), "imagenet": (48, 14, 128)}
+RELEASE_WORKERS = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description="Evaluate a trained network on the CIFAR-10 / CIFAR-100 test set or the "
+                    "ImageNet validation set; reports loss, top-1 and top-5, then one JSON line.",
+        formatter_class=HelpFormatter)
     p.add_argument("--data", type=str, default=None,
-                   help=f"data directory (default: --tmp_data_dir, else {DEFAULT_DATA})")
+                   help=f"data directory (default: --tmp_data_dir, else {DEFAULT_DATA_DIR})")
     p.add_argument("--tmp_data_dir", type=str, default=None, help="same as --data")
     p.add_argument("--dataset", choices=["cifar10", "cifar100", "demo", "imagenet"], default=None,
-                   help="default: the checkpoint's, else cifar100 with --cifar100, else cifar10")
+                   help="default: the checkpoint's (ImageNet for an ImageNet network, CIFAR-100 "
+                        "for 100 classes), else cifar100 with --cifar100, else cifar10")
     p.add_argument("--cifar100", action="store_true", help="the release's --dataset cifar100")
     p.add_argument("--model_path", type=str, default=None, help="checkpoint file or run folder")
     p.add_argument("--auxiliary", action="store_true", default=None,
-                   help="the network has an auxiliary head (the authors' checkpoints do)")
+                   help="the network has an auxiliary head (default: read from the checkpoint)")
     p.add_argument("--arch", type=str, default=None,
-                   help="cell name or genotype JSON file (default: the checkpoint's, else PDARTS)")
-    p.add_argument("--init_channels", type=int, default=None,
-                   help="C (default: the checkpoint's, else 36 on CIFAR, 48 on ImageNet)")
-    p.add_argument("--layers", type=int, default=None,
-                   help="cells (default: the checkpoint's, else 20 on CIFAR, 14 on ImageNet)")
-    p.add_argument("--batch_size", type=int, default=None, help="default 96 on CIFAR, 128 on ImageNet")
-    p.add_argument("--workers", type=int, default=4, help="data-loading worker processes")
-    p.add_argument("--report_freq", type=int, default=50)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+                   help="cell name (any case), genotype JSON file or search run folder (default: "
+                        "the checkpoint's, else PDARTS)")
+    p.add_argument("--init_channels", type=int_at_least(2), default=None,
+                   help="C (default: read from the checkpoint, else 36 on CIFAR, 48 on ImageNet)")
+    p.add_argument("--layers", type=int_at_least(2), default=None,
+                   help="cells (default: read from the checkpoint, else 20 on CIFAR, 14 on ImageNet)")
+    p.add_argument("--batch_size", type=positive_int, default=None,
+                   help="default 128 on CIFAR and ImageNet, as the release's test scripts")
+    p.add_argument("--workers", type=nonneg_int, default=default_workers(RELEASE_WORKERS),
+                   help=workers_help(RELEASE_WORKERS))
+    p.add_argument("--report_freq", type=positive_int, default=50, help="steps between progress lines")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto = CUDA when available")
     add_dist_timeout_arg(p)
     return p
 
@@ -94,6 +118,53 @@ def imagenet_val(root: str):
                     "(class subfolders); set --data or --tmp_data_dir")
 
 
+def _describe(info: dict) -> str:
+    return (f"C {info['C']}, {info['layers']} cells, "
+            f"{'an' if info['auxiliary'] else 'no'} auxiliary head, {info['num_classes']} classes")
+
+
+def _flags_for(info: dict, dataset: str) -> str:
+    """The command-line flags that build the network ``info`` describes."""
+    flags = [f"--init_channels {info['C']}", f"--layers {info['layers']}"]
+    if info["auxiliary"]:
+        flags.append("--auxiliary")
+    if info["kind"] == "imagenet":
+        flags.append("--dataset imagenet")
+    elif info["num_classes"] in (10, 100):
+        flags.append(f"--dataset {'cifar100' if info['num_classes'] == 100 else dataset}")
+    return " ".join(flags)
+
+
+def _default_dataset(found: dict | None) -> str:
+    """The dataset a bare state dict was trained on, as far as its shapes tell."""
+    if found is None:
+        return "cifar10"
+    if found["kind"] == "imagenet":
+        return "imagenet"
+    return "cifar100" if found["num_classes"] == 100 else "cifar10"
+
+
+def explain_mismatch(error: CheckpointError, built: dict, found: dict | None, arch: str,
+                     dataset: str, path: str) -> CheckpointError:
+    """One message naming every flag at once: the values read from the checkpoint that
+    differ from the network built, or --arch when only the cells' operations can differ."""
+    if found is None:
+        return error
+    differs = [(k, found[k], built[k]) for k in ("kind", "C", "layers", "auxiliary", "num_classes")
+               if found[k] is not None and found[k] != built[k]]
+    if not differs:
+        return CheckpointError(
+            f"{path} has the network's sizes ({_describe(found)}) but other cell operations than "
+            f"--arch {arch}: pass --arch with the cell it was trained with (a name, a genotype JSON "
+            "file or the search run folder), or pass the training run folder as --model_path "
+            "(its checkpoint.pt records the cell)")
+    return CheckpointError(
+        f"{path} does not fit the network built ({_describe(built)}, {built['kind']}): the "
+        f"checkpoint has {_describe(found)}, {found['kind']}. Pass {_flags_for(found, dataset)} "
+        "(or drop the flags that say otherwise), or pass the training run folder as "
+        "--model_path so that everything comes from its checkpoint.pt")
+
+
 def main(args: argparse.Namespace) -> int:
     env = init_distributed(args.device, args.dist_timeout)
     setup_logging(None, env.is_main)
@@ -109,39 +180,51 @@ def main(args: argparse.Namespace) -> int:
             f"{path} is {describe_checkpoint(obj)}; test.py evaluates a trained network: train "
             "the searched cell first (train_cifar.py --arch SEARCH_RUN/genotype.json) and give "
             "that run's folder or checkpoint.pt")
-    extract_state_dict(obj)  # weights in it? Say so before reading any data
+    state = extract_state_dict(obj)  # weights in it? Say so before reading any data
     saved = obj["network"] if ours else {}
+    # Bare state dicts (the authors', our weights.pt): read the sizes from the tensors.
+    found = None if ours else infer_network(state)
+    if found is not None:
+        logger.info("read from %s: %s network, %s", path, found["kind"], _describe(found))
+    known = saved or found or {}
 
-    dataset = args.dataset or ("cifar100" if args.cifar100 else None) or saved.get("dataset", "cifar10")
+    dataset = (args.dataset or ("cifar100" if args.cifar100 else None) or saved.get("dataset")
+               or _default_dataset(found))
     if args.cifar100 and dataset != "cifar100":
         raise UserError(f"--cifar100 contradicts --dataset {dataset}")
     kind = "imagenet" if dataset == "imagenet" else "cifar"
     C_default, layers_default, batch_default = RELEASE_DEFAULTS[kind]
     if kind == "imagenet":
-        num_classes = saved.get("num_classes", 1000) if saved.get("kind") == "imagenet" else 1000
+        num_classes = known.get("num_classes") if known.get("kind") == "imagenet" else None
+        num_classes = num_classes or num_classes_of("imagenet")
     else:
         num_classes = num_classes_of(dataset)
+    arch = args.arch or ("the checkpoint's" if ours else "PDARTS")
     genotype = (get_genotype(args.arch) if args.arch else
                 checkpoint_genotype(obj, path) if ours else get_genotype("PDARTS"))
     info = network_info(
         kind, dataset,
-        args.init_channels if args.init_channels is not None else saved.get("C", C_default),
-        args.layers if args.layers is not None else saved.get("layers", layers_default),
+        args.init_channels if args.init_channels is not None else known.get("C", C_default),
+        args.layers if args.layers is not None else known.get("layers", layers_default),
         num_classes,
-        args.auxiliary if args.auxiliary is not None else saved.get("auxiliary", False))
+        args.auxiliary if args.auxiliary is not None else known.get("auxiliary", False))
     batch = per_process_batch(args.batch_size or batch_default, env.world_size)
 
-    root = args.data or args.tmp_data_dir or DEFAULT_DATA
+    root = args.data or args.tmp_data_dir or DEFAULT_DATA_DIR
     if kind == "imagenet":
         test_set = imagenet_val(root)
         if len(test_set.classes) > num_classes:
             raise DataError(f"the validation folder has {len(test_set.classes)} classes but the "
                             f"network only {num_classes} outputs")
     else:
-        test_set = get_dataset(dataset, root, False, cifar_transforms(dataset, False))
+        test_set = get_dataset(dataset, root, False, cifar_transforms(dataset, False),
+                               offer_download=False)
 
     model = build_network(info, genotype)
-    load_weights(model, obj, source=path)
+    try:
+        load_weights(model, obj, source=path)
+    except CheckpointError as e:
+        raise explain_mismatch(e, info, found, arch, dataset, path) from None
     model.to(env.device)
 
     logger.info("model %s (%s): %s", path, "this project's checkpoint" if ours else "state dict",

@@ -34,18 +34,20 @@ from engine import (
     load_resume,
     network_info,
 )
+from flags import HelpFormatter, nonneg_float, positive_int
 from genotypes import get_genotype
 from utils import UserError, barrier, init_distributed, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_training_args(p, epochs=600, batch_size=128, learning_rate=0.025, weight_decay=None,
                       init_channels=36, layers=20, drop_path_prob=0.3, report_freq=50, workers=4)
-    p.add_argument("--learning_rate_min", type=float, default=0.0, help="final learning rate")
-    p.add_argument("--cutout", action="store_true", default=False, help="use cutout")
-    p.add_argument("--cutout_length", type=int, default=16)
+    p.add_argument("--learning_rate_min", type=nonneg_float, default=0.0,
+                   help="final learning rate of the cosine schedule")
+    p.add_argument("--cutout", action="store_true", default=False,
+                   help="use cutout (off by default; the release's command line turns it on)")
+    p.add_argument("--cutout_length", type=positive_int, default=16, help="cutout square side")
     p.add_argument("--cifar100", action="store_true", default=False, help="train on CIFAR-100")
     p.add_argument("--dataset", choices=["cifar10", "cifar100", "demo"], default=None,
                    help="cifar10 unless --cifar100; demo: generated data, no download")

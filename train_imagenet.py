@@ -34,6 +34,7 @@ from engine import (
     load_resume,
     network_info,
 )
+from flags import HelpFormatter, prob
 from genotypes import get_genotype
 from utils import UserError, init_distributed, run_main
 
@@ -66,11 +67,10 @@ def imagenet_lr(lr0: float, epoch: int, epochs: int, scheduler: str = "linear",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_training_args(p, epochs=250, batch_size=1024, learning_rate=0.5, weight_decay=3e-5,
                       init_channels=48, layers=14, drop_path_prob=0.0, report_freq=100, workers=8)
-    p.add_argument("--label_smooth", type=float, default=0.1, help="label smoothing epsilon")
+    p.add_argument("--label_smooth", type=prob, default=0.1, help="label smoothing epsilon")
     p.add_argument("--lr_scheduler", choices=["linear", "cosine"], default="linear",
                    help="linear: the release's schedule; cosine: cosine annealing to 0")
     return p

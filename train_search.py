@@ -45,7 +45,30 @@ from data import (
     get_image_folder,
     normalization,
 )
-from genotypes import PRIMITIVES, Genotype, format_genotype, genotype_to_dict, save_genotype
+from flags import (
+    DEFAULT_DATA_DIR,
+    HelpFormatter,
+    default_workers,
+    fraction,
+    int_at_least,
+    int_between,
+    momentum,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    prob,
+    workers_help,
+)
+from genotypes import (
+    GENOTYPE_FILE,
+    PRIMITIVES,
+    Genotype,
+    format_genotype,
+    genotype_to_dict,
+    load_genotype_file,
+    save_genotype,
+)
 from memory import plan_memory, report_out_of_memory
 from model_search import (
     NUM_EDGES,
@@ -80,6 +103,8 @@ from utils import (
     logger,
     own_run_dir,
     peak_memory_mb,
+    refuse_changed_flags,
+    register_run,
     release_run_locks,
     reset_peak_memory,
     rewrite_metrics,
@@ -87,6 +112,7 @@ from utils import (
     seed_everything,
     set_rng_state,
     setup_logging,
+    sync_buffers,
     write_bytes_atomic,
 )
 
@@ -101,7 +127,9 @@ NUM_STAGES = 3
 OPS_PER_STAGE = (8, 5, 3)
 DROPS_PER_STAGE = (3, 2, 2)
 assert all(k - d == nxt for k, d, nxt in zip(OPS_PER_STAGE, DROPS_PER_STAGE, OPS_PER_STAGE[1:] + (1,)))
-VALID_LAST_EPOCHS = 5       # validation accuracy is reported in the last 5 epochs of a stage
+# Faithful to the release: the alpha half is validated when `epochs - epoch < 5`, i.e. in
+# the last 4 epochs of a stage (21-24 of 25).
+VALID_LAST_EPOCHS = 4
 DROPOUT_DECAY = 0.2         # p = rate * exp(-(e - W) * 0.2) after the warm-up
 # Skip-connect dropout rates per stage (paper Sec. 4.1.1); other datasets use CIFAR-10's.
 PAPER_DROPOUT_RATES = {"cifar10": (0.0, 0.4, 0.7), "cifar100": (0.1, 0.2, 0.3)}
@@ -111,13 +139,16 @@ CHECKPOINT = "checkpoint.pt"
 SEARCH_CHECKPOINT_KEYS = ("args", "stage", "epoch", "world_size", "switches_normal",
                           "switches_reduce", "model", "w_opt", "a_opt", "rng", "stages_done")
 ARCH_STATE = "arch_state.json"
-GENOTYPE_FILE = "genotype.json"
 BUDGETS_FILE = "genotypes_by_skip_budget.json"
 METRICS_FILE = "metrics.jsonl"
 
+RELEASE_WORKERS = 2         # the release's loader processes; never more than the CPU cores
+MIN_IMAGE_SIZE = 8          # the smallest --image_size the two reduction cells can halve twice
+
 # Flags whose default depends on --demo (None on the command line = not given).
 PAPER_DEFAULTS = dict(dataset="cifar10", epochs=25, arch_warmup_epochs=10, batch_size=96,
-                      init_channels=16, layers=5, add_layers=[0, 6, 12], workers=2,
+                      init_channels=16, layers=5, add_layers=[0, 6, 12],
+                      workers=default_workers(RELEASE_WORKERS),
                       report_freq=50, note="try", image_size=32, threads=0, channels_last=False)
 # The demo: the full three-stage algorithm, scaled down to run on a 2-core CPU in a few
 # minutes. channels_last: the CPU's depthwise convolutions are much faster in NHWC.
@@ -148,7 +179,7 @@ def skip_dropout_rate(epoch: int, epochs: int, rate: float, warmup: int) -> floa
 
 
 def is_validation_epoch(epoch: int, epochs: int) -> bool:
-    """Validation accuracy is reported in the last VALID_LAST_EPOCHS epochs of a stage."""
+    """Validation accuracy is reported in the last VALID_LAST_EPOCHS (4) epochs of a stage."""
     return epoch >= epochs - VALID_LAST_EPOCHS
 
 
@@ -177,24 +208,14 @@ def stage_values(given: Sequence | None, flag: str, default: Sequence,
 # Command line
 # ---------------------------------------------------------------------------------------
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Show a flag's default unless it is None/False (those say theirs in the text)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
-            text += " (default: %(default)s)"
-        return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="P-DARTS progressive architecture search (3 stages of 5/11/17 cells). "
                     "First try: python train_search.py --demo",
-        formatter_class=_HelpFormatter)
+        formatter_class=HelpFormatter)
     d = DEMO_DEFAULTS
     g = p.add_argument_group("data")
-    g.add_argument("--tmp_data_dir", "--data", default="data",
+    g.add_argument("--tmp_data_dir", "--data", default=DEFAULT_DATA_DIR,
                    help="folder holding cifar-10-batches-py / cifar-100-python; for "
                         "--dataset folder, the ImageFolder tree itself (class subfolders)")
     g.add_argument("--dataset", choices=["cifar10", "cifar100", "folder", "demo"], default=None,
@@ -204,48 +225,58 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cifar100", action="store_true", help="same as --dataset cifar100")
     g.add_argument("--download", action="store_true",
                    help="download CIFAR into --tmp_data_dir if it is missing")
-    g.add_argument("--image_size", type=int, default=None,
+    g.add_argument("--image_size", type=int_at_least(MIN_IMAGE_SIZE), default=None,
                    help="image side; --dataset folder: resized and centre-cropped to it; "
                         "CIFAR/demo: resized to it when not 32 (default 32, demo 16)")
-    g.add_argument("--train_portion", type=float, default=0.5,
+    g.add_argument("--train_portion", type=fraction, default=0.5,
                    help="first part of the training split trains the weights, the rest the alphas")
-    g.add_argument("--workers", type=int, default=None,
-                   help=f"data loader processes (default {PAPER_DEFAULTS['workers']}, demo {d['workers']})")
+    g.add_argument("--workers", type=nonneg_int, default=None,
+                   help=workers_help(RELEASE_WORKERS) + f"; demo {d['workers']}")
+    # Faithful to the release: its search takes --cutout/--cutout_length (Cutout on the
+    # images of both halves, off by default) and --drop_path_prob (parsed, never used).
+    g.add_argument("--cutout", action="store_true",
+                   help="Cutout (after normalisation) on the images of both halves, as the "
+                        "release's --cutout (off by default)")
+    g.add_argument("--cutout_length", type=positive_int, default=16, help="Cutout square side")
+    g.add_argument("--drop_path_prob", type=prob, default=0.3,
+                   help="accepted for the release's command lines; the search network has no "
+                        "drop path, so the value is not used (default 0.3, the release's)")
 
     g = p.add_argument_group("search")
-    g.add_argument("--epochs", type=int, default=None,
+    g.add_argument("--epochs", type=positive_int, default=None,
                    help=f"epochs per stage (default {PAPER_DEFAULTS['epochs']}, demo {d['epochs']})")
-    g.add_argument("--arch_warmup_epochs", type=int, default=None,
+    g.add_argument("--arch_warmup_epochs", type=nonneg_int, default=None,
                    help="epochs per stage that train only the weights "
                         f"(default {PAPER_DEFAULTS['arch_warmup_epochs']}, demo {d['arch_warmup_epochs']})")
-    g.add_argument("--batch_size", type=int, default=None,
+    g.add_argument("--batch_size", type=positive_int, default=None,
                    help="batch of each half per step, over all processes together "
                         f"(default {PAPER_DEFAULTS['batch_size']}, demo {d['batch_size']})")
-    g.add_argument("--learning_rate", type=float, default=0.025, help="initial weight learning rate")
-    g.add_argument("--learning_rate_min", type=float, default=0.0, help="cosine schedule floor")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight_decay", type=float, default=3e-4, help="SGD weight decay")
-    g.add_argument("--grad_clip", type=float, default=5.0,
+    g.add_argument("--learning_rate", type=positive_float, default=0.025, help="initial weight learning rate")
+    g.add_argument("--learning_rate_min", type=nonneg_float, default=0.0, help="cosine schedule floor")
+    g.add_argument("--momentum", type=momentum, default=0.9, help="SGD momentum")
+    g.add_argument("--weight_decay", type=nonneg_float, default=3e-4, help="SGD weight decay")
+    g.add_argument("--grad_clip", type=positive_float, default=5.0,
                    help="gradient norm clip for the weights and for the alphas")
-    g.add_argument("--arch_learning_rate", type=float, default=6e-4, help="Adam lr of the alphas")
-    g.add_argument("--arch_weight_decay", type=float, default=1e-3, help="Adam weight decay of the alphas")
-    g.add_argument("--init_channels", type=int, default=None,
+    g.add_argument("--arch_learning_rate", type=positive_float, default=6e-4, help="Adam lr of the alphas")
+    g.add_argument("--arch_weight_decay", type=nonneg_float, default=1e-3,
+                   help="Adam weight decay of the alphas")
+    g.add_argument("--init_channels", type=positive_int, default=None,
                    help=f"C of stage 1 (default {PAPER_DEFAULTS['init_channels']}, "
                         f"demo {d['init_channels']})")
-    g.add_argument("--layers", type=int, default=None,
+    g.add_argument("--layers", type=positive_int, default=None,
                    help=f"cells in stage 1 (default {PAPER_DEFAULTS['layers']}, demo {d['layers']})")
-    g.add_argument("--add_layers", type=int, action="append", default=None,
+    g.add_argument("--add_layers", type=nonneg_int, action="append", default=None,
                    help="cells added per stage; repeat: twice means 0, A, B (the release's "
                         "form), three times gives all three (default 0, 6, 12 -> 5/11/17 cells; "
                         "demo 0, 1, 2)")
-    g.add_argument("--add_width", type=int, action="append", default=None,
+    g.add_argument("--add_width", type=nonneg_int, action="append", default=None,
                    help="channels added to C per stage; repeat like --add_layers (default 0, 0, 0)")
-    g.add_argument("--dropout_rate", type=float, action="append", default=None,
+    g.add_argument("--dropout_rate", type=prob, action="append", default=None,
                    help="skip-connect dropout rate per stage; give it 3 times. Default: the "
                         "paper's rates, CIFAR-10 (and demo/folder) 0.0 0.4 0.7, CIFAR-100 0.1 0.2 0.3 "
                         "(the authors' README example: 0.1 0.4 0.7)")
     # Deviation: the budget M is a flag (the paper's M = 2 is the default).
-    g.add_argument("--max_skip", type=int, default=2,
+    g.add_argument("--max_skip", type=int_between(-1, 8), default=2,
                    help="at most this many skip-connects in the final normal cell (paper: 2); "
                         "-1 = no restriction")
 
@@ -254,18 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", default="runs/",
                    help="run folder prefix: the run goes to {save}search-{note}-{timestamp}")
     g.add_argument("--note", default=None, help="name part of the run folder (default try, demo demo)")
-    g.add_argument("--seed", type=int, default=2, help="seeds everything (the release's default)")
+    g.add_argument("--seed", type=nonneg_int, default=2, help="seeds everything (the release's default)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms (slower); with it a resumed CPU run equals "
                         "an uninterrupted one")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto = CUDA when available")
     add_dist_timeout_arg(g)
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=nonneg_int, default=None,
                    help="CPU threads for PyTorch; 0 = PyTorch's default (all cores). The demo "
                         "uses 1: its tensors are too small to gain from more, and on a busy "
                         "machine several threads per tiny op slow it down many times")
-    g.add_argument("--report_freq", type=int, default=None,
+    g.add_argument("--report_freq", type=positive_int, default=None,
                    help=f"steps between progress lines (default {PAPER_DEFAULTS['report_freq']}, "
                         f"demo {d['report_freq']})")
     g.add_argument("--demo", action="store_true",
@@ -282,20 +313,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_speed_args(p, channels_last_default=None)   # the demo turns it on
     add_plot_args(g)
     # For tests of resume: stop (as if killed) after this many epochs of this process.
-    g.add_argument("--stop_after_epochs", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--stop_after_epochs", type=positive_int, default=None, help=argparse.SUPPRESS)
     return p
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    given: list[str] = []
     if args.resume:
         # A resumed run keeps its own settings; only run-time flags given here change.
         probe = build_parser()
         for action in probe._actions:
             action.default = argparse.SUPPRESS
-        given = vars(probe.parse_args(argv))
-        args.resume_overrides = sorted(k for k in given if k in RUNTIME_FLAGS)
+        given = sorted(vars(probe.parse_args(argv)))
+        args.resume_overrides = [k for k in given if k in RUNTIME_FLAGS]
     if args.cifar100:
         if args.dataset not in (None, "cifar100"):
             parser.error(f"--cifar100 contradicts --dataset {args.dataset}")
@@ -312,19 +344,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.dropout_rate = stage_values(args.dropout_rate, "--dropout_rate", rates, False)
     except ValueError as e:
         parser.error(str(e))
-    problems = [
-        (args.epochs < 1, "--epochs must be at least 1"),
-        (args.arch_warmup_epochs < 0, "--arch_warmup_epochs must be >= 0"),
-        (args.batch_size < 1, "--batch_size must be at least 1"),
-        (not 0 < args.train_portion < 1, "--train_portion must be between 0 and 1"),
-        (any(args.layers + a < 1 for a in args.add_layers), "every stage needs at least 1 cell"),
-        (any(not 0 <= r < 1 for r in args.dropout_rate), "--dropout_rate values must be in [0, 1)"),
-        (args.max_skip < -1 or args.max_skip > 8, "--max_skip must be -1 (no limit) or 0..8"),
-        (args.image_size < 8, "--image_size must be at least 8"),
-    ]
-    for bad, message in problems:
-        if bad:
-            parser.error(message)
+    if args.resume:
+        # The other flags given, as resolved here (--add_layers 6 --add_layers 12 is
+        # [0, 6, 12], --cifar100 is --dataset cifar100), to compare with the run's own.
+        keys = {"dataset" if k == "cifar100" else k for k in given}
+        args.resume_given = {k: getattr(args, k) for k in sorted(keys)
+                             if k not in RUNTIME_FLAGS}
+    elif args.arch_warmup_epochs >= args.epochs:
+        parser.error(f"--arch_warmup_epochs {args.arch_warmup_epochs} >= --epochs {args.epochs}: "
+                     "no alpha would ever be updated and the cell would come from the random "
+                     "initial alphas; use fewer warm-up epochs or more epochs")
     return args
 
 
@@ -380,22 +409,30 @@ def _resize_images(images, size: int):
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
+def search_cutout(args: argparse.Namespace) -> int:
+    """Cutout side for both halves: --cutout_length with --cutout, else 0 (off). Runs saved
+    before these flags existed have neither."""
+    return getattr(args, "cutout_length", 0) if getattr(args, "cutout", False) else 0
+
+
 def build_search_data(args: argparse.Namespace) -> tuple[Dataset, int, str]:
     """The training split with the training augmentation, its number of classes, and a
     line describing it."""
     size = args.image_size
+    cutout = search_cutout(args)
     if args.dataset in CIFAR_FOLDERS:
         folder = os.path.join(args.tmp_data_dir, CIFAR_FOLDERS[args.dataset][0])
         data = get_dataset(args.dataset, args.tmp_data_dir, True,
-                           cifar_transforms(args.dataset, True, image_size=size), download=args.download)
+                           cifar_transforms(args.dataset, True, cutout, image_size=size),
+                           download=args.download)
         num_classes = CIFAR_FOLDERS[args.dataset][4]
         where = f"from {folder}"
     elif args.dataset == "demo":
         data = get_dataset("demo", args.tmp_data_dir, True,
-                           cifar_transforms("demo", True, image_size=size))
+                           cifar_transforms("demo", True, cutout, image_size=size))
         num_classes, where = 10, "(built-in, generated)"
     elif args.dataset == "folder":
-        data = get_image_folder(args.tmp_data_dir, folder_transforms(True, args.image_size),
+        data = get_image_folder(args.tmp_data_dir, folder_transforms(True, args.image_size, cutout),
                                 "image folder (--dataset folder)")
         num_classes = len(data.classes)
         where = f"from {args.tmp_data_dir}, resized to {args.image_size}x{args.image_size}"
@@ -411,7 +448,8 @@ def build_search_data(args: argparse.Namespace) -> tuple[Dataset, int, str]:
             where += f", resized to {size}x{size}"
     mean, std = normalization(args.dataset)
     text = (f"{args.dataset} {where}: {len(data)} training images, {num_classes} classes, "
-            f"normalised with mean {tuple(mean)} std {tuple(std)}")
+            f"normalised with mean {tuple(mean)} std {tuple(std)}"
+            + (f", cutout {cutout} on both halves" if cutout else ""))
     return data, num_classes, text
 
 
@@ -453,7 +491,7 @@ class SearchData:
             padding = dataset.data.shape[1] // 8
             self.weights, self.alphas, self.valid = (
                 DeviceLoader(dataset, batch, sampler, env.device, train=True, mean=mean,
-                             std=std, padding=padding)
+                             std=std, padding=padding, cutout_length=search_cutout(args))
                 for sampler in (self.w_sampler, self.a_sampler, self.v_sampler))
             self.generators = [loader.generator for loader in (self.weights, self.alphas, self.valid)]
         else:
@@ -721,8 +759,10 @@ def final_cells(sw_n: Switches, sw_r: Switches, probs_n, probs_r, max_skip: int
 def run_derive(args: argparse.Namespace) -> int:
     """``--derive FILE``: print the cell for every skip budget, then the chosen one last."""
     try:
-        with open(args.derive) as f:
+        with open(args.derive, encoding="utf-8") as f:
             state = json.load(f)
+    except UnicodeDecodeError:
+        raise UserError(f"{args.derive} is not an arch_state.json file (it is not text)") from None
     except OSError as e:
         raise UserError(f"cannot read {args.derive}: {e.strerror}") from None
     except json.JSONDecodeError as e:
@@ -800,6 +840,11 @@ def _open_run_dir(args: argparse.Namespace, env: DistInfo) -> str:
 def _load_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
     """The run's checkpoint and its settings, with the run-time flags of this command."""
     path = os.path.join(args.resume, CHECKPOINT)
+    if not os.path.isdir(args.resume):
+        raise UserError(f"--resume: no run folder {args.resume}")
+    if not os.path.isfile(path):
+        raise UserError(f"--resume: {args.resume} has no {CHECKPOINT}: the run stopped before "
+                        "its first epoch ended, so there is nothing to resume; start it again")
     ckpt = load_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "pdarts-search":
         raise CheckpointError(f"{path} is {describe_checkpoint(ckpt)}; --resume of "
@@ -809,11 +854,35 @@ def _load_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
         raise CheckpointError(f"{path} is a search checkpoint without {', '.join(missing)} "
                               "(damaged or written by another version); it cannot be resumed")
     saved = dict(ckpt["args"])
+    # Deviation: the release has no resume. As train_cifar.py does, a recipe flag that
+    # differs from the run's own is refused, not silently ignored; save/note only name
+    # the folder of a new run.
+    refuse_changed_flags(getattr(args, "resume_given", {}), saved,
+                         set(RUNTIME_FLAGS) | {"save", "note"}, vars(build_parser().parse_args([])))
     overrides = set(getattr(args, "resume_overrides", [])) | {"resume", "stop_after_epochs", "derive"}
     for key in overrides:
         saved[key] = getattr(args, key)
     saved["resume_overrides"] = sorted(overrides)
     return argparse.Namespace(**saved), ckpt
+
+
+def search_complete(run_dir: str, ckpt: dict, epochs: int) -> bool:
+    """The checkpoint is the last epoch of the last stage and the final cell was written."""
+    return (ckpt["stage"] == NUM_STAGES - 1 and ckpt["epoch"] >= epochs
+            and os.path.isfile(os.path.join(run_dir, GENOTYPE_FILE)))
+
+
+def report_complete(run_dir: str, env: DistInfo) -> int:
+    """``--resume`` of a finished search: say so and print its cell; nothing is re-run,
+    re-derived or appended."""
+    path = os.path.join(run_dir, GENOTYPE_FILE)
+    genotype = load_genotype_file(path)
+    if env.is_main:
+        print(f"the search in {os.path.abspath(run_dir)} is complete (all {NUM_STAGES} stages): "
+              f"nothing to resume. Its cell ({path}; re-derive at another skip budget with "
+              f"--derive {os.path.join(run_dir, ARCH_STATE)} --max_skip M):", flush=True)
+        print(format_genotype(genotype), flush=True)
+    return 0
 
 
 def _truncate_metrics(path: str, stage: int, epochs_done: int) -> None:
@@ -922,6 +991,9 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
             if is_validation_epoch(epoch, args.epochs):
                 # Faithful to the release: the alpha half is validated with the training
                 # augmentation (it is the same dataset object).
+                # Every process validates with rank 0's batch-norm statistics, so the figures
+                # do not depend on how the batches were split over the processes.
+                sync_buffers(model)
                 valid = evaluate(forward, run.data.valid, env.device, args.amp, args.channels_last)
                 check_finite(valid["valid_loss"], "validation loss")
         check_finite_state(model)   # batch-norm statistics and alphas: nothing non-finite is saved
@@ -1049,6 +1121,8 @@ def _main(args: argparse.Namespace) -> int:
     ckpt = None
     if args.resume:
         args, ckpt = _load_resume(args)
+        if search_complete(args.resume, ckpt, args.epochs):
+            return report_complete(args.resume, env)
         if ckpt["world_size"] != env.world_size:
             logger.warning("resuming a %d-process run with %d processes: the data order and "
                            "random streams differ from the original run", ckpt["world_size"],
@@ -1061,6 +1135,8 @@ def _main(args: argparse.Namespace) -> int:
     dataset, num_classes, description = build_search_data(args)
     run_dir = _open_run_dir(args, env)
     setup_logging(run_dir if env.is_main else None, env.is_main)
+    register_run(run_dir, CHECKPOINT, "train_search.py")
+    logger.info("run folder %s", os.path.abspath(run_dir))
     seed_everything(args.seed, args.deterministic)
     log_run_start(args, env.device)
     if env.distributed:

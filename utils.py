@@ -354,6 +354,29 @@ def environment_info(device: torch.device) -> dict:
 def log_run_start(args, device: torch.device) -> None:
     logger.info("args = %s", json.dumps(vars(args), sort_keys=True, default=str))
     logger.info("environment = %s", json.dumps(environment_info(device), sort_keys=True))
+    if hasattr(args, "workers"):
+        from flags import available_cpus
+
+        logger.info("data loading: %d worker process(es), %d CPU core(s) available",
+                    args.workers, available_cpus())
+
+
+def refuse_changed_flags(given: dict, saved: dict, free, defaults: dict | None = None) -> None:
+    """``--resume`` continues the saved run with its own settings: a flag given on the
+    command line with a value other than the run's is an error, unless it is in ``free``
+    (where data is read, how often to report, ...). A flag the saved run predates is
+    compared with its default (``defaults``), the value that run used."""
+    defaults = defaults or {}
+    missing = object()
+    conflicts = []
+    for key in sorted(given):
+        old = saved.get(key, defaults.get(key, missing))
+        if key not in free and old is not missing and given[key] != old:
+            conflicts.append(f"--{key} {given[key]} (the run's: {old})")
+    if conflicts:
+        raise UserError("--resume continues the saved run with its own settings; these flags "
+                        "differ from them: " + ", ".join(conflicts) + ". Drop them, or start a "
+                        "new run with the new settings")
 
 
 # ---------------------------------------------------------------------------------------
@@ -469,7 +492,8 @@ class Progress:
             if step == self.total:
                 sys.stdout.write("\n")
             sys.stdout.flush()
-        elif step % self.report_freq == 0:
+        elif step % self.report_freq == 0 or (step == self.total and self.total < self.report_freq):
+            # An epoch shorter than report_freq still prints one line, at its end.
             parts = " ".join(f"{k} {m.avg:.6f}" for k, m in (meters or {}).items())
             logger.info("%s step %03d/%d %s", self.desc, step, self.total, parts)
 
@@ -553,7 +577,9 @@ DIST_TIMEOUT_S = 300
 
 
 def add_dist_timeout_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    parser.add_argument("--dist_timeout", type=float, default=DIST_TIMEOUT_S, metavar="SECONDS",
+    from flags import positive_float
+
+    parser.add_argument("--dist_timeout", type=positive_float, default=DIST_TIMEOUT_S, metavar="SECONDS",
                         help="under torchrun: stop when a process waits this long for the "
                              "others (one was killed or hangs); raise it if a step or a "
                              "checkpoint write takes longer")
@@ -613,11 +639,41 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+# The run folder of the run in progress, for the hint printed after Ctrl-C.
+_current_run: dict[str, str | None] = {"dir": None, "checkpoint": None, "script": None}
+
+
+def register_run(run_dir: str, checkpoint: str, script: str) -> None:
+    """Remember the run in progress: after Ctrl-C, run_main says how to resume it (or that
+    it cannot be resumed because no checkpoint was written yet)."""
+    _current_run.update(dir=os.path.abspath(run_dir), checkpoint=checkpoint, script=script)
+
+
+def interrupted_message() -> str:
+    run_dir, script = _current_run["dir"], _current_run["script"]
+    if run_dir is None:
+        return "interrupted before the run folder was created; nothing to resume"
+    if not os.path.isfile(os.path.join(run_dir, _current_run["checkpoint"])):
+        return (f"interrupted in the first epoch, before a checkpoint was saved: {run_dir} "
+                "cannot be resumed; start the run again (and delete that folder)")
+    return f"interrupted; continue with: python {script} --resume {run_dir}"
+
+
+def sync_buffers(model: torch.nn.Module) -> None:
+    """Give every process rank 0's buffers (batch-norm running statistics) before
+    evaluating or saving: each process updated its own copy with its own batches, so
+    without this the figures would depend on how the data was split over the processes."""
+    if dist.is_available() and dist.is_initialized():
+        for buf in model.buffers():
+            dist.broadcast(buf, 0)
+
+
 def run_main(main, args) -> int:
     """Run a script's ``main(args)``: user errors become one line on stderr and exit 2."""
     from checkpoint import CheckpointError
     from genotypes import GenotypeError
 
+    _current_run.update(dir=None, checkpoint=None, script=None)
     try:
         return main(args) or 0
     except (UserError, CheckpointError, GenotypeError) as e:
@@ -631,7 +687,7 @@ def run_main(main, args) -> int:
             "the run folder keeps the checkpoint of the last completed epoch: continue with "
             "--resume RUN_DIR")
     except KeyboardInterrupt:
-        print("interrupted; resume with --resume RUN_DIR", file=sys.stderr)
+        print(interrupted_message(), file=sys.stderr)
         return 130
     finally:
         release_run_locks()

@@ -1,7 +1,9 @@
 """Draw the normal and reduction cells of a genotype with graphviz.
 
-    python visualize.py PDARTS                          # normal.pdf, reduction.pdf here
-    python visualize.py run/genotype.json --format png --out_dir figures
+    python visualize.py PDARTS                  # PDARTS_normal.pdf, PDARTS_reduction.pdf here
+    python visualize.py RUN/genotype.json       # RUN/normal.pdf, RUN/reduction.pdf (also: RUN)
+    python visualize.py cells/mine.json         # cells/mine_normal.pdf, cells/mine_reduction.pdf
+    python visualize.py PDARTS --format png --out_dir figures   # figures/normal.png, ...
 
 Needs the graphviz ``dot`` program (Debian/Ubuntu: ``apt-get install graphviz``).
 Never opens a viewer.
@@ -13,7 +15,8 @@ import os
 import shutil
 import sys
 
-from genotypes import OP_COLORS, Genotype, GenotypeError, get_genotype, known_genotypes
+from flags import HelpFormatter
+from genotypes import GENOTYPE_FILE, OP_COLORS, Genotype, GenotypeError, get_genotype, known_genotypes
 
 FORMATS = ("pdf", "png", "svg")
 DOT_MISSING = ("the graphviz 'dot' program is not installed; install it "
@@ -75,24 +78,43 @@ def draw_genotype(genotype: Genotype, out_dir: str, fmt: str = "pdf",
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("genotype", help=f"a cell name ({', '.join(known_genotypes())}) "
-                        "or the path to a genotype JSON file")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser.add_argument("genotype", help=f"a cell name ({', '.join(known_genotypes())}, any case), "
+                        f"a genotype JSON file, or a search run folder (its {GENOTYPE_FILE})")
     parser.add_argument("--format", choices=FORMATS, default="pdf", help="output format")
-    parser.add_argument("--out_dir", default=".", help="folder for normal.* and reduction.*")
+    parser.add_argument("--out_dir", default=None,
+                        help="write normal.FORMAT and reduction.FORMAT into this folder (default: "
+                             "next to the JSON file, named after it unless it is genotype.json; "
+                             "for a cell name, NAME_normal.FORMAT and NAME_reduction.FORMAT here)")
     return parser.parse_args(argv)
+
+
+def output_place(source: str, out_dir: str | None) -> tuple[str, str]:
+    """(folder, file-name prefix) for the diagrams of ``source`` (a cell name, a JSON file
+    or a run folder): never a bare normal.pdf in the current folder that the next cell's
+    drawing would silently replace."""
+    if out_dir is not None:
+        return out_dir, ""
+    if os.path.isdir(source):
+        return source, ""
+    if os.path.isfile(source) or source.endswith(".json"):
+        stem = os.path.splitext(os.path.basename(source))[0]
+        name = os.path.splitext(GENOTYPE_FILE)[0]
+        return os.path.dirname(source) or ".", "" if stem == name else f"{stem}_"
+    canonical = {name.lower(): name for name in known_genotypes()}.get(source.lower(), source)
+    return ".", f"{canonical}_"
 
 
 def main(args: argparse.Namespace) -> int:
     try:
         genotype = get_genotype(args.genotype)
-        paths = draw_genotype(genotype, args.out_dir, args.format)
+        out_dir, prefix = output_place(args.genotype, args.out_dir)
+        paths = draw_genotype(genotype, out_dir, args.format, prefix)
     except (GenotypeError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for p in paths:
-        print(p)
+    for kind, p in zip(("normal", "reduction"), paths):
+        print(f"{kind} cell: {os.path.abspath(p)}")
     return 0
 
 

@@ -35,6 +35,7 @@ from functools import partial
 import torch
 from common import add_common_args, measure_paths, path_options, print_table, setup
 
+from flags import positive_int
 from genotypes import PRIMITIVES
 from model_search import Network
 from speed import prepare_input, prepare_model
@@ -80,7 +81,7 @@ def make_step(stage: int, path: str, device: torch.device, batch: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(p, cpu_steps=3)
-    p.add_argument("--batch_size", type=int, default=None,
+    p.add_argument("--batch_size", type=positive_int, default=None,
                    help="images in each of the two batches (default 96 on CUDA, 8 on CPU)")
     p.add_argument("--stages", default="1,2,3", help="comma-separated stages to measure")
     args = p.parse_args()

@@ -26,6 +26,7 @@ import torch.nn as nn
 from common import add_common_args, measure_paths, path_options, print_table, setup
 
 from engine import reference_train_step, train_step
+from flags import positive_int
 from genotypes import PDARTS
 from model import NetworkCIFAR, NetworkImageNet
 from speed import prepare_input, prepare_model
@@ -62,9 +63,10 @@ def make_step(net: str, path: str, device: torch.device, batch: int, image: int)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(p, cpu_steps=3)
-    p.add_argument("--batch_size", type=int, default=None,
+    p.add_argument("--batch_size", type=positive_int, default=None,
                    help="CIFAR batch (default 128 on CUDA, 16 on CPU)")
-    p.add_argument("--imagenet_batch_size", type=int, default=None, help="default 128 on CUDA, 4 on CPU")
+    p.add_argument("--imagenet_batch_size", type=positive_int, default=None,
+                   help="default 128 on CUDA, 4 on CPU")
     p.add_argument("--networks", default="cifar,imagenet")
     args = p.parse_args()
     device, steps, warmup, paths = setup(args, cpu_steps=3)

@@ -96,14 +96,16 @@ CPU_PATHS = ["plain", "default", "default+channels_last"]
 
 def add_common_args(parser, cpu_steps: int) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--steps", type=int, default=None,
+    from flags import nonneg_int, positive_int
+
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help=f"timed steps (default 20 on CUDA, {cpu_steps} on CPU)")
-    parser.add_argument("--warmup", type=int, default=None,
+    parser.add_argument("--warmup", type=nonneg_int, default=None,
                         help="untimed steps (default 5 on CUDA, 1 on CPU)")
     parser.add_argument("--paths", default=None,
                         help=f"comma-separated, of: {','.join(ALL_PATHS)} "
                              f"(CPU default: {','.join(CPU_PATHS)})")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = PyTorch's default)")
+    parser.add_argument("--threads", type=nonneg_int, default=0, help="CPU threads (0 = PyTorch's default)")
 
 
 def setup(args, cpu_steps: int) -> tuple[torch.device, int, int, list[str]]:

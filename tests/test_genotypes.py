@@ -167,6 +167,47 @@ def test_reject_bad_concat(tmp_path):
     assert "normal_concat" in _bad(tmp_path, d)
 
 
+def test_reject_fractional_or_input_only_concat(tmp_path):
+    d = _good()
+    d["normal_concat"] = [2, 3, 4, 5.7]          # was silently taken as 5
+    assert "integer node indices" in _bad(tmp_path, d)
+    d["normal_concat"] = [2, 3, 4, True]
+    assert "integer node indices" in _bad(tmp_path, d)
+    d = _good()
+    d["reduce_concat"] = [0, 1]                  # the cell's ops would reach no output
+    msg = _bad(tmp_path, d)
+    assert "reduce_concat" in msg and "only the cell's inputs" in msg
+
+
+def test_reject_a_file_that_is_not_text(tmp_path):
+    path = tmp_path / "weights.json"
+    path.write_bytes(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.\xff\xfe")   # a pickle's first bytes
+    with pytest.raises(GenotypeError) as info:
+        get_genotype(str(path))
+    assert "is not a genotype JSON file" in str(info.value) and "weights.json" in str(info.value)
+
+
+def test_names_are_case_insensitive_with_a_suggestion():
+    assert get_genotype("pdarts") is not None and get_genotype("pdarts") == genotypes.PDARTS
+    assert get_genotype("Darts_V1") == genotypes.DARTS_V1
+    with pytest.raises(GenotypeError) as info:
+        get_genotype("PDART")
+    assert "did you mean PDARTS?" in str(info.value)
+    with pytest.raises(GenotypeError) as info:
+        get_genotype("zzzz")
+    assert "did you mean" not in str(info.value)
+
+
+def test_a_search_run_folder_means_its_genotype_json(tmp_path):
+    run = tmp_path / "search-try-20240101-120000"
+    run.mkdir()
+    with pytest.raises(GenotypeError) as info:     # not finished yet: no genotype.json
+        get_genotype(str(run))
+    assert "without genotype.json" in str(info.value)
+    save_genotype(genotypes.DARTS_V2, str(run / genotypes.GENOTYPE_FILE))
+    assert get_genotype(str(run)) == genotypes.DARTS_V2
+
+
 def test_reject_invalid_json(tmp_path):
     msg = _bad(tmp_path, text='{"normal": [["sep_conv_3x3", 0],')
     assert "not valid JSON" in msg and "bad.json" in msg

@@ -44,8 +44,9 @@ def test_skip_dropout_rate_per_epoch():
     assert all(ts.skip_dropout_rate(e, E, 0.0, W) == 0.0 for e in range(E))
 
 
-def test_validation_in_the_last_5_epochs():
-    assert [e for e in range(25) if ts.is_validation_epoch(e, 25)] == [20, 21, 22, 23, 24]
+def test_validation_in_the_release_s_last_4_epochs():
+    # The release: `epochs - epoch < 5` (SPEC section 2).
+    assert [e for e in range(25) if ts.is_validation_epoch(e, 25)] == [21, 22, 23, 24]
     assert all(ts.is_validation_epoch(e, 3) for e in range(3))
 
 
@@ -232,6 +233,14 @@ def test_derive_rejects_bad_files(tmp_path, capsys, state):
 def test_derive_missing_file(tmp_path, capsys):
     rc = run_main(ts.main, ts.parse_args(["--derive", str(tmp_path / "nope.json")]))
     assert rc == 2 and "nope.json" in capsys.readouterr().err
+
+
+def test_derive_of_a_binary_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"PK\x03\x04\x80\xff\xfe binary")
+    rc = run_main(ts.main, ts.parse_args(["--derive", str(path)]))
+    err = capsys.readouterr().err
+    assert rc == 2 and "is not an arch_state.json file" in err and len(err.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------------------

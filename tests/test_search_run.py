@@ -80,7 +80,7 @@ def test_search_writes_every_output(cifar10_dir, tmp_path, capsys):
         rate = [0.1, 0.4, 0.7][r["stage"] - 1]
         assert r["lr"] == pytest.approx(ts.learning_rate(r["epoch"], 2, 0.025, 0.0))
         assert r["skip_dropout"] == pytest.approx(ts.skip_dropout_rate(r["epoch"], 2, rate, 1))
-        assert r["valid_acc"] is not None                 # last 5 epochs: all of them here
+        assert r["valid_acc"] is not None                 # last 4 epochs: all of them here
         assert (r["arch_loss"] is None) == (r["epoch"] < 1)
         for key in ("train_acc", "train_loss", "epoch_time_s", "images_per_s", "peak_memory_mb"):
             assert isinstance(r[key], (int, float)), key
@@ -123,9 +123,20 @@ def test_resume_gives_the_same_genotype(cifar10_dir, tmp_path, capsys):
     run_dir = only_run_dir(cut)
     assert not os.path.exists(os.path.join(run_dir, "genotype.json"))
     assert len(read_metrics(run_dir)) == 3
-    rc, resumed_lines = search(["--resume", run_dir, "--workers", "0"], capsys)
+    # A recipe flag that differs from the run's is refused, not silently ignored.
+    rc = run_main(ts.main, ts.parse_args(["--resume", run_dir, "--epochs", "5", "--seed", "3"]))
+    err = capsys.readouterr().err
+    assert rc == 2 and "--epochs 5 (the run's: 2)" in err and "--seed" not in err
+    assert len(read_metrics(run_dir)) == 3
+    # Repeating the original command line with --resume added is fine.
+    rc, resumed_lines = search(["--resume", run_dir, *common], capsys)
     assert rc == 0
     assert resumed_lines[-1] == full_lines[-1]
+    # A finished search: said so, its cell printed, nothing re-derived or appended.
+    log_size = os.path.getsize(os.path.join(run_dir, "log.txt"))
+    rc, again = search(["--resume", run_dir], capsys)
+    assert rc == 0 and "is complete" in again[0] and again[-1] == full_lines[-1]
+    assert len(read_metrics(run_dir)) == 6 and os.path.getsize(os.path.join(run_dir, "log.txt")) == log_size
     a = json.load(open(os.path.join(only_run_dir(full), "arch_state.json")))
     b = json.load(open(os.path.join(run_dir, "arch_state.json")))
     for sa, sb in zip(a["stages"], b["stages"]):
@@ -136,8 +147,52 @@ def test_resume_gives_the_same_genotype(cifar10_dir, tmp_path, capsys):
 
 
 def test_resume_of_a_missing_run_is_an_error(tmp_path, capsys):
+    rc = run_main(ts.main, ts.parse_args(["--resume", str(tmp_path / "nowhere")]))
+    assert rc == 2 and "no run folder" in capsys.readouterr().err
     rc = run_main(ts.main, ts.parse_args(["--resume", str(tmp_path)]))
-    assert rc == 2 and "checkpoint not found" in capsys.readouterr().err
+    assert rc == 2 and "has no checkpoint.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("interrupt_at", [1, 2])
+def test_ctrl_c_says_how_to_resume(cifar10_dir, tmp_path, capsys, monkeypatch, interrupt_at):
+    """The run folder is printed at the start; after Ctrl-C the hint names the real folder,
+    or says that nothing can be resumed when the first epoch did not finish."""
+    real_epoch, calls = ts.train_epoch, []
+
+    def epoch_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(ts, "train_epoch", epoch_then_ctrl_c)
+    save = str(tmp_path / "runs") + "/"
+    os.makedirs(save)
+    rc = run_main(ts.main, ts.parse_args(["--tmp_data_dir", cifar10_dir, "--save", save, *TINY]))
+    out, err = capsys.readouterr()
+    run_dir = os.path.abspath(only_run_dir(save))
+    assert rc == 130 and f"run folder {run_dir}" in out
+    if interrupt_at == 1:
+        assert "before a checkpoint was saved" in err and f"{run_dir} cannot be resumed" in err
+    else:
+        assert f"continue with: python train_search.py --resume {run_dir}" in err
+
+
+def test_release_search_flags_cutout_and_drop_path_prob(cifar10_dir):
+    """The release's --cutout/--cutout_length (Cutout on the images of both halves) and
+    --drop_path_prob (unused) are accepted; Cutout is off without --cutout."""
+    from data import Cutout
+
+    argv = ["--tmp_data_dir", cifar10_dir, *TINY]
+    off, _, _ = ts.build_search_data(ts.parse_args(argv))
+    assert not any(isinstance(t, Cutout) for t in off.transform.transforms)
+    args = ts.parse_args([*argv, "--cutout", "--cutout_length", "6", "--drop_path_prob", "0.2"])
+    data, _, text = ts.build_search_data(args)
+    cutouts = [t for t in data.transform.transforms if isinstance(t, Cutout)]
+    assert len(cutouts) == 1 and cutouts[0].length == 6 and "cutout 6 on both halves" in text
+    # Both halves are the same dataset object, so both get the Cutout: zeroed squares.
+    x, _ = data[0]
+    assert (x == 0).all(dim=0).sum() >= 9
 
 
 def test_search_on_an_image_folder(image_folder, tmp_path, capsys):
@@ -217,7 +272,8 @@ def test_fp16_on_cpu_is_refused(cifar10_dir, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("extra", [[], ["--amp", "fp16", "--channels_last"], ["--amp", "bf16", "--compile"]])
+@pytest.mark.parametrize("extra", [[], ["--amp", "fp16", "--channels_last"], ["--amp", "bf16", "--compile"],
+                                   ["--cutout", "--cutout_length", "6"]])
 def test_search_on_cuda_with_the_gpu_input_pipeline(cifar10_dir, tmp_path, capsys, extra):
     save = str(tmp_path / "runs") + "/"
     os.makedirs(save)

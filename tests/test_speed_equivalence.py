@@ -149,7 +149,13 @@ def test_search_step_through_a_compiled_forward():
             torch.manual_seed(7 + step)
             _, loss_w, loss_a = search_step(net, (x_w, y_w), (x_a, y_a), w, a, 0.5, step > 0, forward=fwd)
             losses.append((loss_w.item(), None if loss_a is None else loss_a.item()))
-        assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+        (plain_w, plain_a), (compiled_w, compiled_a) = losses
+        assert compiled_w == pytest.approx(plain_w, rel=1e-5)
+        # No alpha step in the warm-up step: both paths return None there. (pytest >= 9.2
+        # refuses None inside approx, so the alpha losses are compared on their own.)
+        assert (plain_a is None) == (compiled_a is None) == (step == 0)
+        if plain_a is not None:
+            assert compiled_a == pytest.approx(plain_a, rel=1e-5)
     for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
     # The compiled forward ran: graphs for the weight step (alphas constant) and the alpha

@@ -157,16 +157,19 @@ def test_resume_continues_exactly(cifar10_dir, tmp_path, monkeypatch, capsys):
         real_save(obj, path, **kwargs)
 
     monkeypatch.setattr(engine, "save_atomic", crash_on_third_save)
+    capsys.readouterr()
     assert train([*common, "--save", interrupted]) == 130
     monkeypatch.undo()
     run_dir = only_run_dir(interrupted)
+    hint = capsys.readouterr().err      # the real folder, not a placeholder
+    assert f"--resume {os.path.abspath(run_dir)}" in hint and "RUN_DIR" not in hint
     assert load(os.path.join(run_dir, "checkpoint.pt"))["epoch"] == 1
     assert len(read_metrics(run_dir)) == 2
 
     # A changed recipe flag is refused; the original command line plus --resume works.
     capsys.readouterr()
     assert train([*common, "--save", interrupted, "--resume", run_dir, "--learning_rate", "0.1"]) == 2
-    assert "--learning_rate 0.1 (saved: 0.025)" in capsys.readouterr().err
+    assert "--learning_rate 0.1 (the run's: 0.025)" in capsys.readouterr().err
     assert train([*common, "--save", interrupted, "--resume", run_dir]) == 0
 
     a, b = (load(os.path.join(only_run_dir(p), "checkpoint.pt")) for p in (straight, interrupted))
@@ -215,7 +218,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cifar10_dir, t
     (["--arch", "NO_SUCH_CELL"], "unknown genotype 'NO_SUCH_CELL'"),
     (["--arch", "{bad_json}"], "is not valid JSON"),
     (["--cifar100", "--dataset", "cifar10"], "--cifar100 contradicts --dataset cifar10"),
-    (["--layers", "1"], "--layers must be at least 2"),
     (["--resume", "{missing}"], "checkpoint not found"),
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),
 ])

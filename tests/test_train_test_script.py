@@ -13,7 +13,7 @@ from conftest import ROOT, write_cifar_folder, write_image_folder
 from train_helpers import one_thread, run_test_script  # noqa: F401 - one_thread is an autouse fixture
 
 import engine
-from genotypes import PDARTS
+from genotypes import DARTS_V2, PDARTS
 from model import NetworkCIFAR
 
 
@@ -88,12 +88,15 @@ def write_corrupt(tmp_path, authors_cifar):
     return str(path)
 
 
+READ = "the checkpoint has C 36, 20 cells, an auxiliary head, 10 classes, cifar"
+FLAGS = "Pass --init_channels 36 --layers 20 --auxiliary --dataset cifar10"
+
+
 @pytest.mark.parametrize("extra,message", [
-    ([], "Check --auxiliary (the checkpoint has an auxiliary head)"),
-    (["--auxiliary", "--layers", "14"], "Check --layers (the checkpoint has 20 cells, the network 14)"),
-    (["--auxiliary", "--init_channels", "16"], "Check --init_channels"),
-    (["--auxiliary", "--cifar100"], "Check the number of classes"),
-    (["--auxiliary", "--arch", "DARTS_V2"], "Check --arch"),
+    (["--auxiliary", "--layers", "14"], f"{READ}. {FLAGS}"),
+    (["--init_channels", "16"], f"{READ}. {FLAGS}"),
+    (["--cifar100"], "(C 36, 20 cells, an auxiliary head, 100 classes, cifar): " + READ),
+    (["--auxiliary", "--arch", "DARTS_V2"], "other cell operations than --arch DARTS_V2: pass --arch"),
     (["--auxiliary", "--arch", "NOPE"], "unknown genotype 'NOPE'"),
     (["--auxiliary", "--data", "{missing}"], "cifar10 not found"),
     (["--auxiliary", "--model_path", "{missing}"], "checkpoint not found"),
@@ -106,6 +109,24 @@ def test_bad_input_is_one_line_and_exit_2(extra, message, authors_cifar, cifar10
     argv = ["--model_path", authors_cifar, "--data", cifar10_dir, "--workers", "0"]
     rc, _, err = run_test_script(argv + [a.format(**fill) for a in extra], capsys)
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert "--download" not in err          # test.py has no --download to suggest
+
+
+def test_a_bare_state_dict_tells_its_sizes(tmp_path, capsys):
+    """weights.pt of a non-default network (C 8, 5 cells, auxiliary head, 100 classes):
+    test.py reads the sizes and the dataset from the tensors and asks only for the cell,
+    which a state dict cannot tell; a wrong size flag is answered with every flag at once."""
+    data = write_cifar_folder(str(tmp_path / "data"), 100)
+    path = str(tmp_path / "weights.pt")
+    torch.save(NetworkCIFAR(8, 100, 5, True, DARTS_V2).state_dict(), path)
+    argv = ["--model_path", path, "--data", data, "--workers", "0"]
+    rc, _, err = run_test_script(argv, capsys)            # PDARTS by default: other ops
+    assert rc == 2 and "has the network's sizes (C 8, 5 cells, an auxiliary head, 100 classes)" in err
+    assert "pass --arch" in err
+    rc, result, _ = run_test_script([*argv, "--arch", "darts_v2"], capsys)
+    assert rc == 0 and result["dataset"] == "cifar100" and result["images"] == 20
+    rc, _, err = run_test_script([*argv, "--arch", "DARTS_V2", "--layers", "8"], capsys)
+    assert rc == 2 and "Pass --init_channels 8 --layers 5 --auxiliary --dataset cifar100" in err
 
 
 def test_the_command_line_prints_no_traceback(tmp_path):

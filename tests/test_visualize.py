@@ -59,7 +59,30 @@ def test_drawing_shows_the_cell_ops(tmp_path):
 
 def test_default_format_is_pdf():
     args = visualize.parse_args(["PDARTS"])
-    assert args.format == "pdf" and args.out_dir == "."
+    assert args.format == "pdf" and args.out_dir is None
+
+
+def test_default_place_is_next_to_the_json_or_named_after_the_cell(tmp_path, monkeypatch, capsys):
+    """No bare normal.pdf in the current folder that the next drawing silently replaces:
+    a JSON file's cells go beside it (named after it unless it is a run's genotype.json),
+    a run folder's into it, a named cell's into files named after it; each path is printed."""
+    _need_dot()
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "search-run"
+    run.mkdir()
+    save_genotype(PDARTS, str(run / "genotype.json"))
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    save_genotype(DARTS_V2, str(cells / "mine.json"))
+    cases = [(str(cells / "mine.json"), cells, "mine_"), (str(run / "genotype.json"), run, ""),
+             (str(run), run, ""), ("pdarts", tmp_path, "PDARTS_"), ("DARTS_V2", tmp_path, "DARTS_V2_")]
+    for source, folder, prefix in cases:
+        assert visualize.main(visualize.parse_args([source])) == 0
+        printed = capsys.readouterr().out
+        for kind in ("normal", "reduction"):
+            path = folder / f"{prefix}{kind}.pdf"
+            assert path.is_file() and f"{kind} cell: {path}" in printed, (source, kind)
+    assert not (tmp_path / "normal.pdf").exists()
 
 
 def test_missing_dot_gives_install_hint(tmp_path, monkeypatch, capsys):

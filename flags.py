@@ -1,0 +1,112 @@
+"""Command-line helpers shared by every script: argparse ``type=`` functions that check a
+number's allowed range at parse time, the help formatter that shows each flag's default,
+and the default number of data-loader workers.
+
+A value out of range stops argparse with one line naming the flag, the value and the
+range (exit status 2), before anything is read or created::
+
+    train_search.py: error: argument --init_channels: must be an integer >= 1, got 0
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable
+
+# Every script reads its data from here unless --tmp_data_dir / --data says otherwise: the
+# release's training and test scripts' folder, beside the checkout.
+DEFAULT_DATA_DIR = "../data"
+
+
+def _number(kind: type, text: str) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An integer >= ``low``."""
+    def parse(text: str) -> int:
+        value = _number(int, text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text}")
+        return value
+    parse.__name__ = f"integer >= {low}"   # argparse names the type in some messages
+    return parse
+
+
+def int_between(low: int, high: int) -> Callable[[str], int]:
+    """An integer in ``low..high``."""
+    def parse(text: str) -> int:
+        value = _number(int, text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer in {low}..{high}, got {text}")
+        return value
+    parse.__name__ = f"integer in {low}..{high}"
+    return parse
+
+
+def float_range(low: float, high: float = math.inf, *, low_open: bool = False,
+                high_open: bool = True) -> Callable[[str], float]:
+    """A finite number in the interval from ``low`` to ``high`` (open or closed ends)."""
+    left, right = "(" if low_open else "[", ")" if high_open or high == math.inf else "]"
+    where = f"{left}{low:g}, {'inf' if high == math.inf else f'{high:g}'}{right}"
+
+    def parse(text: str) -> float:
+        value = _number(float, text)
+        ok = (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be in {where}, got {text}")
+        return value
+    parse.__name__ = f"number in {where}"
+    return parse
+
+
+positive_int = int_at_least(1)
+nonneg_int = int_at_least(0)
+positive_float = float_range(0.0, low_open=True)        # learning rates
+nonneg_float = float_range(0.0)                         # weight decay, loss weights, clip (0 = off)
+prob = float_range(0.0, 1.0)                            # dropout and drop-path rates: [0, 1)
+momentum = float_range(0.0, 1.0)                        # SGD momentum: [0, 1)
+fraction = float_range(0.0, 1.0, low_open=True)         # --train_portion: (0, 1)
+
+
+def available_cpus() -> int:
+    """CPU cores this process may use (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_workers(preferred: int) -> int:
+    """The release's number of loader processes, but never more than the CPU cores, and
+    none (loading in the main process) on a single core, where a worker process only adds
+    the cost of passing every batch between processes."""
+    cpus = available_cpus()
+    return 0 if cpus <= 1 else min(preferred, cpus)
+
+
+def workers_help(preferred: int, per_process: bool = False) -> str:
+    where = " per process" if per_process else ""
+    return (f"data-loader worker processes{where} (default: the release's {preferred}, at most "
+            f"the CPU cores, 0 on one core; here {default_workers(preferred)})")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows ``(default: X)`` after a flag's help unless the default is None/False/suppressed
+    or the text already says it (those help texts state their default in words)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        quiet = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not quiet and action.option_strings and "(default" not in text:
+            text += " (default: %(default)s)"
+        return text

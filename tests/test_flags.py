@@ -1,0 +1,144 @@
+"""Command lines of every script: numeric flags checked at parse time (one line naming the
+flag and its range, exit status 2), help texts with their defaults, the default number of
+loader workers, and at least one progress line per epoch in a log."""
+import logging
+import re
+
+import pytest
+from train_helpers import load_test_script
+
+import flags
+import train_cifar
+import train_imagenet
+import train_search
+import utils
+
+SCRIPTS = {"search": train_search, "cifar": train_cifar, "imagenet": train_imagenet}
+
+
+def _script(name):
+    return load_test_script() if name == "test" else SCRIPTS[name]
+
+
+BAD = [
+    # (scripts, flag, value, what the message says)
+    (("search",), "--add_width", "-1", "integer >= 0"),
+    (("search",), "--add_layers", "-2", "integer >= 0"),
+    (("search", "cifar", "imagenet"), "--init_channels", "0", ">="),
+    (("search", "cifar", "imagenet", "test"), "--report_freq", "0", "integer >= 1"),
+    (("search",), "--threads", "-1", "integer >= 0"),
+    (("search", "cifar", "imagenet", "test"), "--workers", "-1", "integer >= 0"),
+    (("search", "cifar", "imagenet"), "--learning_rate", "0", "(0, inf)"),
+    (("search", "cifar", "imagenet"), "--learning_rate", "nan", "finite"),
+    (("search",), "--arch_learning_rate", "-0.001", "(0, inf)"),
+    (("search", "cifar", "imagenet"), "--weight_decay", "-1", "[0, inf)"),
+    (("search", "cifar", "imagenet"), "--momentum", "1.5", "[0, 1)"),
+    (("search",), "--train_portion", "1", "(0, 1)"),
+    (("search",), "--train_portion", "0", "(0, 1)"),
+    (("search", "cifar", "imagenet"), "--epochs", "0", "integer >= 1"),
+    (("search", "cifar", "imagenet", "test"), "--batch_size", "0", "integer >= 1"),
+    (("search", "cifar", "imagenet"), "--drop_path_prob", "2.0", "[0, 1)"),
+    (("search",), "--dropout_rate", "1.0", "[0, 1)"),
+    (("search", "cifar"), "--cutout_length", "0", "integer >= 1"),
+    (("search",), "--max_skip", "9", "-1..8"),
+    (("search",), "--image_size", "4", "integer >= 8"),
+    (("cifar", "imagenet", "test"), "--layers", "1", "integer >= 2"),
+    (("imagenet",), "--label_smooth", "1", "[0, 1)"),
+    (("cifar",), "--auxiliary_weight", "-0.4", "[0, inf)"),
+    (("search", "cifar"), "--epochs", "ten", "expected an integer"),
+]
+
+
+@pytest.mark.parametrize("script,flag,value,message",
+                         [(s, f, v, m) for names, f, v, m in BAD for s in names])
+def test_numbers_out_of_range_are_refused_at_parse_time(script, flag, value, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        _script(script).parse_args([flag, value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}" in err and message in err and value in err
+
+
+def test_warmup_of_all_the_epochs_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        train_search.parse_args(["--epochs", "10", "--arch_warmup_epochs", "10"])
+    err = capsys.readouterr().err
+    assert "--arch_warmup_epochs 10 >= --epochs 10" in err and "no alpha" in err
+    args = train_search.parse_args(["--epochs", "11", "--arch_warmup_epochs", "10"])
+    assert args.epochs == 11
+
+
+def test_in_range_values_pass():
+    args = train_search.parse_args(["--add_width", "0", "--add_width", "1", "--threads", "0",
+                                    "--workers", "0", "--dropout_rate", "0", "--dropout_rate", "0.4",
+                                    "--dropout_rate", "0.99", "--max_skip", "-1",
+                                    "--learning_rate_min", "0", "--momentum", "0"])
+    assert args.dropout_rate == [0.0, 0.4, 0.99] and args.max_skip == -1
+    args = train_cifar.parse_args(["--grad_clip", "0", "--drop_path_prob", "0"])
+    assert args.grad_clip == 0 and args.drop_path_prob == 0
+
+
+@pytest.mark.parametrize("cpus,expected", [(1, 0), (2, 2), (3, 3), (64, 4)])
+def test_default_workers_never_exceed_the_cores(monkeypatch, cpus, expected):
+    monkeypatch.setattr(flags, "available_cpus", lambda: cpus)
+    assert flags.default_workers(4) == expected
+    assert flags.default_workers(2) == min(expected, 2)
+
+
+def test_scripts_default_to_at_most_one_worker_per_core():
+    cores = flags.available_cpus()
+    assert train_cifar.parse_args([]).workers <= max(cores, 1) and train_cifar.parse_args([]).workers <= 4
+    assert train_imagenet.parse_args([]).workers <= min(cores, 8)
+    assert train_search.parse_args([]).workers == flags.default_workers(2)
+    assert load_test_script().parse_args([]).workers == flags.default_workers(4)
+
+
+@pytest.mark.parametrize("script", ["search", "cifar", "imagenet", "test"])
+def test_help_shows_every_default_once(script, capsys):
+    with pytest.raises(SystemExit):
+        _script(script).parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "::" not in text
+    assert not re.search(r"\(default[^)]*\) \(default", text)       # said twice
+    expected = {
+        "search": ["--seed SEED seeds everything (the release's default) (default: 2)",
+                   "(default: ../data)", "Cutout square side (default: 16)"],
+        "cifar": ["training epochs (default: 600)", "SGD momentum (default: 0.9)",
+                  "seeds everything (default: 0)", "(default: auto)", "cutout square side (default: 16)",
+                  "SGD weight decay (default 3e-4, 5e-4 on CIFAR-100) --report_freq"],
+        "imagenet": ["training epochs (default: 250)", "(default: 1024)", "(default: 0.5)"],
+        "test": ["default 128 on CIFAR and ImageNet", f"else {flags.DEFAULT_DATA_DIR}"],
+    }[script]
+    for piece in expected:
+        assert piece in text, piece
+
+
+def test_every_script_reads_the_same_default_data_folder():
+    assert train_search.parse_args([]).tmp_data_dir == flags.DEFAULT_DATA_DIR
+    assert train_cifar.parse_args([]).tmp_data_dir == flags.DEFAULT_DATA_DIR
+    assert train_imagenet.parse_args([]).tmp_data_dir == flags.DEFAULT_DATA_DIR
+
+
+def test_an_epoch_shorter_than_report_freq_still_prints_a_line(monkeypatch):
+    """Not on a terminal (a log, CI): an epoch of 3 steps with --report_freq 50 prints
+    one line at its end; longer epochs print every report_freq steps."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    utils.logger.addHandler(handler)
+    old_level = utils.logger.level
+    utils.logger.setLevel(logging.INFO)
+    try:
+        monkeypatch.setattr("sys.stdout.isatty", lambda: False, raising=False)
+        for total, freq in ((3, 50), (120, 50)):
+            records.clear()
+            progress = utils.Progress(total, "train 0", freq)
+            progress.tty = False
+            for step in range(1, total + 1):
+                progress.update(step, {"loss": utils.AverageMeter()})
+            lines = [r.getMessage() for r in records]
+            expected = ["train 0 step 003/3"] if total == 3 else ["step 050/120", "step 100/120"]
+            assert len(lines) == len(expected) and all(e in ln for e, ln in zip(expected, lines))
+    finally:
+        utils.logger.removeHandler(handler)
+        utils.logger.setLevel(old_level)
