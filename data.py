@@ -11,8 +11,12 @@
 """
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,8 +46,8 @@ class DataError(UserError):
 
 
 def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std used for a dataset name (demo uses CIFAR-10's; folder and imagenet
-    use ImageNet's)."""
+    """Mean and std used for a dataset name (demo uses CIFAR-10's, imagenet ImageNet's;
+    an image folder's own are computed by ``image_stats``)."""
     if dataset == "cifar100":
         return CIFAR100_MEAN, CIFAR100_STD
     if dataset in ("cifar10", "demo"):
@@ -205,6 +209,116 @@ def make_demo_arrays(train: bool, num_train: int = 1000, num_test: int = 500,
 
 
 # ---------------------------------------------------------------------------------------
+# Dividing a training set in two (the search's weight/alpha halves, a held-out split)
+# ---------------------------------------------------------------------------------------
+
+# The CIFAR training batches are stored in random order, and the demo data is generated in
+# random order (its labels go through a random permutation), so their first and second
+# parts hold every class in about the same proportions: the release's in-order split is
+# right there and kept. Every other dataset (an image folder lists its images class by
+# class) is divided by a seeded, stratified draw.
+IN_ORDER_DATASETS = ("cifar10", "cifar100", "demo")
+COUNTS_SHOWN = 20   # class counts listed one by one in the log up to this many classes
+
+
+def split_rule(dataset: str) -> str:
+    """'in order' for the CIFAR pickles and the demo data, 'stratified' otherwise."""
+    return "in order" if dataset in IN_ORDER_DATASETS else "stratified"
+
+
+@dataclass
+class Split:
+    """Two disjoint sets of indices into one dataset, each in increasing order."""
+    first: list[int]
+    second: list[int]
+    rule: str
+    names: Sequence[str] = ()   # the files indexed (image folders), part of the digest
+
+    @property
+    def digest(self) -> str:
+        """A short fingerprint of the division (and of the files, when known), stored in
+        checkpoints so a resume can check that it divides the same data the same way."""
+        h = hashlib.sha256(f"{self.first}/{self.second}".encode())
+        for name in self.names:
+            h.update(name.encode() + b"\0")
+        return h.hexdigest()[:16]
+
+
+def sample_names(dataset) -> list[str]:
+    """The files of an image-folder dataset relative to its root ([] for arrays)."""
+    samples, root = getattr(dataset, "samples", None), getattr(dataset, "root", None)
+    if samples is None or root is None:
+        return []
+    return [os.path.relpath(path, root).replace(os.sep, "/") for path, _ in samples]
+
+
+def split_indices(labels: Sequence[int], portion: float, seed: int, rule: str) -> Split:
+    """Divide the indices of ``labels`` into ``floor(portion * n)`` and the rest.
+
+    ``rule`` 'in order': the first ones and the others (the release's rule). 'stratified':
+    every class is divided in the same proportion, each class's count in the first part
+    being ``portion * n_c`` rounded down or up (the remainders go to the classes with the
+    largest fractions, ties broken at random), and which images of a class go first is a
+    seeded random draw. A function of (labels, portion, seed) only.
+    """
+    n = len(labels)
+    m = int(math.floor(portion * n))
+    if rule == "in order":
+        return Split(list(range(m)), list(range(m, n)), rule)
+    if rule != "stratified":
+        raise ValueError(f"unknown split rule {rule!r}")
+    g = torch.Generator().manual_seed(int(seed))
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+    classes = sorted(by_class)
+    quota = [portion * len(by_class[c]) for c in classes]
+    take = [int(math.floor(q)) for q in quota]
+    # Largest remainders get the images left over; random tie-break, then class order.
+    ties = torch.rand(len(classes), generator=g).tolist()
+    order = sorted(range(len(classes)), key=lambda k: (-(quota[k] - take[k]), ties[k], k))
+    for k in order[:m - sum(take)]:
+        take[k] += 1
+    first: list[int] = []
+    for c, t in zip(classes, take):
+        idx = by_class[c]
+        perm = torch.randperm(len(idx), generator=g).tolist()
+        first.extend(idx[j] for j in perm[:t])
+    chosen = set(first)
+    return Split(sorted(first), [i for i in range(n) if i not in chosen], rule)
+
+
+def class_counts(labels: Sequence[int], indices: Sequence[int], num_classes: int) -> list[int]:
+    counts = [0] * num_classes
+    for i in indices:
+        counts[int(labels[i])] += 1
+    return counts
+
+
+def check_split(split: Split, labels: Sequence[int], class_names: Sequence[str],
+                names: tuple[str, str], advice: str) -> tuple[list[int], list[int]]:
+    """The class counts of both parts; a DataError naming the classes that have images
+    but none in one part (a class the weights never see, or one never validated)."""
+    counts = [class_counts(labels, part, len(class_names)) for part in (split.first, split.second)]
+    for name, part, other in zip(names, counts, counts[::-1]):
+        # A class with no image at all (a tiny CIFAR copy) has nothing to divide.
+        empty = [class_names[c] for c, k in enumerate(part) if k == 0 and other[c] > 0]
+        if empty:
+            shown = ", ".join(empty[:COUNTS_SHOWN]) + (" ..." if len(empty) > COUNTS_SHOWN else "")
+            raise DataError(f"the {split.rule} split leaves {len(empty)} class(es) with no "
+                            f"image in the {name}: {shown}; {advice}")
+    return counts[0], counts[1]
+
+
+def describe_counts(class_names: Sequence[str], first: Sequence[int], second: Sequence[int]) -> str:
+    """'name a/b, ...' for few classes, else the range of counts per class."""
+    if len(class_names) <= COUNTS_SHOWN:
+        return ", ".join(f"{c} {a}/{b}" for c, a, b in zip(class_names, first, second))
+    return (f"{len(class_names)} classes, {min(first)}..{max(first)} / "
+            f"{min(second)}..{max(second)} images per class")
+
+
+# ---------------------------------------------------------------------------------------
 # Transforms
 # ---------------------------------------------------------------------------------------
 
@@ -239,16 +353,24 @@ def cifar_transforms(dataset: str, train: bool, cutout_length: int = 0, image_si
     return T.Compose(steps)
 
 
-def folder_transforms(train: bool, image_size: int = 32, cutout_length: int = 0):
-    """A user's ImageFolder for the search: resize the short side to ``image_size`` and
-    centre-crop, then the CIFAR augmentation (crop with padding image_size/8, flip);
-    normalised with the ImageNet mean and std; optional cutout (training)."""
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    base = [T.Resize(image_size), T.CenterCrop(image_size)]
+def folder_transforms(train: bool, image_size: int = 32, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                      cutout_length: int = 0):
+    """A user's image folder: resize the short side to ``image_size`` and centre-crop
+    (evaluation), then for training the CIFAR augmentation (crop with zero padding
+    image_size/8, flip) and optional cutout; normalised with ``mean`` and ``std`` (the
+    training images' own, see ``image_stats``)."""
+    steps = [T.Resize(image_size), T.CenterCrop(image_size)]
     if train:
-        base += [T.RandomCrop(image_size, padding=image_size // 8), T.RandomHorizontalFlip()]
-    cutout = [Cutout(cutout_length)] if train and cutout_length > 0 else []
-    return T.Compose(base + [T.ToTensor(), T.Normalize(mean, std)] + cutout)
+        steps += [T.RandomCrop(image_size, padding=image_size // 8), T.RandomHorizontalFlip()]
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    if train and cutout_length > 0:
+        steps.append(Cutout(cutout_length))
+    return T.Compose(steps)
+
+
+def scaled_cutout(length: int, image_size: int) -> int:
+    """The CIFAR cutout length (16 of 32 pixels) scaled to another image size."""
+    return max(1, round(length * image_size / 32))
 
 
 def imagenet_transforms(train: bool):
@@ -267,15 +389,207 @@ def imagenet_transforms(train: bool):
 # ---------------------------------------------------------------------------------------
 
 def get_image_folder(path: str, transform, what: str = "image folder"):
-    """torchvision ImageFolder with a clear error when the folder is missing or empty."""
+    """torchvision ImageFolder with a clear error when the folder is missing or empty.
+    Images are read lazily; an unreadable one stops with its path (BadImageError)."""
     from torchvision import datasets
 
     if not os.path.isdir(path):
         raise DataError(f"{what} not found: expected a folder of class subfolders at {path}")
     try:
-        return datasets.ImageFolder(path, transform=transform)
+        return datasets.ImageFolder(path, transform=transform, loader=read_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"cannot use {path} as {what}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# A user's own image folder: read lazily (in DataLoader workers), any mode -> RGB
+# ---------------------------------------------------------------------------------------
+
+NORM_SAMPLE = 2000        # at most this many training images give the mean and std
+SCAN_BATCH = 64           # images per batch of the statistics and --skip_bad_images passes
+EVAL_FOLDERS = ("val", "test")
+
+
+class BadImageError(DataError):
+    """An image file that cannot be decoded; the message names the file."""
+
+    def __init__(self, message: str) -> None:
+        # A DataLoader worker's error comes back as "Caught ... Original Traceback ...":
+        # keep the one line that says which file and why.
+        if "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split("BadImageError: ", 1)[-1]
+        super().__init__(message)
+
+
+def read_image(path: str) -> Image.Image:
+    """Decode a whole image file as RGB (grayscale, palette, RGBA and CMYK converted)."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")   # decodes everything: a truncated file fails here
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImageError(f"cannot read image {path}: {e}. Replace or remove the file, or "
+                            "pass --skip_bad_images to leave unreadable images out") from None
+
+
+class FolderDataset(Dataset):
+    """(path, label) samples of an image folder and its class names; each item is read
+    from disk when asked for (by a DataLoader worker), so nothing is held in memory."""
+
+    def __init__(self, root: str, samples: list[tuple[str, int]], classes: list[str],
+                 transform=None) -> None:
+        self.root, self.samples, self.classes = root, samples, classes
+        self.transform = transform
+        self.skipped: list[str] = []    # why each unreadable image was left out
+
+    @property
+    def targets(self) -> list[int]:
+        return [y for _, y in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, y = self.samples[index]
+        img = read_image(path)
+        return (self.transform(img) if self.transform is not None else img), y
+
+    def subset(self, indices: Sequence[int], transform=None) -> FolderDataset:
+        return FolderDataset(self.root, [self.samples[i] for i in indices], self.classes, transform)
+
+
+def scan_folder(path: str, what: str = "image folder") -> FolderDataset:
+    """The images of a folder of class subfolders (file names only, nothing decoded)."""
+    scanned = get_image_folder(path, None, what)
+    return FolderDataset(path, list(scanned.samples), list(scanned.classes))
+
+
+def files_dataset(root: str, names: Sequence[str], classes: list[str], source: str) -> FolderDataset:
+    """Images listed by path relative to ``root`` (``class/file``), e.g. a stored split."""
+    index = {c: k for k, c in enumerate(classes)}
+    samples, missing = [], []
+    for name in names:
+        path = os.path.join(root, *name.split("/"))
+        label = index.get(name.split("/")[0])
+        if label is None or not os.path.isfile(path):
+            missing.append(name)
+        samples.append((path, label))
+    if missing:
+        raise DataError(f"{len(missing)} image(s) listed in {source} are not in {root} (first: "
+                        f"{missing[0]}); give the folder the run was trained on (--data)")
+    return FolderDataset(root, samples, classes)
+
+
+def compare_classes(expected: Sequence[str], found: Sequence[str], expected_from: str,
+                    found_in: str) -> None:
+    """A DataError naming the classes that differ (the network's outputs follow the
+    training classes in sorted order)."""
+    missing = [c for c in expected if c not in set(found)]
+    extra = [c for c in found if c not in set(expected)]
+    if missing or extra:
+        parts = ([f"missing from {found_in}: {', '.join(missing[:COUNTS_SHOWN])}"] if missing else []) + \
+                ([f"only in {found_in}: {', '.join(extra[:COUNTS_SHOWN])}"] if extra else [])
+        raise DataError(f"the classes of {found_in} differ from {expected_from}'s: "
+                        + "; ".join(parts))
+
+
+def folder_tree(root: str) -> tuple[str, str | None, str | None]:
+    """(training folder, validation folder, test folder) of a tree: ``root/train`` with
+    ``root/val`` and/or ``root/test``, or the class folders at the top of ``root``
+    (no evaluation folder: a part is held out)."""
+    if not os.path.isdir(root):
+        raise DataError(f"image folder not found: {root}")
+    train = os.path.join(root, "train")
+    val, test = (os.path.join(root, name) for name in EVAL_FOLDERS)
+    if os.path.isdir(train):
+        if not (os.path.isdir(val) or os.path.isdir(test)):
+            raise DataError(f"{root} has train/ but no val/ or test/: add one, or put the class "
+                            "folders at the top to hold out --val_portion of them")
+        return train, val if os.path.isdir(val) else None, test if os.path.isdir(test) else None
+    return root, None, None
+
+
+class _Decode(Dataset):
+    """Items (index, error or None, tensor or None) for passes over a folder's images."""
+
+    def __init__(self, dataset: FolderDataset, indices: Sequence[int], transform=None) -> None:
+        self.dataset, self.indices, self.transform = dataset, list(indices), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        i = self.indices[k]
+        try:
+            img = read_image(self.dataset.samples[i][0])
+        except BadImageError as e:
+            return i, str(e), None
+        return i, None, self.transform(img) if self.transform is not None else None
+
+
+def _decode_all(dataset: FolderDataset, indices: Sequence[int], transform, workers: int):
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_Decode(dataset, indices, transform), batch_size=SCAN_BATCH,
+                        num_workers=workers, collate_fn=list)
+    for batch in loader:
+        yield from batch
+
+
+def drop_unreadable(dataset: FolderDataset, workers: int = 0) -> tuple[FolderDataset, list[str]]:
+    """``--skip_bad_images``: decode every image once and leave out those that fail;
+    returns the remaining dataset and the messages of the ones left out."""
+    bad = {i: err for i, err, _ in _decode_all(dataset, range(len(dataset)), None, workers) if err}
+    keep = [i for i in range(len(dataset)) if i not in bad]
+    return dataset.subset(keep, dataset.transform), [bad[i] for i in sorted(bad)]
+
+
+def open_training_folder(path: str, image_size: int, seed: int, skip_bad_images: bool = False,
+                         workers: int = 0, stats: dict | None = None,
+                         what: str = "image folder") -> tuple[FolderDataset, dict]:
+    """A training folder ready to use: scanned, with ``skip_bad_images`` every image
+    decoded once and the unreadable ones left out (``dataset.skipped``), and the
+    normalisation ``stats`` ({'mean', 'std', 'images'}) computed from a sample of its
+    images unless given (a resumed run passes its own)."""
+    data = scan_folder(path, what)
+    if skip_bad_images:
+        data, skipped = drop_unreadable(data, workers)
+        data.skipped = skipped
+        if len(data) == 0:
+            raise DataError(f"no readable image in {path}")
+    if stats is None:
+        mean, std, count = image_stats(data, image_size, seed, workers=workers)
+        stats = {"mean": list(mean), "std": list(std), "images": count}
+    return data, stats
+
+
+def describe_stats(stats: dict) -> str:
+    mean = ", ".join(f"{v:.4f}" for v in stats["mean"])
+    std = ", ".join(f"{v:.4f}" for v in stats["std"])
+    return f"mean ({mean}) std ({std}) of {stats['images']} sampled training images"
+
+
+def image_stats(dataset: FolderDataset, image_size: int, seed: int = 0,
+                max_images: int = NORM_SAMPLE, workers: int = 0
+                ) -> tuple[tuple[float, ...], tuple[float, ...], int]:
+    """Per-channel mean and std of the pixels of at most ``max_images`` images (a seeded
+    sample), resized and centre-cropped as for evaluation; returns (mean, std, count)."""
+    n = len(dataset)
+    g = torch.Generator().manual_seed(int(seed))
+    indices = sorted(torch.randperm(n, generator=g)[:max_images].tolist())
+    geometry = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor()])
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    pixels = 0
+    for _, err, x in _decode_all(dataset, indices, geometry, workers):
+        if err:
+            raise BadImageError(err)
+        x = x.double().flatten(1)
+        total += x.sum(1)
+        squares += (x * x).sum(1)
+        pixels += x.shape[1]
+    mean = total / pixels
+    std = (squares / pixels - mean * mean).clamp(min=1e-12).sqrt()
+    return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist()), len(indices)
 
 
 def get_dataset(name: str, root: str, train: bool, transform, download: bool = False,

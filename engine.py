@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -77,11 +78,13 @@ from utils import (
     seed_everything,
     setup_logging,
     sync_buffers,
+    write_bytes_atomic,
 )
 
 WEIGHTS_NAME = "weights.pt"        # the release's name: a plain state dict
 CHECKPOINT_NAME = "checkpoint.pt"  # everything needed to resume or rebuild
 METRICS_NAME = "metrics.jsonl"
+SPLIT_NAME = "split.json"          # an image folder's held-out images (test.py, --resume)
 CHECKPOINT_FORMAT = "pdarts-eval-checkpoint/1"
 TOPK = (1, 5)
 
@@ -89,7 +92,8 @@ TOPK = (1, 5)
 # read and how often they are reported, not what is computed.
 RESUME_FREE_FLAGS = {"resume", "tmp_data_dir", "data", "workers", "report_freq", "device",
                      "save", "note", "download", "deterministic", "host_data", "channels_last",
-                     "compile", "dist_timeout", "plot_format", "checkpoint_cells"}
+                     "compile", "dist_timeout", "plot_format", "skip_bad_images",
+                     "checkpoint_cells"}
 # What load_resume and test.py need in a training checkpoint.
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "args", "genotype", "network",
                    "best_acc_on_test", "best_epoch_on_test", "last_acc", "last_top5", "last_loss")
@@ -391,10 +395,12 @@ def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.devic
 
 def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
                      args: argparse.Namespace, genotype: Genotype, network: dict,
-                     best: dict, last: dict) -> dict[str, Any]:
+                     best: dict, last: dict, data: dict | None = None) -> dict[str, Any]:
     """The full checkpoint: plain types and tensors only, so ``torch.load(...,
-    weights_only=True)`` reads it. ``epoch`` counts the epochs completed."""
+    weights_only=True)`` reads it. ``epoch`` counts the epochs completed. ``data``: what
+    an image folder run needs to be tested or resumed (classes, size, normalisation)."""
     return {
+        "data": data,
         "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -483,6 +489,10 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def write_json_atomic(obj: Any, path: str, what: str = "") -> None:
+    write_bytes_atomic((json.dumps(obj, indent=1) + "\n").encode(), path, what)
+
+
 # ---------------------------------------------------------------------------------------
 # The training run
 # ---------------------------------------------------------------------------------------
@@ -499,6 +509,9 @@ class RunSpec:
     eval_criterion: nn.Module
     input_size: tuple[int, int, int, int]
     device_augment: dict | None = None  # mean, std, cutout_length: GPU pipeline for arrays
+    data_info: dict | None = None       # kept in the checkpoint as "data" (image folders)
+    run_files: dict[str, Any] = field(default_factory=dict)  # JSON files for the run folder
+    data_lines: list[str] = field(default_factory=list)      # logged at the start
 
 
 def fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | None = None) -> int:
@@ -530,6 +543,11 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
                 os.path.abspath(run_dir), env.world_size, batch)
     logger.info("genotype = %s", format_genotype(spec.genotype))
     logger.info(format_summary(summary))
+    for line in spec.data_lines:
+        logger.info("data: %s", line)
+    if env.is_main:
+        for name, obj in spec.run_files.items():
+            write_json_atomic(obj, os.path.join(run_dir, name))
 
     optimizer = torch.optim.SGD(model.parameters(), args.learning_rate, momentum=args.momentum,
                                 weight_decay=args.weight_decay, foreach=True)
@@ -627,7 +645,7 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
             # Faithful to the release: weights.pt, a plain state dict, every epoch (without
             # the 'module.' prefix DataParallel gave the release's). checkpoint.pt is new.
             save_atomic(checkpoint_state(model, optimizer, epoch + 1, args, spec.genotype,
-                                         spec.network, best, last),
+                                         spec.network, best, last, spec.data_info),
                         os.path.join(run_dir, CHECKPOINT_NAME), resume_hint=run_dir)
             save_atomic(model.state_dict(), os.path.join(run_dir, WEIGHTS_NAME), resume_hint=run_dir)
         barrier()

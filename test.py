@@ -8,6 +8,10 @@ one JSON line for machines:
         # the authors' ImageNet checkpoint (DATA/imagenet/val or DATA/val): 75.6% / 92.6%
     python test.py --model_path RUN_DIR --data DATA
         # this project's checkpoint.pt: genotype and sizes come from it; flags still override
+    python test.py --model_path RUN_DIR [--data TREE]
+        # a run of train_cifar.py --dataset folder: its classes, image size, normalisation
+        # and held-out split (split.json) come from the run; TREE/test (else TREE/val), the
+        # stored held-out images, or every image of a folder of class folders
 
 ``--model_path`` may be a plain state dict (the authors' CIFAR checkpoints, our
 weights.pt), one whose keys start with ``module.``, one wrapped as ``{'state_dict': ...}``
@@ -36,12 +40,18 @@ from checkpoint import (
 from data import (
     DataError,
     cifar_transforms,
+    compare_classes,
+    drop_unreadable,
+    files_dataset,
+    folder_transforms,
     get_dataset,
     get_image_folder,
     imagenet_transforms,
     num_classes_of,
+    scan_folder,
 )
 from engine import (
+    SPLIT_NAME,
     build_network,
     check_training_checkpoint,
     checkpoint_genotype,
@@ -76,11 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "ImageNet validation set; reports loss, top-1 and top-5, then one JSON line.",
         formatter_class=HelpFormatter)
     p.add_argument("--data", type=str, default=None,
-                   help=f"data directory (default: --tmp_data_dir, else {DEFAULT_DATA_DIR})")
+                   help=f"data directory (default: --tmp_data_dir, else an image-folder run's "
+                        f"own folder, else {DEFAULT_DATA_DIR})")
     p.add_argument("--tmp_data_dir", type=str, default=None, help="same as --data")
-    p.add_argument("--dataset", choices=["cifar10", "cifar100", "demo", "imagenet"], default=None,
+    p.add_argument("--dataset", choices=["cifar10", "cifar100", "demo", "imagenet", "folder"],
+                   default=None,
                    help="default: the checkpoint's (ImageNet for an ImageNet network, CIFAR-100 "
-                        "for 100 classes), else cifar100 with --cifar100, else cifar10")
+                        "for 100 classes), else cifar100 with --cifar100, else cifar10; folder "
+                        "needs a checkpoint of train_cifar.py --dataset folder")
+    p.add_argument("--skip_bad_images", action="store_true",
+                   help="--dataset folder: leave out unreadable images (counted) instead of "
+                        "stopping at the first with its path")
     p.add_argument("--cifar100", action="store_true", help="the release's --dataset cifar100")
     p.add_argument("--model_path", type=str, default=None, help="checkpoint file or run folder")
     p.add_argument("--auxiliary", action="store_true", default=None,
@@ -116,6 +132,57 @@ def imagenet_val(root: str):
             return get_image_folder(path, imagenet_transforms(False), "the ImageNet validation folder")
     raise DataError(f"ImageNet validation folder not found: expected {' or '.join(candidates)} "
                     "(class subfolders); set --data or --tmp_data_dir")
+
+
+def folder_test_set(data_info: dict | None, root: str | None, checkpoint_path: str,
+                    skip_bad_images: bool = False, workers: int = 0):
+    """The evaluation images of an image-folder run, and a line saying which they are:
+    ``root/test`` (else ``root/val``) of a train/val tree; the held-out images of the run's
+    split.json when ``root`` is the folder it was trained on; otherwise every image of
+    ``root`` (a separate folder of class folders). Classes must equal the run's."""
+    if not data_info or data_info.get("dataset") != "folder":
+        raise UserError("--dataset folder needs a checkpoint of train_cifar.py --dataset folder "
+                        "(it holds the classes, image size and normalisation)")
+    root = root or data_info["root"]
+    classes, size, stats = data_info["classes"], data_info["image_size"], data_info["stats"]
+    if not os.path.isdir(root):
+        raise DataError(f"image folder not found: {root} (set --data)")
+    split_path = os.path.join(os.path.dirname(checkpoint_path), SPLIT_NAME)
+    names = [n for n in ("test", "val") if os.path.isdir(os.path.join(root, n))]
+    if os.path.isdir(os.path.join(root, "train")) and names:
+        folder = os.path.join(root, names[0])
+        test_set, what = scan_folder(folder, "test image folder"), f"{folder}"
+        compare_classes(classes, test_set.classes, "the checkpoint", folder)
+    elif (data_info.get("eval") == "held-out"
+          and os.path.realpath(root) == os.path.realpath(data_info["root"])):
+        stored = _read_split(split_path)
+        if stored.get("digest") != data_info.get("split_digest"):
+            raise DataError(f"{split_path} is not the split of {checkpoint_path}")
+        test_set = files_dataset(root, stored["held_out"], classes, split_path)
+        what = f"the {len(test_set)} images held out in {split_path}"
+    else:
+        test_set, what = scan_folder(root, "test image folder"), f"every image in {root}"
+        compare_classes(classes, test_set.classes, "the checkpoint", root)
+    if skip_bad_images:
+        test_set, bad = drop_unreadable(test_set, workers)
+        for reason in bad:
+            logger.warning("left out: %s", reason)
+        what += f", {len(bad)} unreadable image(s) left out"
+    test_set.transform = folder_transforms(False, size, stats["mean"], stats["std"])
+    return test_set, what
+
+
+def _read_split(path: str) -> dict:
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+    except OSError as e:
+        raise DataError(f"cannot read the run's held-out split {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"{path} is not a split file of train_cifar.py") from None
+    if not isinstance(stored, dict) or not isinstance(stored.get("held_out"), list):
+        raise DataError(f"{path} is not a split file of train_cifar.py (no 'held_out' list)")
+    return stored
 
 
 def _describe(info: dict) -> str:
@@ -194,9 +261,15 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--cifar100 contradicts --dataset {dataset}")
     kind = "imagenet" if dataset == "imagenet" else "cifar"
     C_default, layers_default, batch_default = RELEASE_DEFAULTS[kind]
+    data_info = obj.get("data") if ours else None
     if kind == "imagenet":
         num_classes = known.get("num_classes") if known.get("kind") == "imagenet" else None
         num_classes = num_classes or num_classes_of("imagenet")
+    elif dataset == "folder":
+        if not data_info or data_info.get("dataset") != "folder":
+            raise UserError("--dataset folder needs a checkpoint of train_cifar.py --dataset "
+                            "folder (it holds the classes, image size and normalisation)")
+        num_classes = len(data_info["classes"])
     else:
         num_classes = num_classes_of(dataset)
     arch = args.arch or ("the checkpoint's" if ours else "PDARTS")
@@ -210,15 +283,19 @@ def main(args: argparse.Namespace) -> int:
         args.auxiliary if args.auxiliary is not None else known.get("auxiliary", False))
     batch = per_process_batch(args.batch_size or batch_default, env.world_size)
 
-    root = args.data or args.tmp_data_dir or DEFAULT_DATA_DIR
-    if kind == "imagenet":
-        test_set = imagenet_val(root)
+    root = args.data or args.tmp_data_dir   # an image-folder run knows its own
+    image_size = 224 if kind == "imagenet" else 32
+    if dataset == "folder":
+        test_set, what = folder_test_set(data_info, root, path, args.skip_bad_images, args.workers)
+        image_size = data_info["image_size"]
+    elif kind == "imagenet":
+        test_set = imagenet_val(root or DEFAULT_DATA_DIR)
         if len(test_set.classes) > num_classes:
             raise DataError(f"the validation folder has {len(test_set.classes)} classes but the "
                             f"network only {num_classes} outputs")
     else:
-        test_set = get_dataset(dataset, root, False, cifar_transforms(dataset, False),
-                               offer_download=False)
+        test_set = get_dataset(dataset, root or DEFAULT_DATA_DIR, False,
+                               cifar_transforms(dataset, False), offer_download=False)
 
     model = build_network(info, genotype)
     try:
@@ -230,8 +307,9 @@ def main(args: argparse.Namespace) -> int:
     logger.info("model %s (%s): %s", path, "this project's checkpoint" if ours else "state dict",
                 json.dumps(info))
     logger.info("genotype = %s", format_genotype(genotype))
-    logger.info(format_summary(model_summary(model, (1, 3, 224, 224) if kind == "imagenet"
-                                             else (1, 3, 32, 32))))
+    logger.info(format_summary(model_summary(model, (1, 3, image_size, image_size))))
+    if dataset == "folder":
+        logger.info("data: %s, %d classes, %dx%d", what, num_classes, image_size, image_size)
     loader = make_loader(test_set, batch, env, train=False, workers=args.workers)
     stats = evaluate(model, loader, nn.CrossEntropyLoss(), env.device,
                      report_freq=args.report_freq, show=env.is_main)

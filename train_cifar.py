@@ -1,4 +1,4 @@
-"""Train a P-DARTS evaluation network on CIFAR-10 or CIFAR-100 with the paper's recipe.
+"""Train a P-DARTS evaluation network on CIFAR-10, CIFAR-100 or an image folder with the paper's recipe.
 
 The recipe (SPEC section 5) is the default: 600 epochs, global batch 128, SGD lr 0.025 cosine to 0
 (set once per epoch), momentum 0.9, weight decay 3e-4 (5e-4 on CIFAR-100), gradient clip 5,
@@ -11,6 +11,8 @@ drop path 0.3 growing linearly, 20 cells, C = 36; ``--auxiliary`` (weight 0.4) a
     python train_cifar.py --dataset demo --epochs 5 --layers 8 --init_channels 16   # a quick try
     torchrun --nproc_per_node 8 train_cifar.py ...                  # global batch and lr unchanged
     python train_cifar.py --tmp_data_dir DATA --resume LOG/eval-NOTE-20190101-120000
+    python train_cifar.py --dataset folder --tmp_data_dir TREE --image_size 64 --arch RUN/genotype.json
+        # your own images: TREE/train + TREE/val (or test), or class folders (10% held out)
 
 Writes ``{save}eval-{note}-{time}/`` with log.txt, metrics.jsonl, weights.pt (plain state
 dict) and checkpoint.pt (for --resume and test.py).
@@ -18,13 +20,34 @@ dict) and checkpoint.pt (for --resume and test.py).
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from functools import partial
 
 import torch.nn as nn
 
-from data import cifar_transforms, get_dataset, normalization, num_classes_of
+from data import (
+    DataError,
+    check_split,
+    cifar_transforms,
+    compare_classes,
+    describe_counts,
+    describe_stats,
+    drop_unreadable,
+    folder_transforms,
+    folder_tree,
+    get_dataset,
+    normalization,
+    num_classes_of,
+    open_training_folder,
+    sample_names,
+    scaled_cutout,
+    scan_folder,
+    split_indices,
+)
 from engine import (
+    SPLIT_NAME,
     RunSpec,
     add_training_args,
     check_sizes,
@@ -38,6 +61,10 @@ from flags import HelpFormatter, nonneg_float, positive_int
 from genotypes import get_genotype
 from utils import UserError, barrier, init_distributed, run_main
 
+IMAGE_SIZE = 32          # CIFAR's, and the default for an image folder
+MIN_IMAGE_SIZE = 8
+AUX_POOL, AUX_STRIDE = 5, 3   # the CIFAR auxiliary head's average pool
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
@@ -49,8 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use cutout (off by default; the release's command line turns it on)")
     p.add_argument("--cutout_length", type=positive_int, default=16, help="cutout square side")
     p.add_argument("--cifar100", action="store_true", default=False, help="train on CIFAR-100")
-    p.add_argument("--dataset", choices=["cifar10", "cifar100", "demo"], default=None,
-                   help="cifar10 unless --cifar100; demo: generated data, no download")
+    p.add_argument("--dataset", choices=["cifar10", "cifar100", "demo", "folder"], default=None,
+                   help="cifar10 unless --cifar100; demo: generated data, no download; folder: "
+                        "your own images in --tmp_data_dir (train/ and val/ or test/ class "
+                        "folders, or class folders at the top with --val_portion held out)")
+    p.add_argument("--image_size", type=int, default=32,
+                   help="--dataset folder: images are resized (shorter side) and centre-cropped "
+                        "to this size")
+    p.add_argument("--val_portion", type=float, default=0.1,
+                   help="--dataset folder with class folders at the top: part held out for "
+                        "evaluation (stratified, seeded with --seed, saved in split.json)")
+    p.add_argument("--skip_bad_images", action="store_true",
+                   help="--dataset folder: decode every image once at the start and leave out "
+                        "the unreadable ones (counted in the log) instead of stopping at the "
+                        "first with its path")
     p.add_argument("--download", action="store_true",
                    help="download CIFAR into --tmp_data_dir if it is not there")
     return p
@@ -68,6 +107,85 @@ def resolve_dataset(args: argparse.Namespace) -> None:
         raise UserError(f"--cifar100 contradicts --dataset {args.dataset}")
     if args.weight_decay is None:  # the paper: 3e-4 on CIFAR-10, 5e-4 on CIFAR-100
         args.weight_decay = 5e-4 if args.dataset == "cifar100" else 3e-4
+    if args.dataset == "folder" and args.download:
+        raise UserError("--download fetches CIFAR; --dataset folder reads --tmp_data_dir as it is")
+    if args.dataset != "folder" and args.image_size != IMAGE_SIZE:
+        raise UserError(f"--image_size is for --dataset folder (CIFAR and demo images are "
+                        f"{IMAGE_SIZE}x{IMAGE_SIZE})")
+    if args.image_size < MIN_IMAGE_SIZE:
+        raise UserError(f"--image_size must be at least {MIN_IMAGE_SIZE} (got {args.image_size})")
+    if not 0 < args.val_portion < 1:
+        raise UserError(f"--val_portion must be between 0 and 1 (got {args.val_portion})")
+    if args.auxiliary and not auxiliary_fits(args.image_size):
+        raise UserError(f"--auxiliary does not fit --image_size {args.image_size}: the CIFAR "
+                        "auxiliary head needs the 8x8 to 10x10 maps of 29- to 40-pixel images; "
+                        "drop --auxiliary or use an --image_size in 29..40")
+
+
+def auxiliary_fits(image_size: int) -> bool:
+    """The CIFAR auxiliary head (average pool 5 stride 3, then a 2x2 convolution) needs a
+    2x2 pooled map: its input, after two stride-2 reductions, must be 8 to 10 pixels."""
+    side = math.ceil(math.ceil(image_size / 2) / 2)
+    return side >= AUX_POOL and (side - AUX_POOL) // AUX_STRIDE + 1 == 2
+
+
+def folder_data(args: argparse.Namespace, cutout: int, resume: dict | None):
+    """Training and evaluation sets of an image folder, the checkpoint's "data" entry, the
+    run-folder files (split.json for a held-out split) and lines for the log.
+
+    Classes come from the training folder; the evaluation folder (val/, else test/) must
+    have the same ones. Without one, ``--val_portion`` is held out by the shared seeded,
+    stratified split. The mean and std come from the training images (kept by a resume)."""
+    size = args.image_size
+    saved = (resume or {}).get("data") or {}
+    train_dir, val_dir, test_dir = folder_tree(args.tmp_data_dir)
+    data, stats = open_training_folder(train_dir, size, args.seed, args.skip_bad_images,
+                                       args.workers, saved.get("stats"), "training image folder")
+    if len(data.classes) < 2:
+        raise DataError(f"{train_dir} has {len(data.classes)} class folder(s); 2 or more are needed")
+    if saved:
+        compare_classes(saved["classes"], data.classes, "the run being resumed", train_dir)
+    info = {"dataset": "folder", "root": os.path.abspath(args.tmp_data_dir), "classes": data.classes,
+            "image_size": size, "stats": stats, "split_digest": None, "eval": None}
+    lines = [f"{len(data.classes)} classes from {train_dir}, images resized and centre-cropped "
+             f"to {size}x{size}, normalised with {describe_stats(stats)}"]
+    files = {}
+    eval_dir = val_dir or test_dir
+    if eval_dir:
+        eval_set = scan_folder(eval_dir, "validation image folder")
+        compare_classes(data.classes, eval_set.classes, train_dir, eval_dir)
+        if args.skip_bad_images:
+            eval_set, bad = drop_unreadable(eval_set, args.workers)
+            data.skipped += bad
+        train_set, info["eval"] = data, os.path.basename(eval_dir)
+        lines.append(f"{len(train_set)} training images, {len(eval_set)} evaluation images in "
+                     f"{eval_dir}")
+    else:
+        split = split_indices(data.targets, 1 - args.val_portion, args.seed, "stratified")
+        split.names = sample_names(data)
+        train_counts, eval_counts = check_split(
+            split, data.targets, data.classes, ("training part", "held-out part"),
+            "add images to them or change --val_portion")
+        if saved and saved.get("split_digest") != split.digest:
+            raise DataError(f"the images in {train_dir} are divided differently from the run "
+                            "being resumed: images were added, removed or renamed since it "
+                            "started; resume with the same data")
+        train_set, eval_set = data.subset(split.first), data.subset(split.second)
+        info["split_digest"], info["eval"] = split.digest, "held-out"
+        files[SPLIT_NAME] = {"root": os.path.abspath(train_dir), "seed": args.seed,
+                             "val_portion": args.val_portion, "classes": data.classes,
+                             "digest": split.digest, "held_out": [split.names[i] for i in split.second]}
+        lines.append(f"{len(train_set)} training images, {len(eval_set)} held out for evaluation "
+                     f"(--val_portion {args.val_portion}, stratified, seed {args.seed}; "
+                     f"{SPLIT_NAME}); images per class training/held-out: "
+                     + describe_counts(data.classes, train_counts, eval_counts))
+    lines += [f"left out: {reason}" for reason in data.skipped]
+    if data.skipped:
+        lines.append(f"{len(data.skipped)} unreadable image(s) left out (--skip_bad_images)")
+    train_set.transform = folder_transforms(True, size, stats["mean"], stats["std"],
+                                            scaled_cutout(cutout, size) if cutout else 0)
+    eval_set.transform = folder_transforms(False, size, stats["mean"], stats["std"])
+    return train_set, eval_set, info, files, lines
 
 
 def main(args: argparse.Namespace) -> int:
@@ -84,21 +202,28 @@ def main(args: argparse.Namespace) -> int:
         get_dataset(args.dataset, args.tmp_data_dir, False, None, download=True)
     barrier()
     cutout = args.cutout_length if args.cutout else 0
-    train_set = get_dataset(args.dataset, args.tmp_data_dir, True,
-                            cifar_transforms(args.dataset, True, cutout))
-    test_set = get_dataset(args.dataset, args.tmp_data_dir, False,
-                           cifar_transforms(args.dataset, False))
+    if args.dataset == "folder":
+        train_set, test_set, data_info, run_files, data_lines = folder_data(args, cutout, resume)
+        num_classes, device_augment = len(data_info["classes"]), None
+    else:
+        train_set = get_dataset(args.dataset, args.tmp_data_dir, True,
+                                cifar_transforms(args.dataset, True, cutout))
+        test_set = get_dataset(args.dataset, args.tmp_data_dir, False,
+                               cifar_transforms(args.dataset, False))
+        num_classes, data_info, run_files, data_lines = num_classes_of(args.dataset), None, {}, []
+        mean, std = normalization(args.dataset)
+        device_augment = {"mean": mean, "std": std, "cutout_length": cutout}
 
     spec = RunSpec(
         genotype=genotype,
         network=network_info("cifar", args.dataset, args.init_channels, args.layers,
-                             num_classes_of(args.dataset), args.auxiliary),
+                             num_classes, args.auxiliary),
         train_set=train_set, test_set=test_set,
         lr_at=partial(cosine_lr, args.learning_rate, epochs=args.epochs, lr_min=args.learning_rate_min),
         train_criterion=nn.CrossEntropyLoss(), eval_criterion=nn.CrossEntropyLoss(),
-        input_size=(1, 3, 32, 32),
-        device_augment={"mean": normalization(args.dataset)[0], "std": normalization(args.dataset)[1],
-                        "cutout_length": cutout},
+        input_size=(1, 3, args.image_size, args.image_size),
+        device_augment=device_augment, data_info=data_info, run_files=run_files,
+        data_lines=data_lines,
     )
     return fit(args, env, spec, resume)
 

@@ -39,11 +39,19 @@ from data import (
     ArrayDataset,
     DataError,
     DeviceLoader,
+    Split,
+    check_split,
     cifar_transforms,
+    class_counts,
+    describe_counts,
+    describe_stats,
     folder_transforms,
     get_dataset,
-    get_image_folder,
     normalization,
+    open_training_folder,
+    sample_names,
+    split_indices,
+    split_rule,
 )
 from flags import (
     DEFAULT_DATA_DIR,
@@ -220,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--dataset folder, the ImageFolder tree itself (class subfolders)")
     g.add_argument("--dataset", choices=["cifar10", "cifar100", "folder", "demo"], default=None,
                    help="cifar10 (default), cifar100, folder (your own ImageFolder tree, "
-                        "normalised with the ImageNet mean/std), demo (built-in generated "
+                        "normalised with its own mean/std), demo (built-in generated "
                         "10-class task; the default with --demo)")
     g.add_argument("--cifar100", action="store_true", help="same as --dataset cifar100")
     g.add_argument("--download", action="store_true",
@@ -229,7 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image side; --dataset folder: resized and centre-cropped to it; "
                         "CIFAR/demo: resized to it when not 32 (default 32, demo 16)")
     g.add_argument("--train_portion", type=fraction, default=0.5,
-                   help="first part of the training split trains the weights, the rest the alphas")
+                   help="part of the training split that trains the weights, the rest trains "
+                        "the alphas: the first part for CIFAR and demo (the release's rule), a "
+                        "stratified draw seeded with --seed for an image folder")
+    g.add_argument("--skip_bad_images", action="store_true",
+                   help="--dataset folder: decode every image once at the start and leave out "
+                        "the unreadable ones (counted in the log) instead of stopping at the "
+                        "first with its path")
     g.add_argument("--workers", type=nonneg_int, default=None,
                    help=workers_help(RELEASE_WORKERS) + f"; demo {d['workers']}")
     # Faithful to the release: its search takes --cutout/--cutout_length (Cutout on the
@@ -358,7 +372,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------
-# Data: the training split, divided in order into a weight half and an alpha half
+# Data: the training split, divided into a weight half and an alpha half
 # ---------------------------------------------------------------------------------------
 
 def _seed_for(*parts: int) -> int:
@@ -415,9 +429,11 @@ def search_cutout(args: argparse.Namespace) -> int:
     return getattr(args, "cutout_length", 0) if getattr(args, "cutout", False) else 0
 
 
-def build_search_data(args: argparse.Namespace) -> tuple[Dataset, int, str]:
+def build_search_data(args: argparse.Namespace, stats: dict | None = None
+                      ) -> tuple[Dataset, int, str]:
     """The training split with the training augmentation, its number of classes, and a
-    line describing it."""
+    line describing it. An image folder's normalisation is ``stats`` when given (a
+    resumed run's), else computed from its images; it is left in ``dataset.stats``."""
     size = args.image_size
     cutout = search_cutout(args)
     if args.dataset in CIFAR_FOLDERS:
@@ -432,13 +448,20 @@ def build_search_data(args: argparse.Namespace) -> tuple[Dataset, int, str]:
                            cifar_transforms("demo", True, cutout, image_size=size))
         num_classes, where = 10, "(built-in, generated)"
     elif args.dataset == "folder":
-        data = get_image_folder(args.tmp_data_dir, folder_transforms(True, args.image_size, cutout),
-                                "image folder (--dataset folder)")
+        # Deviation: normalised with the folder's own mean and std (computed once, kept in
+        # the checkpoint), not a fixed dataset's.
+        data, stats = open_training_folder(
+            args.tmp_data_dir, size, args.seed, getattr(args, "skip_bad_images", False),
+            args.workers, stats, "image folder (--dataset folder)")
+        data.transform = folder_transforms(True, size, stats["mean"], stats["std"], cutout)
         num_classes = len(data.classes)
-        where = f"from {args.tmp_data_dir}, resized to {args.image_size}x{args.image_size}"
+        where = f"from {args.tmp_data_dir}, resized to {size}x{size}"
         if num_classes < 2:
             raise DataError(f"{args.tmp_data_dir} has {num_classes} class folder(s); "
                             "a search needs 2 or more")
+        if data.skipped:
+            where += f", {len(data.skipped)} unreadable image(s) left out (--skip_bad_images)"
+        norm = describe_stats(stats)
     else:
         raise UserError(f"unknown dataset {args.dataset!r}")
     if args.dataset != "folder":
@@ -446,11 +469,49 @@ def build_search_data(args: argparse.Namespace) -> tuple[Dataset, int, str]:
             # Deviation (CIFAR/demo only when asked): smaller images make the demo fast.
             data.data = _resize_images(data.data, size)
             where += f", resized to {size}x{size}"
-    mean, std = normalization(args.dataset)
+        mean, std = normalization(args.dataset)
+        norm = f"mean {tuple(mean)} std {tuple(std)}"
+        stats = None
     text = (f"{args.dataset} {where}: {len(data)} training images, {num_classes} classes, "
-            f"normalised with mean {tuple(mean)} std {tuple(std)}"
+            f"normalised with {norm}"
             + (f", cutout {cutout} on both halves" if cutout else ""))
+    data.stats = stats
     return data, num_classes, text
+
+
+def search_split(dataset: Dataset, args: argparse.Namespace, ckpt: dict | None = None) -> Split:
+    """The weight half and the alpha half of the training split (SPEC section 2).
+
+    Faithful to the release for CIFAR: the first ``--train_portion`` of the training set
+    trains the weights, the rest the alphas (its batches are in random order; so is the
+    demo data). Deviation for every other dataset: an image folder lists its images class
+    by class, so an in-order split would train the weights and the alphas on different
+    classes; it is divided by a stratified draw seeded with ``--seed`` instead (both
+    halves hold every class in the same proportion). A class left without an image in
+    either half is refused. On resume the division must equal the run's (``ckpt``)."""
+    labels = dataset.targets
+    names = getattr(dataset, "classes", None) or [str(c) for c in range(max(labels) + 1)]
+    split = split_indices(labels, args.train_portion, args.seed, split_rule(args.dataset))
+    split.names = sample_names(dataset)
+    if not split.first or not split.second:
+        raise DataError(f"{len(labels)} training images cannot be split into a weight and an "
+                        f"alpha half at --train_portion {args.train_portion}")
+    check_split(split, labels, names, ("weight half", "alpha half"),
+                "add images to them or change --train_portion")
+    saved = (ckpt or {}).get("split_digest")
+    if saved is not None and saved != split.digest:
+        raise DataError(f"the data in {args.tmp_data_dir} is divided differently from the run "
+                        f"being resumed (split {split.digest}, the run's {saved}): images were "
+                        "added, removed or renamed since it started; resume with the same data")
+    return split
+
+
+def describe_split(dataset: Dataset, split: Split) -> str:
+    labels = dataset.targets
+    num = max(labels) + 1
+    names = getattr(dataset, "classes", None) or [str(c) for c in range(num)]
+    return describe_counts(names, class_counts(labels, split.first, len(names)),
+                           class_counts(labels, split.second, len(names)))
 
 
 class SearchData:
@@ -468,13 +529,11 @@ class SearchData:
     augmentations of the same distribution.
     """
 
-    def __init__(self, dataset: Dataset, args: argparse.Namespace, env: DistInfo) -> None:
-        n = len(dataset)
-        split = int(math.floor(args.train_portion * n))
-        if split < 1 or n - split < 1:
-            raise DataError(f"{n} training images cannot be split into a weight and an alpha "
-                            f"half at --train_portion {args.train_portion}")
-        weight_idx, alpha_idx = range(split), range(split, n)
+    def __init__(self, dataset: Dataset, args: argparse.Namespace, env: DistInfo,
+                 split: Split | None = None) -> None:
+        if split is None:
+            split = search_split(dataset, args)
+        weight_idx, alpha_idx = split.first, split.second
         rank, world = env.rank, env.world_size
         self.w_sampler = EpochSampler(weight_idx, args.seed, 0, rank, world)
         self.a_sampler = EpochSampler(alpha_idx, args.seed, 1, rank, world,
@@ -501,7 +560,8 @@ class SearchData:
             self.weights = DataLoader(dataset, sampler=self.w_sampler, **kw)
             self.alphas = DataLoader(dataset, sampler=self.a_sampler, **kw)
             self.valid = DataLoader(dataset, sampler=self.v_sampler, **kw)
-        self.sizes = (split, n - split)
+        self.sizes = (len(weight_idx), len(alpha_idx))
+        self.stats = getattr(dataset, "stats", None)   # an image folder's mean and std
 
     def set_epoch(self, stage: int, epoch: int) -> None:
         """Every epoch's batches and augmentation draws are a function of (seed, stage,
@@ -919,6 +979,7 @@ class SearchRun:
     num_classes: int
     run_dir: str
     metrics: MetricsWriter
+    split_digest: str = ""                                  # weight/alpha division
     stages_done: list[dict] = field(default_factory=list)   # arch_state.json's "stages"
     epochs_run: int = 0                                     # epochs run by this process
 
@@ -1021,6 +1082,7 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
             "model": model.state_dict(), "w_opt": w_opt.state_dict(), "a_opt": a_opt.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "lr": lr, "skip_dropout": drop, "stages_done": run.stages_done,
+            "split_digest": run.split_digest, "data_stats": run.data.stats,
             "rng": _gather(get_rng_state(), env),
         }
         if env.is_main:
@@ -1132,7 +1194,8 @@ def _main(args: argparse.Namespace) -> int:
                         f"{env.world_size} processes")
     check_amp(env.device, args.amp)
     # Read the data before creating the run folder: a wrong path leaves nothing behind.
-    dataset, num_classes, description = build_search_data(args)
+    dataset, num_classes, description = build_search_data(args, (ckpt or {}).get("data_stats"))
+    split = search_split(dataset, args, ckpt)
     run_dir = _open_run_dir(args, env)
     setup_logging(run_dir if env.is_main else None, env.is_main)
     register_run(run_dir, CHECKPOINT, "train_search.py")
@@ -1144,8 +1207,13 @@ def _main(args: argparse.Namespace) -> int:
                     "averaged, as one process with batch %d); batch-norm statistics are per "
                     "process", env.world_size, args.batch_size, env.world_size,
                     args.batch_size // env.world_size, args.batch_size)
-    data = SearchData(dataset, args, env)
+    data = SearchData(dataset, args, env, split)
     logger.info("data: %s; %d train the weights, %d the alphas", description, *data.sizes)
+    for reason in getattr(dataset, "skipped", []):
+        logger.warning("left out: %s", reason)
+    logger.info("split %s%s, images per class weight/alpha half: %s", split.rule,
+                f" with seed {args.seed}" if split.rule == "stratified" else "",
+                describe_split(dataset, split))
     if data.on_device:
         logger.info("input pipeline: images on the GPU as uint8, augmented there in batches")
     if args.amp != "none" or args.channels_last or args.compile:
@@ -1153,7 +1221,8 @@ def _main(args: argparse.Namespace) -> int:
                     "differs from the default float32 path)", args.amp, args.channels_last,
                     args.compile)
     run = SearchRun(args, env, data, num_classes, run_dir,
-                    MetricsWriter(os.path.join(run_dir, METRICS_FILE) if env.is_main else None))
+                    MetricsWriter(os.path.join(run_dir, METRICS_FILE) if env.is_main else None),
+                    split.digest)
 
     switches_n, switches_r = all_on_switches(), all_on_switches()
     start_stage = 0

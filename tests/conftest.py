@@ -74,6 +74,31 @@ def write_image_folder(root: str, num_classes: int = 3, per_class: int = 4, size
     return root
 
 
+COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40)]
+
+
+def write_colour_folder(root: str, num_classes: int = 4, per_class: int = 12, seed: int = 0,
+                        modes: bool = False) -> str:
+    """A learnable image folder as users keep one, class by class: each class a flat colour
+    under strong noise, odd sizes (12-20 x 14-20), PNG files. ``modes``: the first image of
+    class 0 is stored grayscale and the first of class 1 as RGBA."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(num_classes):
+        d = os.path.join(root, f"class_{c}")
+        os.makedirs(d, exist_ok=True)
+        for i in range(per_class):
+            h, w = 12 + (i % 3) * 4, 14 + (i % 2) * 6
+            img = np.clip(np.array(COLOURS[c])[None, None] + rng.normal(0, 40, (h, w, 3)), 0, 255)
+            img = Image.fromarray(img.astype(np.uint8))
+            if modes and i == 0 and c < 2:
+                img = img.convert("L" if c == 0 else "RGBA")
+            img.save(os.path.join(d, f"{i:03d}.png"))
+    return root
+
+
 @pytest.fixture
 def cifar10_dir(tmp_path):
     return write_cifar_folder(str(tmp_path / "data"), 10)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train_search as ts
-from data import DataError
+from data import DataError, folder_transforms
 from genotypes import PRIMITIVES, format_genotype
 from model_search import NUM_EDGES, all_on_switches, ops_on
 from utils import run_main
@@ -288,7 +288,11 @@ def test_image_folder_data(image_folder):
     data, classes, text = ts.build_search_data(args)
     assert classes == 3 and len(data) == 12
     assert data[0][0].shape == (3, 16, 16)
-    assert "mean (0.485, 0.456, 0.406)" in text   # ImageNet normalisation, stated
+    # Normalised with the folder's own statistics, stated and kept for the checkpoint.
+    assert "of 12 sampled training images" in text and len(data.stats["mean"]) == 3
+    data.transform = folder_transforms(False, 16, data.stats["mean"], data.stats["std"])
+    x = torch.stack([data[i][0] for i in range(12)]).transpose(0, 1).flatten(1)
+    assert x.mean(1).abs().max() < 1e-4 and (x.std(1) - 1).abs().max() < 1e-2
 
 
 def test_demo_data_and_resize():
