@@ -49,6 +49,7 @@ from flags import (
     workers_help,
 )
 from genotypes import Genotype, format_genotype, genotype_from_dict, genotype_to_dict
+from memory import plan_memory, report_out_of_memory
 from model import NetworkCIFAR, NetworkImageNet, format_summary, model_summary
 from plots import add_plot_args, plot_run_safely
 from speed import add_speed_args, autocast, check_amp, grad_scaler, prepare_input, prepare_model
@@ -91,7 +92,8 @@ TOPK = (1, 5)
 # read and how often they are reported, not what is computed.
 RESUME_FREE_FLAGS = {"resume", "tmp_data_dir", "data", "workers", "report_freq", "device",
                      "save", "note", "download", "deterministic", "host_data", "channels_last",
-                     "compile", "dist_timeout", "plot_format", "skip_bad_images"}
+                     "compile", "dist_timeout", "plot_format", "skip_bad_images",
+                     "checkpoint_cells"}
 # What load_resume and test.py need in a training checkpoint.
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "args", "genotype", "network",
                    "best_acc_on_test", "best_epoch_on_test", "last_acc", "last_top5", "last_loss")
@@ -550,6 +552,10 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
     optimizer = torch.optim.SGD(model.parameters(), args.learning_rate, momentum=args.momentum,
                                 weight_decay=args.weight_decay, foreach=True)
     scaler = grad_scaler(device, args.amp)
+    model.checkpoint_cells = args.checkpoint_cells
+    memory_plan = plan_memory(model, [optimizer], spec.input_size[1:], batch, args.batch_size,
+                              env.world_size, {"--learning_rate": args.learning_rate},
+                              args.checkpoint_cells, device, args.amp)
     start_epoch, best, last = 0, {"acc": None, "epoch": None}, {}
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -597,17 +603,20 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
         reset_peak_memory(device)
 
         start = time.time()
-        train = train_one_epoch(train_model, train_loader, optimizer, spec.train_criterion, device,
-                                auxiliary_weight=args.auxiliary_weight, grad_clip=args.grad_clip,
-                                report_freq=args.report_freq, desc=f"train {epoch}", show=env.is_main,
-                                amp=args.amp, channels_last=args.channels_last, scaler=scaler)
-        train_time = time.time() - start
-        # DDP broadcasts the buffers before each forward; each process then updates its
-        # own copy with its own last batch.
-        sync_buffers(model)
-        test = evaluate(model, test_loader, spec.eval_criterion, device, report_freq=args.report_freq,
-                        desc=f"test {epoch}", show=env.is_main, amp=args.amp,
-                        channels_last=args.channels_last)
+        with report_out_of_memory(memory_plan, f"epoch {epoch}",
+                                  os.path.join(run_dir, CHECKPOINT_NAME)):
+            train = train_one_epoch(train_model, train_loader, optimizer, spec.train_criterion,
+                                    device, auxiliary_weight=args.auxiliary_weight,
+                                    grad_clip=args.grad_clip, report_freq=args.report_freq,
+                                    desc=f"train {epoch}", show=env.is_main, amp=args.amp,
+                                    channels_last=args.channels_last, scaler=scaler)
+            train_time = time.time() - start
+            # DDP broadcasts the buffers before each forward; each process then updates its
+            # own copy with its own last batch.
+            sync_buffers(model)
+            test = evaluate(model, test_loader, spec.eval_criterion, device,
+                            report_freq=args.report_freq, desc=f"test {epoch}", show=env.is_main,
+                            amp=args.amp, channels_last=args.channels_last)
         check_finite(test["loss"], "test loss")
         check_finite_state(model)   # batch-norm statistics too: nothing non-finite is saved
         epoch_time = time.time() - start

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from genotypes import Genotype
+from memory import run_cell
 from operations import OPS, FactorizedReduce, Identity, ReLUConvBN
 
 
@@ -115,7 +116,12 @@ class _EvalNetwork(nn.Module):
 
     ``drop_path_prob`` is a settable number; the forward pass reads it from a tensor
     (and only whether it is zero as a Python value), so changing it every epoch does not
-    recompile a ``torch.compile``d network."""
+    recompile a ``torch.compile``d network.
+
+    ``checkpoint_cells``: recompute each cell's activations in the backward pass instead
+    of keeping them (memory.run_cell; same results, less memory)."""
+
+    checkpoint_cells = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -154,7 +160,8 @@ class _EvalNetwork(nn.Module):
     def _cells_forward(self, s0: torch.Tensor, s1: torch.Tensor):
         logits_aux = None
         for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, self._drop_path_rate if self._drop_path_on else 0.0)
+            drop_prob = self._drop_path_rate if self._drop_path_on else 0.0
+            s0, s1 = s1, run_cell(cell, s0, s1, drop_prob, checkpointed=self.checkpoint_cells)
             if i == 2 * self._layers // 3 and self._auxiliary and self.training:
                 logits_aux = self.auxiliary_head(s1)
         return s1, logits_aux

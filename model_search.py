@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from genotypes import PRIMITIVES, Genotype
+from memory import run_cell
 from operations import OPS, DilConv, FactorizedReduce, Identity, ReLUConvBN, SepConv
 
 NONE = PRIMITIVES.index("none")
@@ -413,7 +414,11 @@ class Network(nn.Module):
 
     ``batched`` (default) builds BatchedCells, else the release's per-edge Cells (the
     plain path); both have the same state-dict layout and, for the same random state,
-    the same initial weights. ``skip_zero=False`` (plain cells only) computes `none`."""
+    the same initial weights. ``skip_zero=False`` (plain cells only) computes `none`.
+    ``checkpoint_cells``: recompute each cell's activations in the backward pass instead
+    of keeping them (memory.run_cell; same results)."""
+
+    checkpoint_cells = False
 
     def __init__(self, C: int, num_classes: int, layers: int, switches_normal: Switches,
                  switches_reduce: Switches, drop_rate: float = 0.0, steps: int = STEPS,
@@ -475,7 +480,7 @@ class Network(nn.Module):
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             weights = weights_reduce if cell.reduction else weights_normal
-            s0, s1 = s1, cell(s0, s1, weights)
+            s0, s1 = s1, run_cell(cell, s0, s1, weights, checkpointed=self.checkpoint_cells)
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1))
 

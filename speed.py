@@ -7,6 +7,8 @@
   different kernels (results equal up to float rounding).
 - ``--compile``: ``torch.compile`` of the network's forward. Same maths, fused kernels
   (results equal up to float rounding); the first steps are slow while it compiles.
+- ``--checkpoint_cells`` (memory, not speed; see memory.py): recompute each cell in the
+  backward pass. Identical results, less memory, slower steps. Combines with the above.
 
 None of them is on by default: the defaults reproduce the paper's float32 numerics.
 """
@@ -38,6 +40,11 @@ def add_speed_args(parser: argparse.ArgumentParser, channels_last_default: bool 
     group.add_argument("--compile", action="store_true",
                        help="torch.compile the network; compiling takes minutes per graph, "
                             "more on a CPU: for GPUs and long runs")
+    group = parser.add_argument_group("memory (opt-in; results unchanged)")
+    group.add_argument("--checkpoint_cells", action="store_true",
+                       help="recompute each cell's activations in the backward pass instead of "
+                            "keeping them (activation checkpointing): far less memory, same "
+                            "numbers, slower steps")
 
 
 def check_amp(device: torch.device, amp: str) -> None:

@@ -77,6 +77,7 @@ from genotypes import (
     load_genotype_file,
     save_genotype,
 )
+from memory import plan_memory, report_out_of_memory
 from model_search import (
     NUM_EDGES,
     Network,
@@ -165,7 +166,7 @@ DEMO_DEFAULTS = dict(dataset="demo", epochs=5, arch_warmup_epochs=2, batch_size=
 # On --resume these come from the new command line; everything else from the run itself.
 RUNTIME_FLAGS = ("resume", "workers", "report_freq", "device", "tmp_data_dir", "download",
                  "stop_after_epochs", "derive", "threads", "host_data", "channels_last", "compile",
-                 "dist_timeout", "plot_format")
+                 "dist_timeout", "plot_format", "checkpoint_cells")
 
 
 # ---------------------------------------------------------------------------------------
@@ -1017,11 +1018,18 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
             scaler.load_state_dict(ckpt["scaler"])
     if args.compile:
         torch._dynamo.reset()   # the previous stage's network leaves its compiled graphs
+    model.checkpoint_cells = getattr(args, "checkpoint_cells", False)  # absent in older runs
     forward = prepare_model(model, args.channels_last, args.compile)
     reset_peak_memory(env.device)
     logger.info("=== stage %d/%d: %d cells, C=%d, %d ops per edge, skip dropout %.2f, "
                 "%.3fM weights ===", stage + 1, NUM_STAGES, layers, C, OPS_PER_STAGE[stage],
                 rate, sum(p.numel() for p in model.weight_parameters()) / 1e6)
+    # A smaller batch in the advice scales the weights' SGD rate (linear scaling); Adam's
+    # alpha rate does not depend on the gradient's scale and stays.
+    memory_plan = plan_memory(model, [w_opt, a_opt], (3, args.image_size, args.image_size),
+                              args.batch_size // env.world_size, args.batch_size, env.world_size,
+                              {"--learning_rate": args.learning_rate}, model.checkpoint_cells,
+                              env.device, args.amp)
 
     collapse = CollapseMonitor(stage + 1, args.arch_warmup_epochs, env.is_main)
     for epoch in range(first_epoch, args.epochs):
@@ -1035,17 +1043,20 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
         run.data.set_epoch(stage, epoch)
         logger.info("stage %d epoch %d/%d lr %.6e skip-dropout %.4f %s", stage + 1, epoch,
                     args.epochs, lr, drop, "weights+alphas" if update_arch else "weights only")
-        stats = train_epoch(model, run.data, w_opt, a_opt, args, update_arch, env,
-                            desc=f"stage {stage + 1} epoch {epoch}", forward=forward, scaler=scaler)
-        valid = {"valid_loss": None, "valid_acc": None}
-        if is_validation_epoch(epoch, args.epochs):
-            # Faithful to the release: the alpha half is validated with the training
-            # augmentation (it is the same dataset object).
-            # Every process validates with rank 0's batch-norm statistics, so the figures
-            # do not depend on how the batches were split over the processes.
-            sync_buffers(model)
-            valid = evaluate(forward, run.data.valid, env.device, args.amp, args.channels_last)
-            check_finite(valid["valid_loss"], "validation loss")
+        with report_out_of_memory(memory_plan, f"stage {stage + 1} epoch {epoch}",
+                                  os.path.join(run.run_dir, CHECKPOINT)):
+            stats = train_epoch(model, run.data, w_opt, a_opt, args, update_arch, env,
+                                desc=f"stage {stage + 1} epoch {epoch}", forward=forward,
+                                scaler=scaler)
+            valid = {"valid_loss": None, "valid_acc": None}
+            if is_validation_epoch(epoch, args.epochs):
+                # Faithful to the release: the alpha half is validated with the training
+                # augmentation (it is the same dataset object).
+                # Every process validates with rank 0's batch-norm statistics, so the figures
+                # do not depend on how the batches were split over the processes.
+                sync_buffers(model)
+                valid = evaluate(forward, run.data.valid, env.device, args.amp, args.channels_last)
+                check_finite(valid["valid_loss"], "validation loss")
         check_finite_state(model)   # batch-norm statistics and alphas: nothing non-finite is saved
         seconds = time.time() - t0
         probs_n, probs_r = model.arch_probs()
