@@ -697,7 +697,7 @@ def run_main(main, args) -> int:
 # How gloo and NCCL report a peer that died or stopped answering (gloo raises a plain
 # RuntimeError, newer code paths DistError).
 _COLLECTIVE_FAILURES = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
-                        "NCCL", "gloo", "ProcessGroup")
+                        "Application timeout caused pair closure", "NCCL", "gloo", "ProcessGroup")
 
 
 def _is_collective_failure(e: RuntimeError) -> bool:
