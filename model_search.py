@@ -233,9 +233,24 @@ def mixing_index(switches: Switches, steps: int = STEPS) -> torch.Tensor:
     return index
 
 
-def mixing_weights(weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """The per-level mixing matrices of ``mixing_index`` from softmax weights (14 x ops on)."""
-    return F.pad(weights.flatten(), (0, 1))[index]
+def level_widths(switches: Switches, steps: int = STEPS) -> list[int]:
+    """The number of (edge, op) outputs each level computes (`none` left out)."""
+    return [sum(len(g.edges) for g in groups) for groups in level_layouts(switches, steps)]
+
+
+def mixing_weights(weights: torch.Tensor, index: torch.Tensor, widths: Sequence[int],
+                   batch: int | None = None) -> list[torch.Tensor]:
+    """The mixing matrix of every level (``mixing_index``), (nodes left, level width),
+    from softmax weights (14 x ops on); with ``batch``, each expanded (a view) to
+    (batch, nodes left, level width) for the cells' batched matrix products. Built once
+    per forward and shared by the cells of a type, so that no cell slices or expands."""
+    full = F.pad(weights.flatten(), (0, 1))[index]
+    steps = index.shape[0]
+    out = []
+    for level, width in enumerate(widths):
+        w = full[level, : steps - level, :width]
+        out.append(w if batch is None else w.expand(batch, *w.shape))
+    return out
 
 
 def _stacked_op(name: str, C: int, stride: int, edges: int, drop_rate: float) -> nn.Module:
@@ -293,8 +308,8 @@ class EdgeGroup(nn.Module):
 class BatchedCell(nn.Module):
     """The search cell of ``Cell`` (same constructor, same state-dict keys and the same
     initial weights for the same random state), its edges run in EdgeGroups level by
-    level (see the comment above). ``forward(s0, s1, mixing)`` takes the mixing matrices
-    of ``mixing_weights`` instead of the softmax weights."""
+    level (see the comment above). ``forward(s0, s1, mixing)`` takes the per-level mixing
+    matrices of ``mixing_weights`` instead of the softmax weights."""
 
     def __init__(self, steps: int, multiplier: int, C_prev_prev: int, C_prev: int, C: int,
                  reduction: bool, reduction_prev: bool, switches: Switches,
@@ -319,7 +334,8 @@ class BatchedCell(nn.Module):
         self.register_load_state_dict_pre_hook(_stacked_layout_hook)
         self.load_state_dict(plain.state_dict())
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor,
+                mixing: Sequence[torch.Tensor]) -> torch.Tensor:
         x = torch.cat([self.preprocess0(s0), self.preprocess1(s1)], dim=1)  # level 0 input
         nodes = []
         pending = None   # the sums of the nodes not finished yet, (N, nodes, C, H, W)
@@ -330,8 +346,7 @@ class BatchedCell(nn.Module):
             outs = [g(x, relu_x) for g in groups]
             if outs:
                 y = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-                w = mixing[level, : self._steps - level, : y.shape[1] // self._C]
-                added = _mix(w, y, self._C)
+                added = _mix(mixing[level], y, self._C)
                 pending = added if pending is None else pending + added
             elif pending is None:   # only `none` on every edge of level 0: zeros
                 stride = 2 if self.reduction else 1
@@ -395,13 +410,18 @@ def _stacked_layout_hook(cell: BatchedCell, state_dict, prefix: str, local_metad
 
 def _mix(w: torch.Tensor, y: torch.Tensor, C: int) -> torch.Tensor:
     """out[:, r] = sum_m w[r, m] * y[:, m*C:(m+1)*C], as (N, rows, C, H, W): one batched
-    matrix product on a view of ``y`` (in either memory format, no copy)."""
+    matrix product on a view of ``y`` (in either memory format, no copy). ``w`` is
+    (rows, M) or already expanded to (N, rows, M)."""
     N, _, H, W = y.shape
-    rows, M = w.shape
+    rows, M = w.shape[-2:]
     w = w.to(y.dtype)
     if y.is_contiguous():
-        return torch.bmm(w.expand(N, rows, M), y.view(N, M, C * H * W)).view(N, rows, C, H, W)
+        if w.dim() == 2:
+            w = w.expand(N, rows, M)
+        return torch.bmm(w, y.view(N, M, C * H * W)).view(N, rows, C, H, W)
     # channels_last: every pixel holds its M blocks of C channels side by side.
+    if w.dim() == 3:
+        w = w[0]
     y = y.permute(0, 2, 3, 1).reshape(N * H * W, M, C)
     out = torch.bmm(w.expand(N * H * W, rows, M), y)
     return out.view(N, H, W, rows, C).permute(0, 3, 4, 1, 2)
@@ -470,13 +490,20 @@ class Network(nn.Module):
                                  persistent=False)
             self.register_buffer("mixing_index_reduce", mixing_index(self.switches_reduce, steps),
                                  persistent=False)
+            self._level_widths = {"normal": level_widths(self.switches_normal, steps),
+                                  "reduce": level_widths(self.switches_reduce, steps)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights_normal = F.softmax(self.alphas_normal, dim=-1)
         weights_reduce = F.softmax(self.alphas_reduce, dim=-1)
         if self.batched:   # once per forward, shared by the cells of each type
-            weights_normal = mixing_weights(weights_normal, self.mixing_index_normal)
-            weights_reduce = mixing_weights(weights_reduce, self.mixing_index_reduce)
+            # Expanded to the batch for the cells' products, unless the input is
+            # channels_last (there the cells multiply per pixel).
+            batch = x.shape[0] if x.is_contiguous() else None
+            weights_normal = mixing_weights(weights_normal, self.mixing_index_normal,
+                                            self._level_widths["normal"], batch)
+            weights_reduce = mixing_weights(weights_reduce, self.mixing_index_reduce,
+                                            self._level_widths["reduce"], batch)
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             weights = weights_reduce if cell.reduction else weights_normal
