@@ -272,6 +272,32 @@ def _stacked_op(name: str, C: int, stride: int, edges: int, drop_rate: float) ->
     return stacked[name]()
 
 
+class StackedBatchNorm(nn.BatchNorm2d):
+    """The batch norms of the batched cell: the same normalisation and running statistics
+    as ``nn.BatchNorm2d`` in two operators fewer per call. It calls ``native_batch_norm``
+    itself (no reserve tensor) and leaves ``num_batches_tracked`` to its cell, which
+    counts all of them with one foreach add per training forward: the counters keep the
+    release's keys and values (with a momentum set they take no part in the numbers)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.native_batch_norm(x, self.weight, self.bias, self.running_mean,
+                                       self.running_var, self.training, self.momentum,
+                                       self.eps)[0]
+
+
+def _use_stacked_batch_norms(module: nn.Module) -> None:
+    """Replace every ``nn.BatchNorm2d`` under ``module`` by a fresh StackedBatchNorm of
+    the same shape (its values are loaded afterwards)."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            if child.momentum is None or not child.track_running_stats:
+                raise ValueError("StackedBatchNorm needs a momentum and running statistics")
+            setattr(module, name, StackedBatchNorm(child.num_features, child.eps,
+                                                   child.momentum, child.affine))
+        else:
+            _use_stacked_batch_norms(child)
+
+
 class EdgeGroup(nn.Module):
     """One op on the edges of one level where it is switched on: their inputs are
     stacked on channels (one copy) and the op runs once; output channels
@@ -330,12 +356,26 @@ class BatchedCell(nn.Module):
                 nn.ModuleList(EdgeGroup(g, C, 2 if reduction and level == 0 else 1, drop_rate,
                                         2 if level == 0 else 1) for g in groups)
                 for level, groups in enumerate(self.layouts))
+        initial = plain.state_dict()
+        _use_stacked_batch_norms(self)
+        self._count_batch_norms()
         self.register_state_dict_post_hook(_release_layout_hook)
         self.register_load_state_dict_pre_hook(_stacked_layout_hook)
-        self.load_state_dict(plain.state_dict())
+        self.load_state_dict(initial)
+
+    def _count_batch_norms(self) -> None:
+        self._batch_counters = [m.num_batches_tracked for m in self.modules()
+                                if isinstance(m, StackedBatchNorm)]
+
+    def _apply(self, fn, recurse=True):   # .to() and the like may give buffers new tensors
+        out = super()._apply(fn, recurse)
+        self._count_batch_norms()
+        return out
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor,
                 mixing: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.training:   # what nn.BatchNorm2d does in every call (see StackedBatchNorm)
+            torch._foreach_add_(self._batch_counters, 1)
         x = torch.cat([self.preprocess0(s0), self.preprocess1(s1)], dim=1)  # level 0 input
         nodes = []
         pending = None   # the sums of the nodes not finished yet, (N, nodes, C, H, W)

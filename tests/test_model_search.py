@@ -280,6 +280,30 @@ def test_batched_network_has_the_release_state_dict_and_initial_weights(n_ops):
     torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
 
 
+def test_batched_network_batch_norm_statistics_and_counters_match_the_plain_network():
+    """The batched cell's batch norms (StackedBatchNorm) leave their counters to the cell:
+    after training forwards, and after the buffers get new tensors (as .to(device) gives
+    them), every running statistic and every num_batches_tracked equals the plain
+    network's; eval forwards count nothing."""
+    sw_n, sw_r = stage_switches(5, 23), stage_switches(5, 24)
+    nets = []
+    for batched in (False, True):
+        torch.manual_seed(6)
+        nets.append(tiny_net(sw_n, sw_r, batched=batched))
+    plain, fast = nets
+    fast._apply(lambda t: t.clone())   # new tensors for every buffer, as .cuda() makes
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(3):
+        plain(x), fast(x)
+    plain.eval(), fast.eval()
+    plain(x), fast(x)
+    sp, sf = plain.state_dict(), fast.state_dict()
+    counters = [k for k in sp if k.endswith("num_batches_tracked")]
+    assert len(counters) > 20 and all(sp[k].item() == 3 for k in counters)
+    for name in counters + [k for k in sp if k.endswith(("running_mean", "running_var"))]:
+        torch.testing.assert_close(sf[name], sp[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_batched_network_load_reports_wrong_shapes_and_missing_keys():
     net = tiny_net()
     state = net.state_dict()
