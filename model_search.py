@@ -163,8 +163,9 @@ class Cell(nn.Module):
 # pooling, one BN: BN statistics are per channel, so stacking changes nothing). The
 # ReLU that starts every conv op runs once per level. The level's group outputs are
 # concatenated and one matrix product with the softmax weights adds each (edge, op)
-# output, weighted, to its node (Eq. 1 summed over a node's edges). `none` is not
-# computed; its alpha stays in the softmax.
+# output, weighted, to its node (Eq. 1 summed over a node's edges); the sums of all
+# nodes live in one tensor, of which the next level's input and the cell's output are
+# views. `none` is not computed; its alpha stays in the softmax.
 # ---------------------------------------------------------------------------------------
 
 class GroupLayout(NamedTuple):
@@ -214,8 +215,8 @@ def level_layouts(switches: Switches, steps: int = STEPS) -> list[list[GroupLayo
 def mixing_index(switches: Switches, steps: int = STEPS) -> torch.Tensor:
     """Index into the flattened softmax weights (plus one trailing zero) that builds, for
     every level, the matrix whose row r, column m holds the weight of the level's m-th
-    (edge, op) output if that edge feeds node ``level + r``, else zero. Shape
-    (steps, steps, most outputs of a level)."""
+    (edge, op) output if that edge feeds node r, else zero (rows below ``level`` are
+    zero: those nodes are finished). Shape (steps, steps, most outputs of a level)."""
     levels = level_layouts(switches, steps)
     offsets = [0]
     for row in switches:
@@ -228,7 +229,7 @@ def mixing_index(switches: Switches, steps: int = STEPS) -> torch.Tensor:
         for g in groups:
             for e, pos in zip(g.edges, g.positions, strict=True):
                 node, _ = edge_target(e, steps)
-                index[level, node - level, m] = offsets[e] + pos
+                index[level, node, m] = offsets[e] + pos
                 m += 1
     return index
 
@@ -240,15 +241,14 @@ def level_widths(switches: Switches, steps: int = STEPS) -> list[int]:
 
 def mixing_weights(weights: torch.Tensor, index: torch.Tensor, widths: Sequence[int],
                    batch: int | None = None) -> list[torch.Tensor]:
-    """The mixing matrix of every level (``mixing_index``), (nodes left, level width),
-    from softmax weights (14 x ops on); with ``batch``, each expanded (a view) to
-    (batch, nodes left, level width) for the cells' batched matrix products. Built once
-    per forward and shared by the cells of a type, so that no cell slices or expands."""
+    """The mixing matrix of every level (``mixing_index``), (nodes, level width), from
+    softmax weights (14 x ops on); with ``batch``, each expanded (a view) to (batch,
+    nodes, level width) for the cells' batched matrix products. Built once per forward
+    and shared by the cells of a type, so that no cell slices or expands."""
     full = F.pad(weights.flatten(), (0, 1))[index]
-    steps = index.shape[0]
     out = []
     for level, width in enumerate(widths):
-        w = full[level, : steps - level, :width]
+        w = full[level, :, :width]
         out.append(w if batch is None else w.expand(batch, *w.shape))
     return out
 
@@ -377,24 +377,22 @@ class BatchedCell(nn.Module):
         if self.training:   # what nn.BatchNorm2d does in every call (see StackedBatchNorm)
             torch._foreach_add_(self._batch_counters, 1)
         x = torch.cat([self.preprocess0(s0), self.preprocess1(s1)], dim=1)  # level 0 input
-        nodes = []
-        pending = None   # the sums of the nodes not finished yet, (N, nodes, C, H, W)
+        nodes = None   # the nodes' sums so far, (N, steps, C, H, W); row i = node i
         for level, groups in enumerate(self.stacked):
-            if level > 0:
-                x = nodes[-1]
+            if level > 0:   # node level - 1 is finished: the next level reads it
+                x = nodes[:, level - 1]
             relu_x = F.relu(x) if any(g.reads_relu for g in groups) else None
             outs = [g(x, relu_x) for g in groups]
             if outs:
                 y = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-                added = _mix(mixing[level], y, self._C)
-                pending = added if pending is None else pending + added
-            elif pending is None:   # only `none` on every edge of level 0: zeros
+                added = _mix(mixing[level], y, self._C)   # zero rows for finished nodes
+                nodes = added if nodes is None else nodes + added
+            elif nodes is None:   # only `none` on every edge of level 0: zeros
                 stride = 2 if self.reduction else 1
                 z = x[:, : self._C, ::stride, ::stride]
-                pending = z.new_zeros(z.shape[0], self._steps, *z.shape[1:])
-            nodes.append(pending[:, 0])
-            pending = pending[:, 1:]
-        return torch.cat(nodes[-self._multiplier:], dim=1)
+                nodes = z.new_zeros(z.shape[0], self._steps, *z.shape[1:])
+        # The last `multiplier` nodes side by side on channels: a view, no copy.
+        return nodes[:, self._steps - self._multiplier:].flatten(1, 2)
 
     def release_layout(self, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
         """Replace, in ``tensors``, this cell's stacked entries (names ``prefix`` +
