@@ -281,3 +281,38 @@ def test_search_step_autocasts_with_amp_bf16():
         losses.append((loss_w.item(), loss_a.item()))
     for full, half in zip(*losses):
         assert full != half and half == pytest.approx(full, rel=0.05)
+
+
+@pytest.mark.parametrize("n_ops,layers", [(8, 5), (5, 11), (3, 17)])
+def test_search_step_dispatches_a_third_of_the_plain_operators(n_ops, layers):
+    """Issue 9's measure, on a small network: one warm search step (alpha + weight step)
+    of the default path dispatches at most a third of the aten operators of the plain
+    (release) path, with the ops on drawn per edge as pruning leaves them. A regression
+    in the batched cell (a per-edge loop, per-call BN counters) shows here."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from model_search import Network
+    from train_search import reference_search_step, search_step
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    sw_n = _random_stage_switches(n_ops, 3, "all")
+    sw_r = _random_stage_switches(n_ops, 4, "all")
+    counts = {}
+    for plain in (True, False):
+        torch.manual_seed(0)
+        net = Network(4, 10, layers, sw_n, sw_r, drop_rate=0.3, skip_zero=not plain,
+                      batched=not plain)
+        w_opt, a_opt = _search_opts(net, not plain)
+        batch = (torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))
+        step = reference_search_step if plain else search_step
+        step(net, batch, batch, w_opt, a_opt, 5.0, True)   # warm: optimizer state exists
+        with Count() as c:
+            step(net, batch, batch, w_opt, a_opt, 5.0, True)
+        counts[plain] = c.n
+    assert counts[True] >= 3 * counts[False], counts
