@@ -30,11 +30,19 @@ step dispatches (a TorchDispatchMode around it, batch 2; a device-independent st
 for launch-bound GPU time) and the bytes of activations saved for backward
 (saved_tensors_hooks, each storage once). ``--counts_only`` stops there.
 
+``--switches first`` / ``random`` / ``random_none`` count other patterns (the operator
+counts depend on how the ops on are spread over the edges): the first 8 / 5 / 3 ops of
+PRIMITIVES on every edge (the patterns of the release figures in issue 9), 8 / 5 / 3 ops
+drawn per edge as pruning leaves them, or `none` on every edge and the others drawn (the
+fewest ops computed per edge: the batched cell's worst case). Draws use
+``random.Random(seed)`` for normal cells and ``seed + 100`` for reduction cells.
+
 The last line is ``speedup <x>``: default over plain at stage 1.
 """
 from __future__ import annotations
 
 import argparse
+import random
 from functools import partial
 
 import torch
@@ -55,13 +63,36 @@ STAGES = {
 }
 
 
-def make_step(stage: int, path: str, device: torch.device, batch: int):
+def stage_switches(stage: int, pattern: str = "fixed", seed: int = 0) -> list[list[bool]]:
+    """14 rows of switches for a stage: the fixed pattern of STAGES, the first n ops of
+    PRIMITIVES, n ops drawn per edge, or `none` and n - 1 drawn (n = 8 / 5 / 3 at stages
+    1 / 2 / 3)."""
     spec = STAGES[stage]
-    switches = [[name in spec["ops"] for name in PRIMITIVES] for _ in range(14)]
+    n = len(spec["ops"])
+    if pattern == "fixed":
+        return [[name in spec["ops"] for name in PRIMITIVES] for _ in range(14)]
+    if pattern == "first":
+        return [[k < n for k in range(len(PRIMITIVES))] for _ in range(14)]
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(14):
+        if pattern == "random_none":
+            on = {0, *rng.sample(range(1, len(PRIMITIVES)), n - 1)}
+        else:
+            on = set(rng.sample(range(len(PRIMITIVES)), n))
+        rows.append([k in on for k in range(len(PRIMITIVES))])
+    return rows
+
+
+def make_step(stage: int, path: str, device: torch.device, batch: int, pattern: str = "fixed",
+              seed: int = 0):
+    spec = STAGES[stage]
+    switches = stage_switches(stage, pattern, seed)
+    switches_reduce = stage_switches(stage, pattern, seed + 100)
     plain = path == "plain"
     torch.manual_seed(0)
     # plain: the release's per-edge cells; default: the batched cells.
-    model = Network(16, 10, spec["layers"], switches, switches, drop_rate=spec["drop"],
+    model = Network(16, 10, spec["layers"], switches, switches_reduce, drop_rate=spec["drop"],
                     skip_zero=not plain, batched=not plain).to(device).train()
     amp, channels_last, compile_model = path_options(path)
     forward = prepare_model(model, channels_last, compile_model)
@@ -95,9 +126,10 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_step(stage: int, path: str, device: torch.device, batch: int = 2) -> tuple[int, int]:
+def count_step(stage: int, path: str, device: torch.device, batch: int = 2,
+               pattern: str = "fixed", seed: int = 0) -> tuple[int, int]:
     """(aten operators, bytes saved for backward) of one warm search step."""
-    step = make_step(stage, path, device, batch)
+    step = make_step(stage, path, device, batch, pattern, seed)
     step()
     with _CountOps() as ops:
         step()
@@ -121,14 +153,21 @@ def main() -> None:
     p.add_argument("--stages", default="1,2,3", help="comma-separated stages to measure")
     p.add_argument("--counts_only", action="store_true",
                    help="print operators and saved bytes per step, no timing")
+    p.add_argument("--switches", choices=("fixed", "first", "random", "random_none"), default="fixed",
+                   help="switch pattern of every stage: the fixed one of the docstring, the "
+                        "first n ops of PRIMITIVES on every edge, n ops drawn per edge, or "
+                        "`none` and n - 1 others drawn per edge")
+    p.add_argument("--seed", type=int, default=0, help="seed of --switches random")
     args = p.parse_args()
     device, steps, warmup, paths = setup(args, cpu_steps=3)
     stages = [int(s) for s in args.stages.split(",")]
-    print("\noperators and saved activations per search step (batch 2 + 2)")
+    print(f"\noperators and saved activations per search step (batch 2 + 2, switches "
+          f"{args.switches}{f' seed {args.seed}' if args.switches.startswith('random') else ''})")
     print("| stage | plain ops | default ops | fewer | plain saved MiB | default saved MiB |")
     print("|---|---|---|---|---|---|")
     for stage in stages:
-        (ops_p, mem_p), (ops_d, mem_d) = (count_step(stage, path, device) for path in ("plain", "default"))
+        (ops_p, mem_p), (ops_d, mem_d) = (count_step(stage, path, device, 2, args.switches, args.seed)
+                                    for path in ("plain", "default"))
         print(f"| {stage} | {ops_p} | {ops_d} | {ops_p / ops_d:.2f}x | {mem_p / 2 ** 20:.1f} | "
               f"{mem_d / 2 ** 20:.1f} |")
     if args.counts_only:
@@ -144,7 +183,8 @@ def main() -> None:
         # On the CPU stage 1, which gives the speedup line, takes twice the timed rounds:
         # shared machines are noisy and its steps are the cheapest.
         rounds = steps if cuda or args.steps or stage != 1 else 2 * steps
-        rows = measure_paths(partial(make_step, stage, device=device, batch=batch), paths, device,
+        rows = measure_paths(partial(make_step, stage, device=device, batch=batch,
+                                     pattern=args.switches, seed=args.seed), paths, device,
                              2 * batch, warmup, rounds)
         spec = STAGES[stage]
         print_table(f"stage {stage}: {spec['layers']} cells, {len(spec['ops'])} ops per edge, "
