@@ -157,7 +157,7 @@ def main() -> None:
                    help="switch pattern of every stage: the fixed one of the docstring, the "
                         "first n ops of PRIMITIVES on every edge, n ops drawn per edge, or "
                         "`none` and n - 1 others drawn per edge")
-    p.add_argument("--seed", type=int, default=0, help="seed of --switches random")
+    p.add_argument("--seed", type=int, default=0, help="seed of --switches random and random_none")
     args = p.parse_args()
     device, steps, warmup, paths = setup(args, cpu_steps=3)
     stages = [int(s) for s in args.stages.split(",")]
