@@ -25,7 +25,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import Dataset
 
-from utils import UserError
+from errors import BadImageError, DataError, UserError
 
 CIFAR10_MEAN = (0.49139968, 0.48215827, 0.44653124)
 CIFAR10_STD = (0.24703233, 0.24348505, 0.26158768)
@@ -39,10 +39,6 @@ CIFAR_FOLDERS = {
                 "labels", 10),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", 100),
 }
-
-
-class DataError(UserError):
-    """A dataset folder that is missing or unreadable."""
 
 
 def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -408,17 +404,6 @@ def get_image_folder(path: str, transform, what: str = "image folder"):
 NORM_SAMPLE = 2000        # at most this many training images give the mean and std
 SCAN_BATCH = 64           # images per batch of the statistics and --skip_bad_images passes
 EVAL_FOLDERS = ("val", "test")
-
-
-class BadImageError(DataError):
-    """An image file that cannot be decoded; the message names the file."""
-
-    def __init__(self, message: str) -> None:
-        # A DataLoader worker's error comes back as "Caught ... Original Traceback ...":
-        # keep the one line that says which file and why.
-        if "Original Traceback" in message:
-            message = message.rstrip().splitlines()[-1].split("BadImageError: ", 1)[-1]
-        super().__init__(message)
 
 
 def read_image(path: str) -> Image.Image:

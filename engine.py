@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import os
 import sys
@@ -36,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from checkpoint import CheckpointError, describe_checkpoint, load_file, save_atomic
 from data import ArrayDataset, DeviceLoader
+from errors import write_json_atomic
 from flags import (
     DEFAULT_DATA_DIR,
     default_workers,
@@ -78,7 +78,6 @@ from utils import (
     seed_everything,
     setup_logging,
     sync_buffers,
-    write_bytes_atomic,
 )
 
 WEIGHTS_NAME = "weights.pt"        # the release's name: a plain state dict
@@ -487,10 +486,6 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     uninterrupted one, whatever happened before."""
     digest = hashlib.sha256(f"{seed}/{epoch}/{rank}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
-
-
-def write_json_atomic(obj: Any, path: str, what: str = "") -> None:
-    write_bytes_atomic((json.dumps(obj, indent=1) + "\n").encode(), path, what)
 
 
 # ---------------------------------------------------------------------------------------

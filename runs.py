@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from checkpoint import CheckpointError, load_file
+from errors import RunFolderError, UserError
 from genotypes import GenotypeError, genotype_from_dict
 from model_search import all_on_switches
-from utils import UserError
 from utils import read_metrics as read_metrics_file
 
 METRICS = "metrics.jsonl"
@@ -29,10 +29,6 @@ LOG = "log.txt"
 SEARCH, TRAIN = "search", "train"
 # Folder name prefixes of utils.run_dir_name: {save}search-{note}-{time}, {save}eval-...
 NAME_PREFIXES = {"search-": SEARCH, "eval-": TRAIN}
-
-
-class RunFolderError(UserError):
-    """A folder that is not a readable run folder; the message says which and why."""
 
 
 def read_json(path: str) -> Any:

@@ -53,6 +53,7 @@ from data import (
     split_indices,
     split_rule,
 )
+from errors import write_json_atomic
 from flags import (
     DEFAULT_DATA_DIR,
     HelpFormatter,
@@ -121,7 +122,6 @@ from utils import (
     set_rng_state,
     setup_logging,
     sync_buffers,
-    write_bytes_atomic,
 )
 
 # ---------------------------------------------------------------------------------------
@@ -867,12 +867,8 @@ def _draw(genotype: Genotype, out_dir: str, prefix: str) -> None:
         logger.warning("could not draw %s cells: %s", prefix or "final", e)
 
 
-def _write_json(obj, path: str) -> None:
-    write_bytes_atomic((json.dumps(obj, indent=1) + "\n").encode(), path)
-
-
 def write_arch_state(run_dir: str, stages: list[dict], extra: dict | None = None) -> None:
-    _write_json({"primitives": PRIMITIVES, "stages": stages, **(extra or {})},
+    write_json_atomic({"primitives": PRIMITIVES, "stages": stages, **(extra or {})},
                 os.path.join(run_dir, ARCH_STATE))
 
 
@@ -1157,7 +1153,7 @@ def finish_search(run: SearchRun, model: Network, switches_n: Switches,
         logger.info("all %d processes derived this same cell", env.world_size)
     if env.is_main:
         save_genotype(chosen, os.path.join(run.run_dir, GENOTYPE_FILE))
-        _write_json({"num_skip_connects": num_skips, "unrestricted": genotype_to_dict(unrestricted),
+        write_json_atomic({"num_skip_connects": num_skips, "unrestricted": genotype_to_dict(unrestricted),
                      "by_max_skip": {str(m): genotype_to_dict(g) for m, g in budgets}},
                     os.path.join(run.run_dir, BUDGETS_FILE))
         write_arch_state(run.run_dir, run.stages_done,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import errno
 import json
 import logging
 import math
@@ -28,81 +27,18 @@ except ImportError:  # Windows: run folders are not locked
 import torch
 import torch.distributed as dist
 
+from errors import (
+    ONE_LINE_ERRORS,
+    NonFiniteLossError,
+    UserError,
+    remove_stale_temporaries,
+    storage_error,
+    write_all,
+    write_bytes_atomic,
+)
+
 LOGGER_NAME = "pdarts"
 logger = logging.getLogger(LOGGER_NAME)
-
-
-class UserError(Exception):
-    """Bad input from the user. Scripts print it as one line and exit with status 2."""
-
-
-class NonFiniteLossError(UserError):
-    pass
-
-
-class StorageError(UserError):
-    """A write that failed: disk full, permission denied, read-only file system."""
-
-
-def storage_error(e: OSError, path: str, what: str = "") -> StorageError:
-    """One line for a failed write of ``path``: what went wrong and where."""
-    what = f"{what} " if what else ""
-    folder = os.path.dirname(os.path.abspath(path))
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StorageError(f"the disk is full (no space left on the device holding {folder}) "
-                            f"while writing {what}{path}")
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return StorageError(f"cannot write {what}{path}: the folder {folder} is not writable "
-                            "(permission denied); make it writable or choose another --save")
-    if e.errno == errno.EROFS:
-        return StorageError(f"cannot write {what}{path}: the folder {folder} is on a read-only "
-                            "file system; choose another --save")
-    return StorageError(f"cannot write {what}{path}: {e.strerror or e}")
-
-
-def write_bytes_atomic(data: bytes, path: str, what: str = "") -> None:
-    """Write ``data`` to a temporary file beside ``path`` (one write, flushed to disk),
-    then rename it over ``path``: a crash or a full disk leaves the previous file intact
-    and no temporary behind (StorageError on failure)."""
-    tmp = f"{path}{TMP_INFIX}{os.getpid()}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise storage_error(e, path, what) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-# Temporary files are named {file}.tmp.{pid}; a kill while writing leaves one behind.
-TMP_INFIX = ".tmp."
-
-
-def remove_stale_temporaries(folder: str) -> list[str]:
-    """Remove the temporaries of interrupted writes in ``folder`` (call it while holding
-    the folder's lock, so no other process is writing them); return their names."""
-    removed = []
-    for name in sorted(os.listdir(folder)):
-        stem, sep, pid = name.rpartition(TMP_INFIX)
-        if sep and stem and pid.isdigit():
-            try:
-                os.remove(os.path.join(folder, name))
-                removed.append(name)
-            except FileNotFoundError:
-                pass
-    return removed
 
 
 # ---------------------------------------------------------------------------------------
@@ -277,7 +213,7 @@ class MetricsWriter:
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                _write_all(fd, data)
+                write_all(fd, data)
             finally:
                 os.close(fd)
         except OSError as e:
@@ -670,13 +606,10 @@ def sync_buffers(model: torch.nn.Module) -> None:
 
 def run_main(main, args) -> int:
     """Run a script's ``main(args)``: user errors become one line on stderr and exit 2."""
-    from checkpoint import CheckpointError
-    from genotypes import GenotypeError
-
     _current_run.update(dir=None, checkpoint=None, script=None)
     try:
         return main(args) or 0
-    except (UserError, CheckpointError, GenotypeError) as e:
+    except ONE_LINE_ERRORS as e:
         return _report_error(str(e))
     except RuntimeError as e:
         if not _is_collective_failure(e):

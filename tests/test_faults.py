@@ -26,6 +26,7 @@ from test_search_run import read_metrics as read_search_metrics
 from train_helpers import load, only_run_dir, read_metrics, run_script, run_test_script
 
 import engine
+import errors
 import train_cifar
 import train_search as ts
 import utils
@@ -48,7 +49,7 @@ def fail_writes(monkeypatch, name: str, after: int, err: int = errno.ENOSPC) -> 
             target = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
         except OSError:
             target = ""
-        if target == name or target.startswith(name + utils.TMP_INFIX):
+        if target == name or target.startswith(name + errors.TMP_INFIX):
             count[0] += 1
             if count[0] > after:
                 real_write(fd, bytes(data[:len(data) // 2]))
@@ -67,7 +68,7 @@ def one_error_line(err: str) -> str:
 
 
 def temporaries(run_dir: str) -> list[str]:
-    return glob.glob(os.path.join(run_dir, f"*{utils.TMP_INFIX}*"))
+    return glob.glob(os.path.join(run_dir, f"*{errors.TMP_INFIX}*"))
 
 
 def hold_lock(run_dir: str) -> subprocess.Popen:
@@ -203,7 +204,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     path = str(tmp_path / "checkpoint.pt")
     save_atomic({"epoch": 1, "w": torch.ones(3)}, path)
     fail_writes(monkeypatch, "checkpoint.pt", after=0)
-    with pytest.raises(utils.StorageError, match="the disk is full.*previous checkpoint.pt is "
+    with pytest.raises(errors.StorageError, match="the disk is full.*previous checkpoint.pt is "
                                                  "intact; once the cause is fixed, continue with "
                                                  "--resume RUN"):
         save_atomic({"epoch": 2, "w": torch.zeros(3)}, path, resume_hint="RUN")
@@ -301,9 +302,9 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "open", read_only_open)
     message = re.escape(f"the folder {run_dir} is on a read-only file system")
-    with pytest.raises(utils.StorageError, match=message):
+    with pytest.raises(errors.StorageError, match=message):
         utils.own_run_dir(run_dir)
-    with pytest.raises(utils.StorageError, match=message):
+    with pytest.raises(errors.StorageError, match=message):
         utils.MetricsWriter(os.path.join(run_dir, "metrics.jsonl")).write({"epoch": 0})
 
 
@@ -523,7 +524,7 @@ def test_check_finite_state_names_the_tensor():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     utils.check_finite_state(net)
     net[1].running_mean[2] = float("nan")
-    with pytest.raises(utils.NonFiniteLossError, match="batch-norm statistic 1.running_mean"):
+    with pytest.raises(errors.NonFiniteLossError, match="batch-norm statistic 1.running_mean"):
         utils.check_finite_state(net)
 
 
@@ -586,7 +587,7 @@ def test_stale_temporaries_are_only_ours(tmp_path):
     for name in ("checkpoint.pt.tmp.123", "weights.pt.tmp.9", "arch_state.json.tmp.77",
                  "notes.tmp.txt", "checkpoint.pt"):
         (tmp_path / name).write_text("x")
-    removed = utils.remove_stale_temporaries(str(tmp_path))
+    removed = errors.remove_stale_temporaries(str(tmp_path))
     assert removed == ["arch_state.json.tmp.77", "checkpoint.pt.tmp.123", "weights.pt.tmp.9"]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "notes.tmp.txt"]
 
