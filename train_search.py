@@ -53,7 +53,17 @@ from data import (
     split_indices,
     split_rule,
 )
-from errors import write_json_atomic
+from distributed import (
+    DistInfo,
+    add_dist_timeout_arg,
+    average_gradients,
+    barrier,
+    broadcast_model,
+    gather,
+    init_distributed,
+    sync_buffers,
+)
+from errors import UserError, write_json_atomic
 from flags import (
     DEFAULT_DATA_DIR,
     HelpFormatter,
@@ -92,36 +102,31 @@ from model_search import (
     skip_budget_genotypes,
 )
 from plots import add_plot_args, plot_run_safely
-from speed import add_speed_args, autocast, check_amp, grad_scaler, prepare_input, prepare_model
-from utils import (
-    AverageMeter,
-    DistInfo,
+from runs import (
     MetricsWriter,
-    Progress,
-    UserError,
-    accuracy,
-    add_dist_timeout_arg,
-    barrier,
-    broadcast_object,
-    check_finite,
-    check_finite_state,
-    create_run_dir,
-    get_rng_state,
-    init_distributed,
     log_run_start,
-    logger,
-    own_run_dir,
-    peak_memory_mb,
+    open_run_dir,
     refuse_changed_flags,
     register_run,
     release_run_locks,
-    reset_peak_memory,
-    rewrite_metrics,
     run_main,
+    setup_logging,
+    truncate_metrics,
+    write_arch_state,
+)
+from speed import add_speed_args, autocast, check_amp, grad_scaler, prepare_input, prepare_model
+from utils import (
+    AverageMeter,
+    Progress,
+    accuracy,
+    check_finite,
+    check_finite_state,
+    get_rng_state,
+    logger,
+    peak_memory_mb,
+    reset_peak_memory,
     seed_everything,
     set_rng_state,
-    setup_logging,
-    sync_buffers,
 )
 
 # ---------------------------------------------------------------------------------------
@@ -576,25 +581,6 @@ class SearchData:
 # One step, one epoch, validation
 # ---------------------------------------------------------------------------------------
 
-# Deviation: data-parallel with torchrun and hand-averaged gradients (the release used
-# DataParallel). No DistributedDataParallel wrapper: its reducer does not fit a step that
-# differentiates two parameter groups separately.
-def average_gradients(params: Sequence[torch.Tensor], world_size: int) -> None:
-    """Average the gradients of ``params`` over all ranks with one all_reduce. Parameters
-    without a gradient are left out (every rank runs the same network, so the same ones)."""
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return
-    grads = [p.grad for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat.div_(world_size)
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(p)
-        offset += g.numel()
-
-
 def search_step(model: Network, batch_w: tuple[torch.Tensor, torch.Tensor],
                 batch_a: tuple[torch.Tensor, torch.Tensor] | None,
                 w_opt: torch.optim.Optimizer, a_opt: torch.optim.Optimizer, grad_clip: float,
@@ -867,31 +853,9 @@ def _draw(genotype: Genotype, out_dir: str, prefix: str) -> None:
         logger.warning("could not draw %s cells: %s", prefix or "final", e)
 
 
-def write_arch_state(run_dir: str, stages: list[dict], extra: dict | None = None) -> None:
-    write_json_atomic({"primitives": PRIMITIVES, "stages": stages, **(extra or {})},
-                os.path.join(run_dir, ARCH_STATE))
-
-
 # ---------------------------------------------------------------------------------------
 # Run folder, resume, checkpoints
 # ---------------------------------------------------------------------------------------
-
-def _open_run_dir(args: argparse.Namespace, env: DistInfo) -> str:
-    """Rank 0 creates the run folder (or takes the resumed one) and locks it for this
-    run; every rank gets its name."""
-    if args.resume:
-        if not os.path.isdir(args.resume):
-            raise UserError(f"--resume: no run folder {args.resume}")
-        if env.is_main:
-            own_run_dir(args.resume)
-        return args.resume
-    run_dir = None
-    if env.is_main:
-        # Faithful to the release: --save is a prefix, the folder is {save}search-{note}-{time}.
-        run_dir = create_run_dir(args.save, "search", args.note)
-        own_run_dir(run_dir)
-    return broadcast_object(run_dir)
-
 
 def _load_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
     """The run's checkpoint and its settings, with the run-time flags of this command."""
@@ -941,27 +905,6 @@ def report_complete(run_dir: str, env: DistInfo) -> int:
     return 0
 
 
-def _truncate_metrics(path: str, stage: int, epochs_done: int) -> None:
-    """Drop metric lines of epochs after the checkpoint (they will be run again) and a
-    torn last line."""
-    rewrite_metrics(path, lambda rec: (rec.get("stage", 0) - 1, rec.get("epoch", -1))
-                    < (stage, epochs_done))
-
-
-def _gather(obj, env: DistInfo) -> list:
-    if not env.distributed:
-        return [obj]
-    out = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast_model(model: nn.Module) -> None:
-    """Every rank starts a stage from rank 0's weights and alphas."""
-    for t in model.state_dict().values():
-        dist.broadcast(t, 0)
-
-
 # ---------------------------------------------------------------------------------------
 # The search
 # ---------------------------------------------------------------------------------------
@@ -994,7 +937,7 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
     torch.manual_seed(_seed_for(args.seed, stage))
     model = Network(C, run.num_classes, layers, switches_n, switches_r, drop_rate=rate).to(env.device)
     if env.distributed:
-        _broadcast_model(model)
+        broadcast_model(model)
         if env.rank > 0:  # different dropout masks and augmentations per rank
             torch.manual_seed(_seed_for(args.seed, stage, env.rank))
     w_opt = torch.optim.SGD(model.weight_parameters(), lr=args.learning_rate,
@@ -1079,7 +1022,7 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
             "scaler": scaler.state_dict() if scaler is not None else None,
             "lr": lr, "skip_dropout": drop, "stages_done": run.stages_done,
             "split_digest": run.split_digest, "data_stats": run.data.stats,
-            "rng": _gather(get_rng_state(), env),
+            "rng": gather(get_rng_state(), env),
         }
         if env.is_main:
             run.metrics.write(record)   # a resume drops lines after its checkpoint
@@ -1146,7 +1089,7 @@ def finish_search(run: SearchRun, model: Network, switches_n: Switches,
         logger.info("max_skip %d: %s", m, format_genotype(g))
     logger.info("final cell (max_skip %s): %s", "none" if args.max_skip < 0 else args.max_skip,
                 format_genotype(chosen))
-    lines = _gather(format_genotype(chosen), env)
+    lines = gather(format_genotype(chosen), env)
     if len(set(lines)) != 1:
         raise RuntimeError(f"ranks derived different cells: {lines}")
     if env.distributed:
@@ -1192,7 +1135,8 @@ def _main(args: argparse.Namespace) -> int:
     # Read the data before creating the run folder: a wrong path leaves nothing behind.
     dataset, num_classes, description = build_search_data(args, (ckpt or {}).get("data_stats"))
     split = search_split(dataset, args, ckpt)
-    run_dir = _open_run_dir(args, env)
+    # Faithful to the release: --save is a prefix, the folder is {save}search-{note}-{time}.
+    run_dir = open_run_dir(args.save, "search", args.note, env.is_main, args.resume)
     setup_logging(run_dir if env.is_main else None, env.is_main)
     register_run(run_dir, CHECKPOINT, "train_search.py")
     logger.info("run folder %s", os.path.abspath(run_dir))
@@ -1228,7 +1172,7 @@ def _main(args: argparse.Namespace) -> int:
         start_stage = ckpt["stage"]
         logger.info("resuming %s at stage %d after epoch %d", run_dir, start_stage + 1, ckpt["epoch"])
         if env.is_main:
-            _truncate_metrics(os.path.join(run_dir, METRICS_FILE), start_stage, ckpt["epoch"])
+            truncate_metrics(os.path.join(run_dir, METRICS_FILE), ckpt["epoch"], start_stage)
 
     search_start = time.time()
     for stage in range(start_stage, NUM_STAGES):

@@ -13,7 +13,7 @@ from PIL import Image
 
 import train_search as ts
 from data import DataError, check_split, split_indices
-from utils import close_logging, run_main
+from runs import close_logging, run_main
 
 # A class-sorted label list with odd class sizes, as ImageFolder lists a folder.
 SORTED_LABELS = [0] * 10 + [1] * 7 + [2] * 13 + [3] * 5

@@ -10,7 +10,7 @@ import train_search as ts
 from data import DataError, folder_transforms
 from genotypes import PRIMITIVES, format_genotype
 from model_search import NUM_EDGES, all_on_switches, ops_on
-from utils import run_main
+from runs import run_main
 
 I = {name: k for k, name in enumerate(PRIMITIVES)}  # noqa: E741
 

@@ -12,7 +12,7 @@ import torch
 
 import train_search as ts
 from genotypes import format_genotype, load_genotype_file
-from utils import close_logging, run_main
+from runs import close_logging, run_main
 from visualize import graphviz_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
