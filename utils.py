@@ -160,6 +160,14 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def seed_for(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (run seed, stage, epoch, stream, rank)."""
+    h = 0x9E3779B97F4A7C15
+    for part in parts:
+        h = ((h ^ (int(part) + 0x632BE5AB)) * 0x100000001B3) % (2 ** 63 - 1)
+    return h
+
+
 def get_rng_state() -> dict:
     import numpy as np
 
