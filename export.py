@@ -41,7 +41,7 @@ import torch.nn as nn
 from engine import CHECKPOINT_NAME, TrainedNetwork, load_trained_network, resolve_trained_network
 from flags import HelpFormatter, int_at_least, positive_float
 from genotypes import format_genotype, genotype_to_dict
-from utils import UserError, logger, run_main, setup_logging, write_bytes_atomic
+from utils import StorageError, UserError, logger, run_main, setup_logging, write_bytes_atomic
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -319,7 +319,10 @@ def main(args: argparse.Namespace) -> int:
              f"{args.tolerance:g} x max(1, largest |logit| {scale:.3g}))")
     if not diff <= allowed:     # NaN fails too
         raise ExportError(f"the exported model does not match PyTorch: {check}; nothing written")
-    write_bytes_atomic(data, out, f"the {args.format} file")
+    try:
+        write_bytes_atomic(data, out, f"the {args.format} file")
+    except StorageError as e:   # its advice names the training scripts' flag
+        raise StorageError(str(e).replace("--save", "--out")) from None
 
     shape = f"[batch, 3, {size}, {size}]"
     print(f"wrote {out} ({args.format}{f', opset {opset}' if opset else ''}, "
