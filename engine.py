@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import sys
@@ -34,8 +35,16 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from checkpoint import CheckpointError, describe_checkpoint, load_file, save_atomic
-from data import ArrayDataset, DeviceLoader
+from checkpoint import (
+    CheckpointError,
+    describe_checkpoint,
+    extract_state_dict,
+    infer_network,
+    load_file,
+    load_weights,
+    save_atomic,
+)
+from data import ArrayDataset, DeviceLoader, normalization, num_classes_of
 from distributed import DistInfo, add_dist_timeout_arg, barrier, sync_buffers
 from errors import UserError, write_json_atomic
 from flags import (
@@ -50,7 +59,14 @@ from flags import (
     prob,
     workers_help,
 )
-from genotypes import Genotype, format_genotype, genotype_from_dict, genotype_to_dict
+from genotypes import (
+    GENOTYPE_FILE,
+    Genotype,
+    format_genotype,
+    genotype_from_dict,
+    genotype_to_dict,
+    get_genotype,
+)
 from memory import plan_memory, report_out_of_memory
 from model import NetworkCIFAR, NetworkImageNet, format_summary, model_summary
 from plots import add_plot_args, plot_run_safely
@@ -478,6 +494,182 @@ def _resumed_schedule(lr_at: Callable[..., float], ckpt: dict, start_epoch: int,
                    "release's (epoch e at cos(pi*(e+1)/E)); it continues on the schedule it "
                    "began with (cos(pi*e/E))")
     return old
+
+
+# ---------------------------------------------------------------------------------------
+# Rebuilding a trained network from a checkpoint (test.py, export.py)
+# ---------------------------------------------------------------------------------------
+
+# The release's test.py / test_imagenet.py defaults: channels, cells, batch size.
+RELEASE_DEFAULTS = {"cifar": (36, 20, 128), "imagenet": (48, 14, 128)}
+
+
+@dataclass
+class TrainedNetwork:
+    """Everything a checkpoint (and the flags that override it) says about a trained
+    network, before it is built: ``load_trained_network`` builds it and loads the weights."""
+    path: str                    # the checkpoint file read
+    checkpoint: Any              # the loaded object
+    ours: bool                   # this project's checkpoint.pt (else a bare state dict)
+    found: dict | None           # sizes read from a bare state dict's tensors
+    dataset: str
+    info: dict[str, Any]         # network_info(...)
+    genotype: Genotype
+    arch: str                    # how the cell was named, for messages
+    data_info: dict | None       # an image-folder run's classes, size and normalisation
+    image_size: int              # the training input size (square)
+    mean: tuple[float, ...]      # the normalisation the network expects
+    std: tuple[float, ...]
+
+
+def _describe(info: dict) -> str:
+    return (f"C {info['C']}, {info['layers']} cells, "
+            f"{'an' if info['auxiliary'] else 'no'} auxiliary head, {info['num_classes']} classes")
+
+
+def _flags_for(info: dict, dataset: str) -> str:
+    """The command-line flags that build the network ``info`` describes."""
+    flags = [f"--init_channels {info['C']}", f"--layers {info['layers']}"]
+    if info["auxiliary"]:
+        flags.append("--auxiliary")
+    if info["kind"] == "imagenet":
+        flags.append("--dataset imagenet")
+    elif info["num_classes"] in (10, 100):
+        flags.append(f"--dataset {'cifar100' if info['num_classes'] == 100 else dataset}")
+    return " ".join(flags)
+
+
+def _default_dataset(found: dict | None) -> str:
+    """The dataset a bare state dict was trained on, as far as its shapes tell."""
+    if found is None:
+        return "cifar10"
+    if found["kind"] == "imagenet":
+        return "imagenet"
+    return "cifar100" if found["num_classes"] == 100 else "cifar10"
+
+
+def explain_mismatch(error: CheckpointError, built: dict, found: dict | None, arch: str,
+                     dataset: str, path: str) -> CheckpointError:
+    """One message naming every flag at once: the values read from the checkpoint that
+    differ from the network built, or --arch when only the cells' operations can differ."""
+    if found is None:
+        return error
+    differs = [(k, found[k], built[k]) for k in ("kind", "C", "layers", "auxiliary", "num_classes")
+               if found[k] is not None and found[k] != built[k]]
+    if not differs:
+        return CheckpointError(
+            f"{path} has the network's sizes ({_describe(found)}) but other cell operations than "
+            f"--arch {arch}: pass --arch with the cell it was trained with (a name, a genotype JSON "
+            "file or the search run folder), or pass the training run folder as --model_path "
+            "(its checkpoint.pt records the cell)")
+    return CheckpointError(
+        f"{path} does not fit the network built ({_describe(built)}, {built['kind']}): the "
+        f"checkpoint has {_describe(found)}, {found['kind']}. Pass {_flags_for(found, dataset)} "
+        "(or drop the flags that say otherwise), or pass the training run folder as "
+        "--model_path so that everything comes from its checkpoint.pt")
+
+
+def _refuse_untrained(model_path: str, path: str, purpose: str) -> None:
+    """A search run folder without its checkpoint, a genotype file or another JSON file
+    given as the trained network: one line saying what it is and what to give instead."""
+    train_first = (f"{purpose} a trained network: train the searched cell first "
+                   f"(train_cifar.py --arch {{}}) and give that run's folder or {CHECKPOINT_NAME}")
+    if os.path.isdir(model_path) and not os.path.exists(path) and os.path.isfile(
+            os.path.join(model_path, GENOTYPE_FILE)):
+        raise CheckpointError(f"{model_path} is a search run folder; " + train_first.format(model_path))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+    except OSError:
+        return  # load_file says it is missing or unreadable
+    if not head.startswith((b"{", b"[")):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (ValueError, UnicodeDecodeError):
+        return  # not JSON after all: load_file reports it
+    if isinstance(obj, dict) and "normal" in obj and "reduce" in obj:
+        raise CheckpointError(f"{path} is a genotype file (the cell's operations, no trained "
+                              "weights); " + train_first.format(path))
+    raise CheckpointError(f"{path} is a JSON file, not a checkpoint: give a training run folder, "
+                          f"its {CHECKPOINT_NAME} or a state dict (weights.pt)")
+
+
+def resolve_trained_network(model_path: str, *, dataset: str | None = None, cifar100: bool = False,
+                            arch: str | None = None, init_channels: int | None = None,
+                            layers: int | None = None, auxiliary: bool | None = None,
+                            purpose: str = "this needs") -> TrainedNetwork:
+    """Read a trained network's checkpoint (a run folder, this project's checkpoint.pt, or a
+    bare state dict in any of the authors' layouts) and decide what to build: the sizes
+    come from the flags, else the checkpoint, else the release's defaults. ``purpose``
+    starts the refusal of a search checkpoint ("test.py evaluates")."""
+    path = resume_path(model_path)
+    _refuse_untrained(model_path, path, purpose)
+    obj = load_file(path)
+    ours = is_training_checkpoint(obj)
+    if ours:
+        check_training_checkpoint(obj, path)
+    elif isinstance(obj, dict) and obj.get("kind") == "pdarts-search":
+        raise CheckpointError(
+            f"{path} is {describe_checkpoint(obj)}; {purpose} a trained network: train the "
+            f"searched cell first (train_cifar.py --arch {os.path.dirname(path) or '.'}) and "
+            f"give that run's folder or {CHECKPOINT_NAME}")
+    state = extract_state_dict(obj)  # weights in it? Say so before reading any data
+    saved = obj["network"] if ours else {}
+    # Bare state dicts (the authors', our weights.pt): read the sizes from the tensors.
+    found = None if ours else infer_network(state)
+    if found is not None:
+        logger.info("read from %s: %s network, %s", path, found["kind"], _describe(found))
+    known = saved or found or {}
+
+    dataset = dataset or ("cifar100" if cifar100 else None) or saved.get("dataset") or _default_dataset(found)
+    if cifar100 and dataset != "cifar100":
+        raise UserError(f"--cifar100 contradicts --dataset {dataset}")
+    kind = "imagenet" if dataset == "imagenet" else "cifar"
+    C_default, layers_default, _ = RELEASE_DEFAULTS[kind]
+    data_info = obj.get("data") if ours else None
+    if kind == "imagenet":
+        num_classes = known.get("num_classes") if known.get("kind") == "imagenet" else None
+        num_classes = num_classes or num_classes_of("imagenet")
+    elif dataset == "folder":
+        if not data_info or data_info.get("dataset") != "folder":
+            raise UserError("--dataset folder needs a checkpoint of train_cifar.py --dataset "
+                            "folder (it holds the classes, image size and normalisation)")
+        num_classes = len(data_info["classes"])
+    else:
+        num_classes = num_classes_of(dataset)
+    genotype = (get_genotype(arch) if arch else
+                checkpoint_genotype(obj, path) if ours else get_genotype("PDARTS"))
+    info = network_info(
+        kind, dataset,
+        init_channels if init_channels is not None else known.get("C", C_default),
+        layers if layers is not None else known.get("layers", layers_default),
+        num_classes,
+        auxiliary if auxiliary is not None else known.get("auxiliary", False))
+    if dataset == "folder":
+        image_size, mean, std = (data_info["image_size"], tuple(data_info["stats"]["mean"]),
+                                 tuple(data_info["stats"]["std"]))
+    else:
+        image_size = 224 if kind == "imagenet" else 32
+        mean, std = normalization(dataset)
+    return TrainedNetwork(path=path, checkpoint=obj, ours=ours, found=found, dataset=dataset,
+                          info=info, genotype=genotype,
+                          arch=arch or ("the checkpoint's" if ours else "PDARTS"),
+                          data_info=data_info, image_size=int(image_size),
+                          mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
+
+
+def load_trained_network(trained: TrainedNetwork) -> nn.Module:
+    """Build the network ``trained`` describes (on the CPU) and load its weights; a
+    mismatch names the flags to pass."""
+    model = build_network(trained.info, trained.genotype)
+    try:
+        load_weights(model, trained.checkpoint, source=trained.path)
+    except CheckpointError as e:
+        raise explain_mismatch(e, trained.info, trained.found, trained.arch, trained.dataset,
+                               trained.path) from None
+    return model
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:

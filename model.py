@@ -138,6 +138,13 @@ class _EvalNetwork(nn.Module):
         self._drop_path_on = self._drop_path_prob > 0.0
         self._drop_path_rate.fill_(self._drop_path_prob)
 
+    def drop_auxiliary_head(self) -> None:
+        """Remove the auxiliary head for inference and export: it serves only training
+        (eval mode never runs it), and without it an exported file holds no dead weights."""
+        if self._auxiliary:
+            del self.auxiliary_head
+            self._auxiliary = False
+
     def _build_cells(self, C: int, C_stem: int, layers: int, genotype: Genotype,
                      reduction_prev: bool) -> int:
         """Build ``self.cells``; return the channels seen by the auxiliary head."""

@@ -29,14 +29,6 @@ import sys
 
 import torch.nn as nn
 
-from checkpoint import (
-    CheckpointError,
-    describe_checkpoint,
-    extract_state_dict,
-    infer_network,
-    load_file,
-    load_weights,
-)
 from data import (
     DataError,
     cifar_transforms,
@@ -47,21 +39,17 @@ from data import (
     get_dataset,
     get_image_folder,
     imagenet_transforms,
-    num_classes_of,
     scan_folder,
 )
 from distributed import add_dist_timeout_arg, init_distributed
 from engine import (
+    RELEASE_DEFAULTS,
     SPLIT_NAME,
-    build_network,
-    check_training_checkpoint,
-    checkpoint_genotype,
     evaluate,
-    is_training_checkpoint,
+    load_trained_network,
     make_loader,
-    network_info,
     per_process_batch,
-    resume_path,
+    resolve_trained_network,
 )
 from errors import UserError
 from flags import (
@@ -73,13 +61,11 @@ from flags import (
     positive_int,
     workers_help,
 )
-from genotypes import format_genotype, get_genotype
+from genotypes import format_genotype
 from model import format_summary, model_summary
 from runs import run_main, setup_logging
 from utils import logger
 
-# The release's test.py / test_imagenet.py defaults: channels, cells, batch size.
-RELEASE_DEFAULTS = {"cifar": (36, 20, 128), "imagenet": (48, 14, 128)}
 RELEASE_WORKERS = 4
 
 
@@ -188,109 +174,24 @@ def _read_split(path: str) -> dict:
     return stored
 
 
-def _describe(info: dict) -> str:
-    return (f"C {info['C']}, {info['layers']} cells, "
-            f"{'an' if info['auxiliary'] else 'no'} auxiliary head, {info['num_classes']} classes")
-
-
-def _flags_for(info: dict, dataset: str) -> str:
-    """The command-line flags that build the network ``info`` describes."""
-    flags = [f"--init_channels {info['C']}", f"--layers {info['layers']}"]
-    if info["auxiliary"]:
-        flags.append("--auxiliary")
-    if info["kind"] == "imagenet":
-        flags.append("--dataset imagenet")
-    elif info["num_classes"] in (10, 100):
-        flags.append(f"--dataset {'cifar100' if info['num_classes'] == 100 else dataset}")
-    return " ".join(flags)
-
-
-def _default_dataset(found: dict | None) -> str:
-    """The dataset a bare state dict was trained on, as far as its shapes tell."""
-    if found is None:
-        return "cifar10"
-    if found["kind"] == "imagenet":
-        return "imagenet"
-    return "cifar100" if found["num_classes"] == 100 else "cifar10"
-
-
-def explain_mismatch(error: CheckpointError, built: dict, found: dict | None, arch: str,
-                     dataset: str, path: str) -> CheckpointError:
-    """One message naming every flag at once: the values read from the checkpoint that
-    differ from the network built, or --arch when only the cells' operations can differ."""
-    if found is None:
-        return error
-    differs = [(k, found[k], built[k]) for k in ("kind", "C", "layers", "auxiliary", "num_classes")
-               if found[k] is not None and found[k] != built[k]]
-    if not differs:
-        return CheckpointError(
-            f"{path} has the network's sizes ({_describe(found)}) but other cell operations than "
-            f"--arch {arch}: pass --arch with the cell it was trained with (a name, a genotype JSON "
-            "file or the search run folder), or pass the training run folder as --model_path "
-            "(its checkpoint.pt records the cell)")
-    return CheckpointError(
-        f"{path} does not fit the network built ({_describe(built)}, {built['kind']}): the "
-        f"checkpoint has {_describe(found)}, {found['kind']}. Pass {_flags_for(found, dataset)} "
-        "(or drop the flags that say otherwise), or pass the training run folder as "
-        "--model_path so that everything comes from its checkpoint.pt")
-
-
 def main(args: argparse.Namespace) -> int:
     env = init_distributed(args.device, args.dist_timeout)
     setup_logging(None, env.is_main)
     if not args.model_path:
         raise UserError("--model_path is required (a checkpoint file or a run folder)")
-    path = resume_path(args.model_path)
-    obj = load_file(path)
-    ours = is_training_checkpoint(obj)
-    if ours:
-        check_training_checkpoint(obj, path)
-    elif isinstance(obj, dict) and obj.get("kind") == "pdarts-search":
-        raise CheckpointError(
-            f"{path} is {describe_checkpoint(obj)}; test.py evaluates a trained network: train "
-            "the searched cell first (train_cifar.py --arch SEARCH_RUN/genotype.json) and give "
-            "that run's folder or checkpoint.pt")
-    state = extract_state_dict(obj)  # weights in it? Say so before reading any data
-    saved = obj["network"] if ours else {}
-    # Bare state dicts (the authors', our weights.pt): read the sizes from the tensors.
-    found = None if ours else infer_network(state)
-    if found is not None:
-        logger.info("read from %s: %s network, %s", path, found["kind"], _describe(found))
-    known = saved or found or {}
-
-    dataset = (args.dataset or ("cifar100" if args.cifar100 else None) or saved.get("dataset")
-               or _default_dataset(found))
-    if args.cifar100 and dataset != "cifar100":
-        raise UserError(f"--cifar100 contradicts --dataset {dataset}")
-    kind = "imagenet" if dataset == "imagenet" else "cifar"
-    C_default, layers_default, batch_default = RELEASE_DEFAULTS[kind]
-    data_info = obj.get("data") if ours else None
-    if kind == "imagenet":
-        num_classes = known.get("num_classes") if known.get("kind") == "imagenet" else None
-        num_classes = num_classes or num_classes_of("imagenet")
-    elif dataset == "folder":
-        if not data_info or data_info.get("dataset") != "folder":
-            raise UserError("--dataset folder needs a checkpoint of train_cifar.py --dataset "
-                            "folder (it holds the classes, image size and normalisation)")
-        num_classes = len(data_info["classes"])
-    else:
-        num_classes = num_classes_of(dataset)
-    arch = args.arch or ("the checkpoint's" if ours else "PDARTS")
-    genotype = (get_genotype(args.arch) if args.arch else
-                checkpoint_genotype(obj, path) if ours else get_genotype("PDARTS"))
-    info = network_info(
-        kind, dataset,
-        args.init_channels if args.init_channels is not None else known.get("C", C_default),
-        args.layers if args.layers is not None else known.get("layers", layers_default),
-        num_classes,
-        args.auxiliary if args.auxiliary is not None else known.get("auxiliary", False))
+    trained = resolve_trained_network(
+        args.model_path, dataset=args.dataset, cifar100=args.cifar100, arch=args.arch,
+        init_channels=args.init_channels, layers=args.layers, auxiliary=args.auxiliary,
+        purpose="test.py evaluates")
+    path, ours, dataset, info = trained.path, trained.ours, trained.dataset, trained.info
+    kind, num_classes, data_info = info["kind"], info["num_classes"], trained.data_info
+    genotype, batch_default = trained.genotype, RELEASE_DEFAULTS[kind][2]
     batch = per_process_batch(args.batch_size or batch_default, env.world_size)
 
     root = args.data or args.tmp_data_dir   # an image-folder run knows its own
-    image_size = 224 if kind == "imagenet" else 32
+    image_size = trained.image_size
     if dataset == "folder":
         test_set, what = folder_test_set(data_info, root, path, args.skip_bad_images, args.workers)
-        image_size = data_info["image_size"]
     elif kind == "imagenet":
         test_set = imagenet_val(root or DEFAULT_DATA_DIR)
         if len(test_set.classes) > num_classes:
@@ -300,12 +201,7 @@ def main(args: argparse.Namespace) -> int:
         test_set = get_dataset(dataset, root or DEFAULT_DATA_DIR, False,
                                cifar_transforms(dataset, False), offer_download=False)
 
-    model = build_network(info, genotype)
-    try:
-        load_weights(model, obj, source=path)
-    except CheckpointError as e:
-        raise explain_mismatch(e, info, found, arch, dataset, path) from None
-    model.to(env.device)
+    model = load_trained_network(trained).to(env.device)
 
     logger.info("model %s (%s): %s", path, "this project's checkpoint" if ours else "state dict",
                 json.dumps(info))
