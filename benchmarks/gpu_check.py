@@ -128,8 +128,8 @@ TINY = Sizes(search_batch=2, search_C=4, search_image=8, search_layers=3, cifar_
              cifar_C=4, imagenet_batch=2, imagenet_C=4, warmup=0, steps=1,
              projection_images=48, projection_steps=1, valid_batches=2, compile=False)
 TINY_NO_COMPILE = ("not run in --tiny mode: graph capture alone takes 1-2 min per network "
-                   "on a 2-core CPU; the compiled search step is checked by "
-                   "tests/test_speed_equivalence.py::test_search_step_through_a_compiled_forward")
+                   "on a 2-core CPU; tests/test_speed_equivalence.py checks compiled forwards "
+                   "(graph capture with the eager backend)")
 
 
 def box_seconds(part: str, selected: list[str], now: float, end: float) -> float:
@@ -338,6 +338,18 @@ def _timed(make_step, path: str, ctx: Context, images: int, warmup: int) -> dict
     return row
 
 
+def _with_estimate(row: dict, plain_rate: float | None, est) -> dict:
+    """A timing row with its speed relative to the plain path and the memory estimate
+    (None where there is none) next to the measured peak."""
+    fig = dict(row)
+    fig["vs_plain"] = row["images_per_sec"] / plain_rate if plain_rate else None
+    fig["estimate_total_mib"] = est.total(False) / 2 ** 20 if est is not None else None
+    fig["estimate_needed_mib"] = est.needed(False) / 2 ** 20 if est is not None else None
+    peak = _number(row["peak_mib"])
+    fig["peak_vs_estimate_total"] = peak / fig["estimate_total_mib"] if peak and est is not None else None
+    return fig
+
+
 def part_search_step(part: Part, ctx: Context) -> None:
     from functools import partial
 
@@ -356,17 +368,10 @@ def part_search_step(part: Part, ctx: Context) -> None:
                        image=image, layers=s.search_layers)
         r = _timed(make, path, ctx, 2 * b, warmup)
         est = estimates.get((stage, "bf16" if "bf16" in path else "none"))
-        fig = dict(r)
         if path == "plain":
             plain_rate[stage] = r["images_per_sec"]
-        else:
-            fig["vs_plain"] = r["images_per_sec"] / plain_rate[stage] if stage in plain_rate else None
-            if est is not None:
-                fig["estimate_needed_mib"] = est.needed(False) / 2 ** 20
-                fig["estimate_total_mib"] = est.total(False) / 2 ** 20
-                fig["peak_vs_estimate_total"] = (r["peak_mib"] / fig["estimate_total_mib"]
-                                                 if r["peak_mib"] == r["peak_mib"] else None)
-        return fig
+            est = None     # the estimate is the default path's (the scripts' network)
+        return _with_estimate(r, plain_rate.get(stage), est)
 
     def command(stage: int, path: str) -> str:
         if ctx.tiny:
@@ -534,16 +539,11 @@ def part_train_step(part: Part, ctx: Context) -> None:
         batch, image, C = ((s.cifar_batch, 32, s.cifar_C) if net == "cifar"
                            else (s.imagenet_batch, 224, s.imagenet_C))
         make = partial(bench_train.make_step, net, device=ctx.device, batch=batch, image=image, C=C)
-        r = dict(_timed(make, path, ctx, batch, s.warmup))
+        r = _timed(make, path, ctx, batch, s.warmup)
         if path == "plain":
             plain[net] = r["images_per_sec"]
-        else:
-            r["vs_plain"] = r["images_per_sec"] / plain[net] if net in plain else None
-            est = estimates.get((net, "bf16" if "bf16" in path else "none"))
-            if est is not None:
-                r["estimate_needed_mib"] = est.needed(False) / 2 ** 20
-                r["estimate_total_mib"] = est.total(False) / 2 ** 20
-        return r
+        est = None if path == "plain" else estimates.get((net, "bf16" if "bf16" in path else "none"))
+        return _with_estimate(r, plain.get(net), est)
 
     def command(net: str, path: str) -> str:
         if ctx.tiny:
@@ -972,6 +972,35 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _tables(rows: list[dict]) -> list[str]:
+    """Rows with the same figures as one table each (a shared command above it, else a
+    command column); rows without figures (skipped, failed) as a list after them."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["figures"]:
+            groups.setdefault(tuple(r["figures"]), []).append(r)
+    lines: list[str] = []
+    for keys, group in groups.items():
+        commands = {r.get("command", "") for r in group}
+        shared = commands.pop() if len(commands) == 1 else None
+        lines += [""] + ([f"Command: `{shared}`", ""] if shared else [])
+        lines += ["| measurement | " + " | ".join(keys) + ("" if shared else " | command") + " |",
+                  "|" + "---|" * (len(keys) + 1 + (shared is None))]
+        for r in group:
+            status = "" if r["status"] == "ok" else f" ({r['status']}: {r.get('error') or r.get('reason')})"
+            cells = [_fmt(r["figures"].get(k)) for k in keys]
+            lines.append(f"| {r['label']}{status} | " + " | ".join(cells)
+                         + ("" if shared else f" | `{r.get('command', '')}`") + " |")
+    rest = [r for r in rows if not r["figures"]]
+    if rest:
+        lines.append("")
+        for r in rest:
+            why = r.get("error") or r.get("reason") or ""
+            lines.append(f"- {r['label']}: {r['status']}" + (f": {why}" if why else "")
+                         + (f" (`{r['command']}`)" if r.get("command") else ""))
+    return lines
+
+
 def markdown(results: dict) -> str:
     env = results["environment"]
     lines = ["# gpu_check results", "",
@@ -997,18 +1026,7 @@ def markdown(results: dict) -> str:
             lines += ["", p["note"] + "."]
         if p.get("summary"):
             lines += ["", "Summary: " + ", ".join(f"{k} **{_fmt(v)}**" for k, v in p["summary"].items())]
-        if p["rows"]:
-            keys: list[str] = []
-            for r in p["rows"]:
-                keys += [k for k in r["figures"] if k not in keys]
-            lines += ["", "| measurement | status | " + " | ".join(keys) + " | command |",
-                      "|" + "---|" * (len(keys) + 3)]
-            for r in p["rows"]:
-                status = r["status"] + (f": {r.get('error') or r.get('reason')}"
-                                        if r.get("error") or r.get("reason") else "")
-                cells = [_fmt(r["figures"].get(k)) for k in keys]
-                lines.append(f"| {r['label']} | {status} | " + " | ".join(cells)
-                             + f" | `{r.get('command', '')}` |")
+        lines += _tables(p["rows"])
     return "\n".join(lines) + "\n"
 
 
@@ -1030,10 +1048,28 @@ def summary_text(results: dict) -> str:
                 cells = [f"{path.replace('default+', '+')} {_fmt(rows[path].get('images_per_sec'))}"
                          for path in [*SEARCH_PATHS, "default+compile"] if rows.get(path)]
                 peak = rows.get("default", {}).get("peak_mib")
-                est = rows.get("memory estimate", {}).get("needed_mib")
+                est = rows.get("memory estimate", {})
                 if cells:
-                    lines.append(f"      stage {stage} img/s: {', '.join(cells)}; peak {_fmt(peak)} MiB, "
-                                 f"estimate {_fmt(est)} MiB")
+                    lines.append(f"      stage {stage} img/s: {', '.join(cells)}")
+                    lines.append(f"        default peak {_fmt(peak)} MiB, estimate "
+                                 f"{_fmt(est.get('total_mib'))} MiB ({_fmt(est.get('needed_mib'))} "
+                                 "with headroom)")
+        elif p["name"] == "projection" and p["rows"]:
+            stages = " / ".join(_fmt(r["figures"].get("stage_minutes")) for r in p["rows"])
+            lines.append(f"      full default search: {_fmt(p['summary'].get('total_minutes'))} min "
+                         f"(target < 20; stages {stages} min)")
+        elif p["name"] == "train_step" and p["rows"]:
+            for net in ("cifar", "imagenet"):
+                cells = [f"{r['label'].split(', ')[1].replace('default+', '+')} "
+                         f"{_fmt(r['figures'].get('images_per_sec'))}" for r in p["rows"]
+                         if r["label"].startswith(net) and r["figures"].get("images_per_sec") is not None]
+                if cells:
+                    lines.append(f"      {net} img/s: " + ", ".join(cells))
+        elif p["name"] == "checkpoint_cells" and p["summary"]:
+            sm = p["summary"]
+            lines.append(f"      step {_fmt(sm.get('time_ratio'))}x the time (target <= 1.6), peak "
+                         f"{_fmt(sm.get('peak_ratio'))}x; estimated activations "
+                         f"{_fmt(sm.get('estimate_activations_ratio'))}x smaller")
         elif p["summary"]:
             lines.append("      " + ", ".join(f"{k} {_fmt(v)}" for k, v in p["summary"].items())[:150])
     lines += [f"results: {os.path.join(results['out'], 'results.json')} and results.md", "=" * 78]
@@ -1077,6 +1113,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("gpu_check: no CUDA device is available; on a CPU use --device cpu --tiny",
+                  file=sys.stderr)
+            return 2
     return run(args)
 
 
