@@ -669,10 +669,10 @@ def environment(device) -> dict:
     return info
 
 
-def start_part(out: str, name: str, selected: list[str], end: float) -> Part:
-    """In the worker: open the part's record with its time box and tell the parent
-    (worker_state.json) which part runs until when."""
-    part = Part(out, name, box_seconds(name, selected, time.time(), end))
+def start_part(out: str, name: str, selected: list[str], end: float, box: float | None = None) -> Part:
+    """In the worker: open the part's record with its time box (``box``, else its share
+    of the time left) and tell the parent (worker_state.json) which part runs until when."""
+    part = Part(out, name, box_seconds(name, selected, time.time(), end) if box is None else box)
     _write_json({"part": name, "started": part.start, "deadline": part.deadline, "pid": os.getpid()},
                 os.path.join(out, "worker_state.json"))
     print(f"== part {IDS[name]} {name}: time box {part.record['box_s']:.0f} s", flush=True)
@@ -737,10 +737,11 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 def supervise(cmd: list[str], env: dict, state_path: str, log_path: str, grace: float = GRACE_S,
-              poll: float = 0.5) -> tuple[int | None, str | None, float]:
+              poll: float = 0.5, hard_end: float | None = None) -> tuple[int | None, str | None, float]:
     """Run a worker until it exits, or until the part it is in (``state_path``: part,
-    deadline) overruns its deadline by ``grace`` seconds: then kill it. Returns (exit
-    code or None when killed, the part it was killed in, seconds that part ran)."""
+    deadline) overruns its deadline by ``grace`` seconds, or until ``hard_end`` (a hang
+    before any part started): then kill it. Returns (exit code or None when killed, the
+    part it was killed in or None, seconds that part ran)."""
     with open(log_path, "a", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                 start_new_session=True)
@@ -750,9 +751,12 @@ def supervise(cmd: list[str], env: dict, state_path: str, log_path: str, grace: 
             except subprocess.TimeoutExpired:
                 pass
             state = _read_json(state_path)
-            if state and time.time() > state["deadline"] + grace:
+            now = time.time()
+            if (state and now > state["deadline"] + grace) or (hard_end is not None and now > hard_end):
                 _kill(proc)
-                return None, state["part"], time.time() - state["started"]
+                if state is None:
+                    return None, None, 0.0
+                return None, state["part"], now - state["started"]
 
 
 def worker_command(args, pending: list[str], selected: list[str], end: float) -> list[str]:
@@ -773,9 +777,15 @@ def run_worker_parts(parts: list[str], selected: list[str], args, env: dict, end
     while pending:
         if os.path.exists(state_path):
             os.remove(state_path)
+        if time.time() >= end:
+            for name in pending:
+                rec = _skipped_record(name, "not started: the budget (--budget_s) was used up")
+                _write_json(rec, os.path.join(out, "parts", f"{name}.json"))
+                _announce(rec)
+            return
         print(f"worker: parts {', '.join(IDS[p] for p in pending)} (log: {log_path})", flush=True)
         rc, killed_in, ran = supervise(command(args, pending, selected, end), env, state_path,
-                                       log_path, grace)
+                                       log_path, grace, hard_end=end + grace)
         still = []
         for name in pending:
             path = os.path.join(out, "parts", f"{name}.json")
@@ -799,9 +809,10 @@ def run_worker_parts(parts: list[str], selected: list[str], args, env: dict, end
                 _write_json(rec, path)
             _announce(rec)
         if still == pending:     # the worker failed before its first part: no use retrying
+            why = (f"the worker exited with code {rc}" if rc is not None
+                   else "the worker was killed at the end of the budget")
             for name in still:
-                rec = _failed_record(name, f"the worker exited with code {rc} before the part "
-                                           f"started: {_tail(log_path, 3)}")
+                rec = _failed_record(name, f"{why} before the part started: {_tail(log_path, 3)}")
                 _write_json(rec, os.path.join(out, "parts", f"{name}.json"))
                 _announce(rec)
             still = []
@@ -929,6 +940,8 @@ def run(args: argparse.Namespace) -> int:
                 + "; the 2-process gloo runs of the test suite cover the distributed code on a CPU")
         elif name == "cuda_tests" and args.device != "cuda":
             rec = _skipped_record(name, "needs a CUDA device (--device cpu)")
+        elif box < 5:
+            rec = _skipped_record(name, f"not started: {box:.0f} s of the budget (--budget_s) left")
         elif name == "cuda_tests":
             rec = run_tests(name, CUDA_TESTS, args, env, box, {})
         else:

@@ -99,14 +99,15 @@ def test_tiny_cpu_run_records_every_part(tmp_path, capsys):
 
 
 FAKE_WORKER = textwrap.dedent("""
-    # Emulates the worker: part 3 hangs in its second measurement, part 5 finishes.
+    # Emulates the worker: part 3 (a 1-s time box) hangs in its second measurement, part 5
+    # finishes.
     import sys, time
     sys.path.insert(0, {bench!r})
     import gpu_check
     out, end = sys.argv[1], float(sys.argv[4])
     pending, selected = sys.argv[2].split(","), sys.argv[3].split(",")
     for name in pending:
-        part = gpu_check.start_part(out, name, selected, end)
+        part = gpu_check.start_part(out, name, selected, end, 1.0 if name == "projection" else None)
         part.measure("quick", "cmd", lambda: {{"x": 1.0}})
         if name == "projection":
             part.measure("hangs", "cmd", lambda: time.sleep(120))
@@ -127,18 +128,19 @@ def test_a_part_past_its_time_box_is_killed_and_the_next_parts_run(tmp_path):
         return [sys.executable, str(script), args.out, ",".join(pending), ",".join(selected), repr(end)]
 
     t0 = time.time()
-    # 4 s in all: projection's box is 4 * 70 / 100 s, then 1 s of grace.
-    gpu_check.run_worker_parts(selected, selected, args, dict(os.environ), time.time() + 4.0,
+    gpu_check.run_worker_parts(selected, selected, args, dict(os.environ), time.time() + 60,
                                grace=1.0, command=command)
     assert time.time() - t0 < 30
     hung = json.loads((out / "parts" / "projection.json").read_text())
     assert hung["status"] == "failed"
-    assert re.search(r"timed out after \d+ s \(time box 3 s \+ 1 s grace\), killed during 'hangs'",
+    assert re.search(r"timed out after \d+ s \(time box 1 s \+ 1 s grace\), killed during 'hangs'",
                      hung["error"]), hung["error"]
     assert [(r["label"], r["status"]) for r in hung["rows"]] == [("quick", "ok"), ("hangs", "failed")]
     assert hung["rows"][0]["figures"] == {"x": 1.0}
     after = json.loads((out / "parts" / "checkpoint_cells.json").read_text())
     assert after["status"] == "ok" and after["summary"] == {"y": 2.0}
+    assert after["rows"][0]["status"] == "ok"      # a fresh worker, the time left as its box
+    assert "== part 5 checkpoint_cells" in (out / "logs" / "worker.log").read_text()
 
 
 def test_every_cuda_only_test_is_run_by_the_check():
