@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -52,8 +53,17 @@ from genotypes import Genotype, format_genotype, genotype_from_dict, genotype_to
 from memory import plan_memory, report_out_of_memory
 from model import NetworkCIFAR, NetworkImageNet, format_summary, model_summary
 from plots import add_plot_args, plot_run_safely
-from speed import add_speed_args, autocast, check_amp, grad_scaler, prepare_input, prepare_model
+from speed import (
+    add_speed_args,
+    autocast,
+    check_amp,
+    grad_scaler,
+    loss_precision,
+    prepare_input,
+    prepare_model,
+)
 from utils import (
+    LR_SCHEDULE,
     AverageMeter,
     DistInfo,
     MetricsWriter,
@@ -65,6 +75,7 @@ from utils import (
     broadcast_object,
     check_finite,
     check_finite_state,
+    cosine_lr,  # noqa: F401  (the training scripts take it from here)
     create_run_dir,
     log_run_start,
     logger,
@@ -75,6 +86,7 @@ from utils import (
     release_run_locks,
     reset_peak_memory,
     rewrite_metrics,
+    schedule_of_checkpoint,
     seed_everything,
     setup_logging,
     sync_buffers,
@@ -102,12 +114,6 @@ CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "args", "genotype", "network",
 # ---------------------------------------------------------------------------------------
 # Schedules (pure functions of the epoch)
 # ---------------------------------------------------------------------------------------
-
-def cosine_lr(lr0: float, epoch: int, epochs: int, lr_min: float = 0.0) -> float:
-    """Cosine annealing set once per epoch: epoch 0 uses lr0, epoch ``epochs`` would reach
-    lr_min (SPEC section 5)."""
-    return lr_min + (lr0 - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
-
 
 def drop_path_at(drop_path_prob: float, epoch: int, epochs: int) -> float:
     """Drop-path rate grows linearly from 0: ``drop_path_prob * epoch / epochs``."""
@@ -272,11 +278,11 @@ def train_step(model: nn.Module, images: torch.Tensor, target: torch.Tensor,
     optimizer.zero_grad(set_to_none=True)
     with autocast(images.device, amp):
         logits, logits_aux = model(images)
-        loss = criterion(logits.float(), target)
+        loss = criterion(loss_precision(logits), target)
         if logits_aux is not None:
             # Faithful to the release: the reported training loss includes the weighted
             # auxiliary loss.
-            loss = loss + auxiliary_weight * criterion(logits_aux.float(), target)
+            loss = loss + auxiliary_weight * criterion(loss_precision(logits_aux), target)
     if scaler is not None:  # fp16 only
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -383,7 +389,7 @@ def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.devic
         target = target.to(device, non_blocking=True)
         with autocast(device, amp):
             logits, _ = model(images)
-        logits = logits.float()
+        logits = loss_precision(logits)
         _update(meters, criterion(logits, target), logits, target, topk)
         progress.update(step, meters)
     return _averages(meters)
@@ -413,6 +419,7 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: 
         "last_acc": last.get("top1"),            # the headline: the final epoch's
         "last_top5": last.get("top5"),
         "last_loss": last.get("loss"),
+        "lr_schedule": LR_SCHEDULE,
     }
 
 
@@ -460,6 +467,22 @@ def load_resume(args: argparse.Namespace,
     merged.update({k: getattr(args, k) for k in RESUME_FREE_FLAGS if hasattr(args, k)})
     merged["resume"] = path
     return argparse.Namespace(**merged), ckpt
+
+
+def _resumed_schedule(lr_at: Callable[..., float], ckpt: dict, start_epoch: int,
+                      epochs: int) -> Callable[[int], float]:
+    """The learning-rate schedule a resumed run continues on: the one it began with. A
+    checkpoint written before the schedule was corrected to the release's (it lacks
+    ``lr_schedule``) continues on the old one, and the log says so."""
+    if schedule_of_checkpoint(ckpt):
+        return lr_at
+    old = partial(lr_at, stepped_before_epoch=False)
+    if all(old(e) == lr_at(e) for e in range(start_epoch, epochs)):
+        return lr_at        # the schedule did not change (the ImageNet linear decay)
+    logger.warning("this run began before the learning-rate schedule was corrected to the "
+                   "release's (epoch e at cos(pi*(e+1)/E)); it continues on the schedule it "
+                   "began with (cos(pi*e/E))")
+    return old
 
 
 def _open_run_dir(args: argparse.Namespace, env: DistInfo, resumed: bool) -> str:
@@ -557,6 +580,7 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
                               env.world_size, {"--learning_rate": args.learning_rate},
                               args.checkpoint_cells, device, args.amp)
     start_epoch, best, last = 0, {"acc": None, "epoch": None}, {}
+    lr_at = spec.lr_at
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -566,6 +590,7 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
         if env.is_main:
             _truncate_metrics(metrics_path, start_epoch)
         logger.info("resumed from %s at epoch %d of %d", args.resume, start_epoch, args.epochs)
+        lr_at = _resumed_schedule(spec.lr_at, resume, start_epoch, args.epochs)
 
     # Deviation: DistributedDataParallel, one process per GPU, instead of the release's
     # DataParallel. Faithful to the release: batch-norm statistics stay per GPU (no
@@ -595,7 +620,7 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
         seed_everything(epoch_seed(args.seed, epoch, env.rank), args.deterministic)
         if isinstance(train_loader, DeviceLoader):
             train_loader.generator.manual_seed(epoch_seed(args.seed, epoch, env.rank))
-        lr = spec.lr_at(epoch)
+        lr = lr_at(epoch)
         set_lr(optimizer, lr)
         model.drop_path_prob = drop_path_at(args.drop_path_prob, epoch, args.epochs)
         train_loader.sampler.set_epoch(epoch)

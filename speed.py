@@ -62,6 +62,13 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def loss_precision(logits: torch.Tensor) -> torch.Tensor:
+    """Logits as the loss and the accuracy take them: half precision (from ``--amp``)
+    promoted to float32; float32 and float64 unchanged, so a float64 network's step
+    stays float64 (the equivalence tests rely on it)."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 def grad_scaler(device: torch.device, amp: str):
     """A GradScaler for fp16 (None otherwise: bf16 and float32 need no loss scaling)."""
     if amp == "fp16":

@@ -44,15 +44,16 @@ LINEAR_TAIL_EPOCHS = 5  # the release's linear schedule changes slope for the la
 
 
 def imagenet_lr(lr0: float, epoch: int, epochs: int, scheduler: str = "linear",
-                batch_size: int = 1024) -> float:
+                batch_size: int = 1024, stepped_before_epoch: bool = True) -> float:
     """Learning rate of ``epoch`` (set once per epoch), SPEC section 5.
 
     linear (the release's): lr0 * (E - 5 - e) / (E - 5) while E - e > 5, then
-    lr0 * (E - e) / ((E - 5) * 5). cosine: lr0 * (1 + cos(pi e / E)) / 2. Either is
-    multiplied by (e + 1) / 5 in the first 5 epochs when the global batch is over 256.
+    lr0 * (E - e) / ((E - 5) * 5). cosine: lr0 * (1 + cos(pi (e + 1) / E)) / 2, the
+    release's scheduler stepped before each epoch (``cosine_lr``). Either is multiplied by
+    (e + 1) / 5 in the first 5 epochs when the global batch is over 256.
     """
     if scheduler == "cosine":
-        lr = cosine_lr(lr0, epoch, epochs)
+        lr = cosine_lr(lr0, epoch, epochs, stepped_before_epoch=stepped_before_epoch)
     elif scheduler == "linear":
         tail = LINEAR_TAIL_EPOCHS
         if epochs - epoch > tail:

@@ -91,8 +91,17 @@ from model_search import (
     skip_budget_genotypes,
 )
 from plots import add_plot_args, plot_run_safely
-from speed import add_speed_args, autocast, check_amp, grad_scaler, prepare_input, prepare_model
+from speed import (
+    add_speed_args,
+    autocast,
+    check_amp,
+    grad_scaler,
+    loss_precision,
+    prepare_input,
+    prepare_model,
+)
 from utils import (
+    LR_SCHEDULE,
     AverageMeter,
     DistInfo,
     MetricsWriter,
@@ -104,6 +113,7 @@ from utils import (
     broadcast_object,
     check_finite,
     check_finite_state,
+    cosine_lr,
     create_run_dir,
     get_rng_state,
     init_distributed,
@@ -117,6 +127,7 @@ from utils import (
     reset_peak_memory,
     rewrite_metrics,
     run_main,
+    schedule_of_checkpoint,
     seed_everything,
     set_rng_state,
     setup_logging,
@@ -173,9 +184,12 @@ RUNTIME_FLAGS = ("resume", "workers", "report_freq", "device", "tmp_data_dir", "
 # Schedules (pure functions, checked against SPEC's formulas by the tests)
 # ---------------------------------------------------------------------------------------
 
-def learning_rate(epoch: int, epochs: int, lr0: float, lr_min: float) -> float:
-    """Cosine annealing set once per epoch; epoch 0 uses ``lr0``."""
-    return lr_min + (lr0 - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
+def learning_rate(epoch: int, epochs: int, lr0: float, lr_min: float,
+                  stepped_before_epoch: bool = True) -> float:
+    """The weights' rate in ``epoch`` (0-based) of a stage: the release's cosine annealing,
+    its scheduler stepped before each epoch, so epoch 0 trains at 0.024901 and the last
+    epoch at ``lr_min`` (see ``utils.cosine_lr``)."""
+    return cosine_lr(lr0, epoch, epochs, lr_min, stepped_before_epoch)
 
 
 def skip_dropout_rate(epoch: int, epochs: int, rate: float, warmup: int) -> float:
@@ -607,7 +621,8 @@ def search_step(model: Network, batch_w: tuple[torch.Tensor, torch.Tensor],
     logits and loss and the alpha batch's loss, detached, on the device (no host sync).
 
     ``forward`` is the module to call (``model`` itself, or its torch.compile wrapper);
-    ``amp`` autocasts the forward passes (the loss is taken in float32); ``scaler`` is
+    ``amp`` autocasts the forward passes (the loss of half-precision logits is taken in
+    float32; float64 stays float64); ``scaler`` is
     the GradScaler of ``--amp fp16``, shared by both optimizers."""
     forward = model if forward is None else forward
     alphas = model.arch_parameters()
@@ -617,7 +632,7 @@ def search_step(model: Network, batch_w: tuple[torch.Tensor, torch.Tensor],
         x_a, y_a = batch_a
         with autocast(x_a.device, amp):
             logits_a = forward(x_a)
-        loss_a = F.cross_entropy(logits_a.float(), y_a)
+        loss_a = F.cross_entropy(loss_precision(logits_a), y_a)
         # Gradients for the alphas only: autograd skips every weight gradient. An alpha
         # matrix no cell uses (a network too shallow for normal cells) keeps no gradient.
         grads = torch.autograd.grad(loss_a if scaler is None else scaler.scale(loss_a), alphas,
@@ -642,7 +657,7 @@ def search_step(model: Network, batch_w: tuple[torch.Tensor, torch.Tensor],
     try:
         with autocast(x_w.device, amp):
             logits = forward(x_w)
-        loss_w = F.cross_entropy(logits.float(), y_w)
+        loss_w = F.cross_entropy(loss_precision(logits), y_w)
         (loss_w if scaler is None else scaler.scale(loss_w)).backward()
     finally:
         for a in alphas:
@@ -751,7 +766,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: st
     for batch in loader:
         x, y = _to(batch, device, channels_last)
         with autocast(device, amp):
-            logits = model(x).float()
+            logits = loss_precision(model(x))
         loss.update(F.cross_entropy(logits, y), y.shape[0])
         acc.update(accuracy(logits, y)[0], y.shape[0])
     loss.all_reduce()
@@ -982,6 +997,7 @@ class SearchRun:
     split_digest: str = ""                                  # weight/alpha division
     stages_done: list[dict] = field(default_factory=list)   # arch_state.json's "stages"
     epochs_run: int = 0                                     # epochs run by this process
+    lr_stepped_before_epoch: bool = True                    # False: a run begun before the fix
 
 
 def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: Switches,
@@ -1034,7 +1050,8 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
     collapse = CollapseMonitor(stage + 1, args.arch_warmup_epochs, env.is_main)
     for epoch in range(first_epoch, args.epochs):
         t0 = time.time()
-        lr = learning_rate(epoch, args.epochs, args.learning_rate, args.learning_rate_min)
+        lr = learning_rate(epoch, args.epochs, args.learning_rate, args.learning_rate_min,
+                           run.lr_stepped_before_epoch)
         for group in w_opt.param_groups:
             group["lr"] = lr
         drop = skip_dropout_rate(epoch, args.epochs, rate, args.arch_warmup_epochs)
@@ -1083,6 +1100,7 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
             "scaler": scaler.state_dict() if scaler is not None else None,
             "lr": lr, "skip_dropout": drop, "stages_done": run.stages_done,
             "split_digest": run.split_digest, "data_stats": run.data.stats,
+            "lr_schedule": LR_SCHEDULE if run.lr_stepped_before_epoch else None,
             "rng": _gather(get_rng_state(), env),
         }
         if env.is_main:
@@ -1230,6 +1248,11 @@ def _main(args: argparse.Namespace) -> int:
         switches_n, switches_r = ckpt["switches_normal"], ckpt["switches_reduce"]
         run.stages_done = ckpt["stages_done"]
         start_stage = ckpt["stage"]
+        run.lr_stepped_before_epoch = schedule_of_checkpoint(ckpt)
+        if not run.lr_stepped_before_epoch:
+            logger.warning("this run began before the learning-rate schedule was corrected to "
+                           "the release's (epoch e at cos(pi*(e+1)/E)); it continues on the "
+                           "schedule it began with (cos(pi*e/E))")
         logger.info("resuming %s at stage %d after epoch %d", run_dir, start_stage + 1, ckpt["epoch"])
         if env.is_main:
             _truncate_metrics(os.path.join(run_dir, METRICS_FILE), start_stage, ckpt["epoch"])

@@ -499,6 +499,35 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------------------
+# The learning-rate schedule shared by the search and the training scripts
+# ---------------------------------------------------------------------------------------
+
+# Stored in checkpoints since the correction below; a checkpoint without it began on the
+# schedule before it and resumes on that one.
+LR_SCHEDULE = "stepped-before-epoch"
+
+
+def cosine_lr(lr0: float, epoch: int, epochs: int, lr_min: float = 0.0,
+              stepped_before_epoch: bool = True) -> float:
+    """The rate epoch ``epoch`` (0-based) of ``epochs`` trains at, set once per epoch.
+
+    Faithful to the release: its CosineAnnealingLR is stepped at the start of every epoch
+    (the PyTorch < 1.1 order), so epoch e trains at the rate of step e + 1:
+    lr_min + (lr0 - lr_min) * (1 + cos(pi * (e + 1) / E)) / 2, epoch 0 already below lr0
+    and the last epoch at lr_min (SPEC sections 2 and 5). ``stepped_before_epoch=False``
+    gives cos(pi * e / E), this project's schedule before the correction, kept only so that
+    a run begun then resumes on the schedule it began with."""
+    step = epoch + 1 if stepped_before_epoch else epoch
+    return lr_min + (lr0 - lr_min) * (1 + math.cos(math.pi * step / epochs)) / 2
+
+
+def schedule_of_checkpoint(ckpt: dict) -> bool:
+    """``stepped_before_epoch`` for a resumed run: True for checkpoints written since the
+    correction (they carry LR_SCHEDULE), False for older ones."""
+    return ckpt.get("lr_schedule") == LR_SCHEDULE
+
+
+# ---------------------------------------------------------------------------------------
 # Seeding and devices
 # ---------------------------------------------------------------------------------------
 

@@ -20,9 +20,9 @@ TEST_DEVICE_ENV = "PDARTS_TEST_DEVICE"
 @pytest.fixture
 def test_device():
     """The device named by $PDARTS_TEST_DEVICE (default cpu); the test skips when it is
-    cuda and none is present. On CUDA, TF32 is off while the test runs: it rounds float32
-    convolution inputs to 10-bit mantissas, so two exact paths would differ by ~1e-3
-    instead of float32 rounding."""
+    cuda and none is present. On CUDA, TF32 is off while the test runs (it rounds float32
+    convolution inputs to 10-bit mantissas; the float64 proofs do not use it, a float32
+    comparison would)."""
     name = os.environ.get(TEST_DEVICE_ENV, "cpu")
     if name not in ("cpu", "cuda"):
         pytest.fail(f"${TEST_DEVICE_ENV}={name!r}: use cpu or cuda")

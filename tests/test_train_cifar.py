@@ -38,12 +38,13 @@ def train(argv):
 # ---------------------------------------------------------------------------------------
 
 def test_cosine_lr_per_epoch_matches_spec():
-    assert engine.cosine_lr(0.025, 0, 600) == 0.025
-    assert engine.cosine_lr(0.025, 300, 600) == pytest.approx(0.0125)
-    assert engine.cosine_lr(0.025, 600, 600) == pytest.approx(0.0, abs=1e-15)
-    for e in (1, 17, 450, 599):
-        assert engine.cosine_lr(0.025, e, 600) == pytest.approx(0.025 * (1 + math.cos(math.pi * e / 600)) / 2)
-    assert engine.cosine_lr(0.1, 50, 100, lr_min=0.01) == pytest.approx(0.055)
+    """SPEC section 5: epoch e uses 0.025 * (1 + cos(pi * (e + 1) / 600)) / 2."""
+    assert engine.cosine_lr(0.025, 299, 600) == pytest.approx(0.0125)
+    assert engine.cosine_lr(0.025, 599, 600) == pytest.approx(0.0, abs=1e-15)
+    for e in (0, 1, 17, 450, 598):
+        assert engine.cosine_lr(0.025, e, 600) == \
+            pytest.approx(0.025 * (1 + math.cos(math.pi * (e + 1) / 600)) / 2)
+    assert engine.cosine_lr(0.1, 49, 100, lr_min=0.01) == pytest.approx(0.055)
 
 
 def test_drop_path_grows_linearly():
@@ -103,7 +104,9 @@ def test_one_epoch_then_test_py(classes, cifar10_dir, cifar100_dir, tmp_path, ca
     assert {"log.txt", "metrics.jsonl", "weights.pt", "checkpoint.pt"} <= set(os.listdir(run_dir))
 
     (record,) = read_metrics(run_dir)
-    assert record["epoch"] == 0 and record["lr"] == 0.025 and record["drop_path_prob"] == 0.0
+    # One epoch of one: the release's scheduler, stepped before the epoch, is at its end.
+    assert record["epoch"] == 0 and record["lr"] == pytest.approx(0.0, abs=1e-18)
+    assert record["drop_path_prob"] == 0.0
     assert record["train_images"] == (100 if classes == 10 else 20) and record["test_images"] == 20
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "test_top5", "epoch_time",
                 "images_per_sec", "best_acc_on_test"):

@@ -39,11 +39,13 @@ def test_linear_schedule_with_warmup_matches_spec():
 
 
 def test_cosine_schedule_with_warmup():
-    assert imagenet_lr(0.5, 0, 250, "cosine", 1024) == pytest.approx(0.1)
-    assert imagenet_lr(0.5, 2, 250, "cosine", 1024) == pytest.approx(
-        0.5 * (1 + math.cos(math.pi * 2 / 250)) / 2 * 3 / 5)
-    assert imagenet_lr(0.5, 125, 250, "cosine", 1024) == pytest.approx(0.25)
-    assert imagenet_lr(0.5, 0, 250, "cosine", 128) == 0.5
+    # The release's cosine scheduler is stepped before each epoch: epoch e at step e + 1.
+    cos = [0.5 * (1 + math.cos(math.pi * (e + 1) / 250)) / 2 for e in range(250)]
+    assert imagenet_lr(0.5, 0, 250, "cosine", 1024) == pytest.approx(cos[0] / 5)
+    assert imagenet_lr(0.5, 2, 250, "cosine", 1024) == pytest.approx(cos[2] * 3 / 5)
+    assert imagenet_lr(0.5, 124, 250, "cosine", 1024) == pytest.approx(0.25)
+    assert imagenet_lr(0.5, 249, 250, "cosine", 1024) == pytest.approx(0.0, abs=1e-15)
+    assert imagenet_lr(0.5, 0, 250, "cosine", 128) == pytest.approx(cos[0])   # no warm-up
 
 
 def test_paper_defaults():
@@ -88,7 +90,7 @@ def test_one_epoch_on_an_image_folder_then_test_py(imagenet_dir, tmp_path, capsy
     run_dir = only_run_dir(save)
     (record,) = read_metrics(run_dir)
     assert record["train_images"] == 12 and record["test_images"] == 6
-    assert record["lr"] == 0.5  # batch 4: no warm-up
+    assert record["lr"] == pytest.approx(0.0, abs=1e-15)  # cosine, the only epoch: its end
     assert 0 <= record["test_top5"] <= 100 and math.isfinite(record["train_loss"])
     ckpt = load(os.path.join(run_dir, "checkpoint.pt"))
     assert ckpt["network"] == {"kind": "imagenet", "dataset": "imagenet", "C": 8, "layers": 3,
