@@ -23,6 +23,7 @@ The last line: ``stage 3: saved activations <x>x smaller, step <y>x the time``.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from functools import partial
 
 import torch
@@ -44,13 +45,15 @@ NETWORKS = {"stage 1": (96, 32, 8), "stage 2": (96, 32, 8), "stage 3": (96, 32, 
             "cifar": (128, 32, 16), "imagenet": (128, 224, 4)}
 
 
-def build(name: str, device: torch.device):
-    """(network, optimizers, step(model, x, y)) as the scripts build them."""
+def build(name: str, device: torch.device, C: int | None = None, layers: int | None = None):
+    """(network, optimizers, step(model, x, y)) as the scripts build them; ``C`` defaults
+    to the paper's (16 search, 36 CIFAR, 48 ImageNet), ``layers`` (search stages only) to
+    the stage's cells."""
     torch.manual_seed(0)
     if name.startswith("stage"):
         spec = STAGES[int(name[-1])]
         sw = [[op in spec["ops"] for op in PRIMITIVES] for _ in range(14)]
-        net = Network(16, 10, spec["layers"], sw, sw, drop_rate=spec["drop"]).to(device)
+        net = Network(C or 16, 10, layers or spec["layers"], sw, sw, drop_rate=spec["drop"]).to(device)
         w = torch.optim.SGD(net.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4, foreach=True)
         a = torch.optim.Adam(net.arch_parameters(), lr=6e-4, betas=(0.5, 0.999), weight_decay=1e-3,
                              foreach=True)
@@ -60,10 +63,10 @@ def build(name: str, device: torch.device):
 
         return net, [w, a], step
     if name == "cifar":
-        net = NetworkCIFAR(36, 10, 20, True, PDARTS).to(device)
+        net = NetworkCIFAR(C or 36, 10, 20, True, PDARTS).to(device)
         net.drop_path_prob = 0.15
     else:
-        net = NetworkImageNet(48, 1000, 14, True, PDARTS).to(device)
+        net = NetworkImageNet(C or 48, 1000, 14, True, PDARTS).to(device)
     opt = torch.optim.SGD(net.parameters(), 0.025, momentum=0.9, weight_decay=3e-4, foreach=True)
     criterion = nn.CrossEntropyLoss()
 
@@ -93,11 +96,15 @@ def fits_in(needed: int) -> str:
     return f">= {sizes[0]} GB" if sizes else f"> {GPU_SIZES_GB[-1]} GB"
 
 
-def time_steps(name: str, device: torch.device, batch: int, warmup: int, steps: int):
-    _, image, _ = NETWORKS[name]
+def time_steps(name: str, device: torch.device, batch: int, warmup: int, steps: int,
+               C: int | None = None, image: int | None = None, layers: int | None = None,
+               paths: Sequence[str] = ("default", "checkpoint_cells")):
+    """measure_paths rows of one step without ("default") and with ("checkpoint_cells")
+    cell checkpointing."""
+    image = image or NETWORKS[name][1]
 
     def make_step(path: str):
-        net, _, step = build(name, device)
+        net, _, step = build(name, device, C, layers)
         net.checkpoint_cells = path == "checkpoint_cells"
         net.train()
         x = torch.randn(batch, 3, image, image, device=device)
@@ -105,7 +112,7 @@ def time_steps(name: str, device: torch.device, batch: int, warmup: int, steps: 
         return partial(step, x, y)
 
     images = 2 * batch if name.startswith("stage") else batch
-    return measure_paths(make_step, ["default", "checkpoint_cells"], device, images, warmup, steps)
+    return measure_paths(make_step, list(paths), device, images, warmup, steps)
 
 
 def main() -> None:

@@ -85,14 +85,17 @@ def stage_switches(stage: int, pattern: str = "fixed", seed: int = 0) -> list[li
 
 
 def make_step(stage: int, path: str, device: torch.device, batch: int, pattern: str = "fixed",
-              seed: int = 0):
+              seed: int = 0, C: int = 16, image: int = 32, layers: int | None = None):
+    """One search step of ``path`` on a fixed batch pair of ``image``-sided images, as a
+    callable. ``layers`` defaults to the stage's cells; C, image and layers are smaller
+    only in gpu_check.py's --tiny mode."""
     spec = STAGES[stage]
     switches = stage_switches(stage, pattern, seed)
     switches_reduce = stage_switches(stage, pattern, seed + 100)
     plain = path == "plain"
     torch.manual_seed(0)
     # plain: the release's per-edge cells; default: the batched cells.
-    model = Network(16, 10, spec["layers"], switches, switches_reduce, drop_rate=spec["drop"],
+    model = Network(C, 10, layers or spec["layers"], switches, switches_reduce, drop_rate=spec["drop"],
                     skip_zero=not plain, batched=not plain).to(device).train()
     amp, channels_last, compile_model = path_options(path)
     forward = prepare_model(model, channels_last, compile_model)
@@ -102,7 +105,7 @@ def make_step(stage: int, path: str, device: torch.device, batch: int, pattern: 
                              weight_decay=1e-3, foreach=not plain)
 
     def batch_of(n):
-        x = prepare_input(torch.randn(n, 3, 32, 32, device=device), channels_last)
+        x = prepare_input(torch.randn(n, 3, image, image, device=device), channels_last)
         return x, torch.randint(0, 10, (n,), device=device)
 
     batch_w, batch_a = batch_of(batch), batch_of(batch)

@@ -32,13 +32,16 @@ from model import NetworkCIFAR, NetworkImageNet
 from speed import prepare_input, prepare_model
 
 
-def make_step(net: str, path: str, device: torch.device, batch: int, image: int):
+def make_step(net: str, path: str, device: torch.device, batch: int, image: int,
+              C: int | None = None):
+    """One training step of ``path`` on a fixed batch, as a callable; ``C`` defaults to
+    the paper's (36 CIFAR, 48 ImageNet; smaller only in gpu_check.py's --tiny mode)."""
     torch.manual_seed(0)
     if net == "cifar":
-        model = NetworkCIFAR(36, 10, 20, True, PDARTS)
+        model = NetworkCIFAR(C or 36, 10, 20, True, PDARTS)
         classes = 10
     else:
-        model = NetworkImageNet(48, 1000, 14, True, PDARTS)
+        model = NetworkImageNet(C or 48, 1000, 14, True, PDARTS)
         classes = 1000
     model = model.to(device).train()
     model.drop_path_prob = 0.15  # the middle of the CIFAR schedule

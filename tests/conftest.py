@@ -12,6 +12,33 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 torch.set_num_threads(1)  # tiny nets: threads only add overhead, and CI has 2 cores
 
 
+# The equivalence tests run on this device: cpu (the default, CI), or cuda when
+# benchmarks/gpu_check.py runs them on a lent GPU (PDARTS_TEST_DEVICE=cuda).
+TEST_DEVICE_ENV = "PDARTS_TEST_DEVICE"
+
+
+@pytest.fixture
+def test_device():
+    """The device named by $PDARTS_TEST_DEVICE (default cpu); the test skips when it is
+    cuda and none is present. On CUDA, TF32 is off while the test runs (it rounds float32
+    convolution inputs to 10-bit mantissas; the float64 proofs do not use it, a float32
+    comparison would)."""
+    name = os.environ.get(TEST_DEVICE_ENV, "cpu")
+    if name not in ("cpu", "cuda"):
+        pytest.fail(f"${TEST_DEVICE_ENV}={name!r}: use cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"${TEST_DEVICE_ENV}=cuda but no CUDA device is present")
+    if name == "cpu":
+        yield torch.device("cpu")
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield torch.device("cuda")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture
 def fixtures_dir():
     path = os.path.join(SHARED, "fixtures")

@@ -3,7 +3,10 @@ and optimizer state after N steps from the same seed. The equivalence proofs run
 float64 and compare at 1e-10: the two paths sum in different orders, and in float32 a
 few steps from a sensitive state can amplify that rounding to 1e-3 relative (measured:
 batched vs plain after 3 steps of a 17-cell stage-3 network, 1.7e-3 in float32, 4.1e-15
-in float64), which would hide or fake a difference."""
+in float64), which would hide or fake a difference.
+
+The three equivalence tests take the ``test_device`` fixture: on the CPU by default,
+on CUDA with PDARTS_TEST_DEVICE=cuda (benchmarks/gpu_check.py runs them so)."""
 import pytest
 import torch
 import torch.nn as nn
@@ -22,15 +25,15 @@ def _cifar_net():
     return net
 
 
-def test_train_step_default_equals_plain():
-    nets = [_cifar_net(), _cifar_net()]
+def test_train_step_default_equals_plain(test_device):
+    nets = [_cifar_net().to(test_device), _cifar_net().to(test_device)]
     opts = [torch.optim.SGD(nets[0].parameters(), 0.05, momentum=0.9, weight_decay=3e-4, foreach=False),
             torch.optim.SGD(nets[1].parameters(), 0.05, momentum=0.9, weight_decay=3e-4, foreach=True)]
     g = torch.Generator().manual_seed(1)
     criterion = nn.CrossEntropyLoss()
     for step in range(4):
-        x = torch.randn(6, 3, 32, 32, generator=g, dtype=torch.float64)
-        y = torch.randint(0, 10, (6,), generator=g)
+        x = torch.randn(6, 3, 32, 32, generator=g, dtype=torch.float64).to(test_device)
+        y = torch.randint(0, 10, (6,), generator=g).to(test_device)
         torch.manual_seed(100 + step)  # the same drop-path masks on both paths
         plain = reference_train_step(nets[0], x, y, opts[0], criterion, 0.4, 0.5)
         torch.manual_seed(100 + step)
@@ -123,7 +126,7 @@ def _random_stage_switches(n_ops, seed, none):
 
 @pytest.mark.parametrize("n_ops,none", [(8, "all"), (5, "some"), (5, "off"), (3, "all"),
                                         (3, "some"), (3, "off")])
-def test_batched_search_step_equals_plain(n_ops, none):
+def test_batched_search_step_equals_plain(n_ops, none, test_device):
     """The batched network with search_step (the default path) against the release's
     per-edge cells with reference_search_step (the plain path), from one state dict:
     losses, alphas, weights, BN running statistics and optimizer state agree over
@@ -144,12 +147,15 @@ def test_batched_search_step_equals_plain(n_ops, none):
         for a in plain.arch_parameters():    # unequal weights, `none` included
             a.normal_(0, 0.5)
     fast.load_state_dict(plain.state_dict())
+    plain.to(test_device)
+    fast.to(test_device)
     before = {k: v.clone() for k, v in plain.state_dict().items()}
     (pw, pa), (fw, fa) = _search_opts(plain, False), _search_opts(fast, True)
     g = torch.Generator().manual_seed(1)
     for step in range(4):
-        x_w, x_a = (torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
-        y_w, y_a = torch.randint(0, 10, (4,), generator=g), torch.randint(0, 10, (4,), generator=g)
+        x_w, x_a = (torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64).to(test_device)
+                    for _ in range(2))
+        y_w, y_a = (torch.randint(0, 10, (4,), generator=g).to(test_device) for _ in range(2))
         update_arch = step > 0      # a weight-only (warm-up) step, then full steps
         loss_w, loss_a = reference_search_step(plain, (x_w, y_w), (x_a, y_a), pw, pa, 0.5, update_arch)
         _, fast_w, fast_a = search_step(fast, (x_w, y_w), (x_a, y_a), fw, fa, 0.5, update_arch)
@@ -196,17 +202,19 @@ def test_batched_skip_dropout_drops_each_element_and_rescales():
 
 
 @pytest.mark.parametrize("n_ops", [8, 5])
-def test_search_step_default_equals_plain(n_ops):
+def test_search_step_default_equals_plain(n_ops, test_device):
     """The first-n-ops stage patterns, skip dropout 0 (its masks are drawn differently)."""
     from train_search import reference_search_step, search_step
 
-    plain, fast = _search_pair(n_ops, drop_rate=0.0, dtype=torch.float64)
+    plain, fast = (net.to(test_device)
+                   for net in _search_pair(n_ops, drop_rate=0.0, dtype=torch.float64))
     (pw, pa), (fw, fa) = _search_opts(plain, False), _search_opts(fast, True)
     alphas_before = fast.alphas_normal.detach().clone()
     g = torch.Generator().manual_seed(1)
     for step in range(4):
-        x_w, x_a = (torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
-        y_w, y_a = torch.randint(0, 10, (6,), generator=g), torch.randint(0, 10, (6,), generator=g)
+        x_w, x_a = (torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64).to(test_device)
+                    for _ in range(2))
+        y_w, y_a = (torch.randint(0, 10, (6,), generator=g).to(test_device) for _ in range(2))
         update_arch = step > 0      # a weight-only (warm-up) step, then full steps
         loss_w, loss_a = reference_search_step(plain, (x_w, y_w), (x_a, y_a), pw, pa, 0.5, update_arch)
         _, fast_w, fast_a = search_step(fast, (x_w, y_w), (x_a, y_a), fw, fa, 0.5, update_arch)
