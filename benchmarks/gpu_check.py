@@ -436,9 +436,9 @@ def part_projection(part: Part, ctx: Context) -> None:
     from common import sync
 
     import train_search as ts
-    from data import ArrayDataset, cifar_transforms
+    from data import ArrayDataset, SearchData, cifar_transforms
+    from distributed import DistInfo
     from model_search import Network
-    from utils import DistInfo
 
     s = ctx.sizes
     argv = ["--dataset", "cifar10", "--device", ctx.device.type, "--batch_size", str(s.search_batch),
@@ -454,7 +454,7 @@ def part_projection(part: Part, ctx: Context) -> None:
     labels = [k % 10 for k in range(s.projection_images)]   # every class in both halves
     dataset = ArrayDataset(images, labels, cifar_transforms("cifar10", True, 0))
     env = DistInfo(device=ctx.device)
-    data = ts.SearchData(dataset, args, env)
+    data = SearchData(dataset, args, env)
     steps_per_epoch, valid_batches = len(data.weights), len(data.valid)
     n, warm_epochs = s.projection_steps, args.arch_warmup_epochs
     total = 0.0
