@@ -4,8 +4,9 @@
   ``cifar-100-python``) under the data directory, read with a restricted unpickler and
   no checksum check, so any correct pickle-format folder works. ``--download`` fetches
   the official archive with torchvision.
-- ``demo``: a deterministic, generated, learnable 10-class 32x32 RGB task, for the
-  README's first command and the tests.
+- ``demo``: a deterministic, generated 10-class 32x32 RGB task of textures and shapes
+  in random colours (only spatial structure tells the classes apart), for the README's
+  first command and the tests.
 - A user's own ImageFolder tree (class subfolders), resized to ``image_size``.
 - ImageNet from ``imagenet/train`` and ``imagenet/val`` class folders.
 - The search's data (train_search.py): the training split with its augmentation, divided
@@ -187,25 +188,81 @@ def load_cifar_arrays(root: str, dataset: str, train: bool, download: bool = Fal
     return np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1)), labels
 
 
+DEMO_CLASSES = ("horizontal stripes", "vertical stripes", "coarse horizontal stripes",
+                "fine checkerboard", "coarse checkerboard", "rings", "dots", "circle outline",
+                "square outline", "plus sign")
+
+
+def _demo_pattern(label: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Class ``label``'s pattern at the (rotated, scaled, centred) coordinates x, y."""
+    tau = 2 * math.pi
+    r = torch.sqrt(x * x + y * y)
+    box = torch.maximum(x.abs(), y.abs())
+
+    def line(distance: torch.Tensor, half_width: float) -> torch.Tensor:   # soft band
+        return torch.sigmoid(4 * (half_width - distance))
+
+    if label == 0:
+        return torch.cos(tau * y / 8)
+    if label == 1:
+        return torch.cos(tau * x / 8)
+    if label == 2:
+        return torch.cos(tau * y / 16)
+    if label == 3:
+        return torch.cos(tau * x / 8) * torch.cos(tau * y / 8)
+    if label == 4:
+        return torch.cos(tau * x / 16) * torch.cos(tau * y / 16)
+    if label == 5:
+        return torch.cos(tau * r / 8)
+    if label == 6:
+        return line(2 - torch.cos(tau * x / 8) - torch.cos(tau * y / 8), 0.8)
+    if label == 7:
+        return line((r - 8).abs(), 1.2)
+    if label == 8:
+        return line((box - 8).abs(), 1.2)
+    return line(torch.minimum(x.abs(), y.abs()), 2) * line(box, 11)
+
+
 def make_demo_arrays(train: bool, num_train: int = 1000, num_test: int = 500,
                      seed: int = 0) -> tuple[np.ndarray, list[int]]:
-    """A deterministic, learnable 10-class task: each class is a coloured oriented
-    grating of its own frequency and hue on a noisy background, at a random phase and
-    position. A small network gets well above chance (10%) in a few epochs."""
+    """A deterministic 10-class task that needs spatial filters: each class is a structure
+    (``DEMO_CLASSES``: stripes and checkerboards at two scales, rings, dots, shape outlines)
+    at a random position, small rotation and scale, drawn in a random colour direction
+    and polarity around a random mean colour with a random contrast, plus noise. The
+    pattern is normalised to zero mean and unit variance per image before colouring, so
+    an image's mean colour and per-channel contrast say nothing about its class: colour
+    statistics (what pooling alone can reach) stay at chance, and shapes and textures
+    have to be found."""
     n = num_train if train else num_test
     g = torch.Generator().manual_seed(seed + (0 if train else 1))
     labels = torch.arange(n) % 10
     labels = labels[torch.randperm(n, generator=g)]
-    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
-    angle = labels.float() * (torch.pi / 10)                     # orientation per class
-    freq = 0.25 + 0.1 * (labels % 5).float()                    # frequency per class
-    phase = torch.rand(n, generator=g) * 2 * torch.pi
-    proj = (xx[None] * torch.cos(angle)[:, None, None] + yy[None] * torch.sin(angle)[:, None, None])
-    pattern = torch.sin(proj * freq[:, None, None] + phase[:, None, None])   # n x 32 x 32
-    hue = torch.stack([torch.cos(labels * 0.63), torch.cos(labels * 0.63 + 2.1),
-                       torch.cos(labels * 0.63 + 4.2)], dim=1)               # n x 3
-    img = 0.5 + 0.25 * pattern[:, None] * (0.6 + 0.4 * hue[:, :, None, None])
-    img = img + 0.08 * torch.randn(n, 3, 32, 32, generator=g)
+
+    def uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, *shape, generator=g)
+
+    yy, xx = torch.meshgrid(torch.arange(32.0) + 0.5, torch.arange(32.0) + 0.5, indexing="ij")
+    cx, cy = uniform(11, 21), uniform(11, 21)          # centre
+    angle = uniform(-0.2, 0.2)                          # small rotation (radians)
+    scale = uniform(0.85, 1.15)
+    mean_colour = uniform(0.35, 0.65, 3)
+    direction = torch.randn(n, 3, generator=g)
+    direction = direction / direction.norm(dim=1, keepdim=True)   # colour and polarity
+    contrast = uniform(0.08, 0.2)
+    noise = torch.randn(n, 3, 32, 32, generator=g)
+    dx, dy = xx - cx[:, None, None], yy - cy[:, None, None]
+    cos, sin = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
+    x = (dx * cos + dy * sin) / scale[:, None, None]
+    y = (dy * cos - dx * sin) / scale[:, None, None]
+    pattern = torch.empty(n, 32, 32)
+    for k in range(10):
+        idx = (labels == k).nonzero().flatten()
+        pattern[idx] = _demo_pattern(k, x[idx], y[idx])
+    pattern = pattern - pattern.mean((1, 2), keepdim=True)
+    pattern = pattern / pattern.std((1, 2), keepdim=True).clamp(min=1e-6)
+    amplitude = math.sqrt(3) * contrast[:, None] * direction     # n x 3, per-channel
+    img = mean_colour[:, :, None, None] + amplitude[:, :, None, None] * pattern[:, None]
+    img = img + 0.04 * noise
     data = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     return data.numpy(), labels.tolist()
 
