@@ -214,6 +214,41 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert load(path)["epoch"] == 1 and not temporaries(str(tmp_path))
 
 
+@needs_proc
+def test_disk_full_at_the_first_checkpoint_says_start_again(tmp_path, monkeypatch):
+    """With no checkpoint yet, --resume would find nothing: the advice is to start again
+    (issue 23, item 7); a weights.pt that fails after its checkpoint was saved can resume."""
+    from checkpoint import save_atomic
+
+    path = str(tmp_path / "checkpoint.pt")
+    fail_writes(monkeypatch, "checkpoint.pt", after=0)
+    with pytest.raises(errors.StorageError) as e:
+        save_atomic({"epoch": 1}, path, resume_hint="RUN")
+    message = str(e.value)
+    assert "checkpoint.pt was not saved" in message and "--resume" not in message
+    assert "cannot be resumed: once the cause is fixed, start it again (and delete RUN)" in message
+    monkeypatch.undo()
+    save_atomic({"epoch": 1}, path)
+    fail_writes(monkeypatch, "weights.pt", after=0)
+    with pytest.raises(errors.StorageError, match="weights.pt was not saved; once the cause is "
+                                                 "fixed, continue with --resume RUN"):
+        save_atomic({}, str(tmp_path / "weights.pt"), resume_hint="RUN", resume_from=path)
+
+
+@needs_proc
+def test_training_with_a_full_disk_at_the_first_checkpoint(cifar10_dir, tmp_path, capsys, monkeypatch):
+    save = str(tmp_path / "runs") + os.sep
+    fail_writes(monkeypatch, "checkpoint.pt", after=0)
+    capsys.readouterr()
+    rc = run_script(train_cifar, ["--tmp_data_dir", cifar10_dir, "--save", save, *TRAIN_TINY,
+                                  "--epochs", "1"])
+    monkeypatch.undo()
+    err = one_error_line(capsys.readouterr().err)
+    run_dir = only_run_dir(save)
+    assert rc == 2 and "the disk is full" in err and "start it again" in err
+    assert "continue with --resume" not in err and not os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
+
+
 # ---------------------------------------------------------------------------------------
 # 3 and 12: CIFAR pickles checked when loaded
 # ---------------------------------------------------------------------------------------
