@@ -48,7 +48,7 @@ from errors import (
 )
 from flags import available_cpus
 from genotypes import PRIMITIVES, genotype_from_dict
-from model_search import all_on_switches
+from model_search import NUM_EDGES, all_on_switches
 from utils import LOGGER_NAME, logger
 
 METRICS = "metrics.jsonl"
@@ -58,6 +58,7 @@ BUDGETS = "genotypes_by_skip_budget.json"
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.txt"
 SEARCH, TRAIN = "search", "train"
+NUM_STAGES = 3   # train_search.NUM_STAGES (train_search imports this module, not the reverse)
 # Folder name prefixes of utils.run_dir_name: {save}search-{note}-{time}, {save}eval-...
 NAME_PREFIXES = {"search-": SEARCH, "eval-": TRAIN}
 
@@ -561,13 +562,79 @@ def read_json(path: str) -> Any:
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    """The per-epoch records of the run's ``metrics.jsonl`` ([] when there is none); a
-    torn last line (a run killed while writing it) is dropped, as on resume."""
+    """The per-epoch records of the run's ``metrics.jsonl`` ([] when there is none), for
+    plots and reports. A line that is not a record of this project (not JSON, not an
+    object, no whole-number epoch, a value that is not a number, true/false, null or a
+    list of numbers) is skipped, with one warning naming the file and its lines; a torn
+    last line (a run killed while writing it) is dropped, as on resume."""
+    path = os.path.join(run_dir, METRICS)
+    if not os.path.isfile(path):
+        return []
     try:
-        records = read_metrics_file(os.path.join(run_dir, METRICS))
-    except UserError as e:
-        raise RunFolderError(str(e)) from None
-    return [r for r in records if isinstance(r, dict)]
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as e:
+        raise RunFolderError(f"cannot read {path}: {e.strerror}") from None
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records, bad = [], []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+            if i == last:
+                logger.warning("%s: dropped a torn last line (an interrupted write)", path)
+            else:
+                bad.append((i + 1, "not JSON"))
+            continue
+        problem = metrics_record_problem(record)
+        if problem:
+            bad.append((i + 1, problem))
+        else:
+            records.append(record)
+    if bad:
+        _warn_once(f"warning: {path}: skipped line{'s' if len(bad) > 1 else ''} "
+                   f"{', '.join(str(n) for n, _ in bad)}, not a metrics record (line {bad[0][0]}: "
+                   f"{bad[0][1]})")
+    return records
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A warning about a file, said once per process (report.py reads a run more than once)."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_value(v: Any) -> bool:
+    """A metrics value: a number, true/false, null, or a (nested) list of numbers."""
+    if isinstance(v, list):
+        return all(_is_value(x) and not isinstance(x, bool) for x in v)
+    return v is None or isinstance(v, bool) or (_is_number(v) and math.isfinite(v))
+
+
+def metrics_record_problem(record: Any) -> str | None:
+    """Why ``record`` is not a metrics line of this project (None when it is one)."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__ if record is not None else 'null'}, not an object"
+    epoch = record.get("epoch")
+    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0):
+        return f"'epoch' is {json.dumps(epoch)}, not a whole number"
+    stage = record.get("stage", 1)
+    if not (isinstance(stage, int) and not isinstance(stage, bool) and 1 <= stage <= NUM_STAGES):
+        return f"'stage' is {json.dumps(stage)}, not 1 to {NUM_STAGES}"
+    for key, value in record.items():
+        if not _is_value(value):
+            return f"'{key}' is {json.dumps(value)[:40]}, not a number"
+    return None
 
 
 def run_kind(run_dir: str, metrics: list[dict] | None = None) -> str | None:
@@ -604,13 +671,41 @@ def read_checkpoint_info(run_dir: str) -> dict | None:
 
 
 def read_arch_state(run_dir: str) -> dict | None:
+    """The run's ``arch_state.json`` (None if there is none), every stage checked: a
+    RunFolderError names the file and what is wrong."""
     path = os.path.join(run_dir, ARCH_STATE)
     if not os.path.isfile(path):
         return None
     state = read_json(path)
     if not isinstance(state, dict) or not isinstance(state.get("stages"), list):
         raise RunFolderError(f"{path}: expected a JSON object with a 'stages' list")
+    if len(state["stages"]) > NUM_STAGES:
+        raise RunFolderError(f"{path}: {len(state['stages'])} stages, a search has {NUM_STAGES}")
+    for s, stage in enumerate(state["stages"]):
+        problem = _arch_stage_problem(stage)
+        if problem:
+            raise RunFolderError(f"{path}: stage {s + 1} {problem}; this is not an "
+                                 "arch_state.json written by train_search.py")
     return state
+
+
+def _arch_stage_problem(stage: Any) -> str | None:
+    if not isinstance(stage, dict):
+        return f"is {json.dumps(stage)[:40]}, not a JSON object"
+    for cell in ("normal", "reduce"):
+        switches = stage.get(f"switches_{cell}")
+        if not (isinstance(switches, list) and len(switches) == NUM_EDGES
+                and all(isinstance(row, list) and len(row) == len(PRIMITIVES) and any(row)
+                        and all(isinstance(v, bool) for v in row) for row in switches)):
+            return (f"needs 'switches_{cell}' as {NUM_EDGES} rows of {len(PRIMITIVES)} true/false "
+                    "values (at least one true)")
+        alphas = stage.get(f"alphas_{cell}")
+        if not (isinstance(alphas, list) and len(alphas) == NUM_EDGES
+                and all(isinstance(row, list) and len(row) == sum(on)
+                        and all(_is_number(v) for v in row) for row, on in zip(alphas, switches))):
+            return (f"needs 'alphas_{cell}' as {NUM_EDGES} rows, one number per op switched on "
+                    f"in 'switches_{cell}'")
+    return None
 
 
 def read_genotype(path: str):
