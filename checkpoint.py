@@ -21,19 +21,27 @@ import torch.nn as nn
 from errors import CheckpointError, StorageError, write_bytes_atomic
 
 
-def save_atomic(obj: Any, path: str, resume_hint: str | None = None) -> None:
+def save_atomic(obj: Any, path: str, resume_hint: str | None = None,
+                resume_from: str | None = None) -> None:
     """Serialise in memory, write to a temp file in the same folder, then rename: a crash
     or a full disk never leaves a half-written checkpoint behind, and the previous one
-    stays intact. A failed write is a StorageError (one line; ``resume_hint`` is the
-    folder to name in its "continue with --resume" advice)."""
+    stays intact. A failed write is a StorageError (one line; ``resume_hint`` is the run
+    folder to name in its advice, ``resume_from`` the checkpoint --resume needs, by
+    default ``path``: without one the advice is to start again, not to resume)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     try:
         write_bytes_atomic(buffer.getbuffer(), path, "the checkpoint")
     except StorageError as e:
-        kept = (f"the previous {os.path.basename(path)} is intact" if os.path.exists(path)
-                else "nothing was saved")
-        hint = f"; once the cause is fixed, continue with --resume {resume_hint}" if resume_hint else ""
+        name = os.path.basename(path)
+        kept = f"the previous {name} is intact" if os.path.exists(path) else f"{name} was not saved"
+        hint = ""
+        if resume_hint and os.path.exists(resume_from or path):
+            hint = f"; once the cause is fixed, continue with --resume {resume_hint}"
+        elif resume_hint:
+            # No epoch was saved yet: --resume would find nothing to resume.
+            hint = (f"; no epoch was saved yet, so the run cannot be resumed: once the cause is "
+                    f"fixed, start it again (and delete {resume_hint})")
         raise StorageError(f"{e}; {kept}{hint}") from None
 
 

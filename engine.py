@@ -838,7 +838,8 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
             save_atomic(checkpoint_state(model, optimizer, epoch + 1, args, spec.genotype,
                                          spec.network, best, last, spec.data_info),
                         os.path.join(run_dir, CHECKPOINT_NAME), resume_hint=run_dir)
-            save_atomic(model.state_dict(), os.path.join(run_dir, WEIGHTS_NAME), resume_hint=run_dir)
+            save_atomic(model.state_dict(), os.path.join(run_dir, WEIGHTS_NAME), resume_hint=run_dir,
+                        resume_from=os.path.join(run_dir, CHECKPOINT_NAME))
         barrier()
 
     if last.get("top1") is not None:

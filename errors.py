@@ -66,8 +66,10 @@ ONE_LINE_ERRORS = (UserError, CheckpointError, GenotypeError)
 # Atomic writes
 # ---------------------------------------------------------------------------------------
 
-def storage_error(e: OSError, path: str, what: str = "") -> StorageError:
-    """One line for a failed write of ``path``: what went wrong and where."""
+def storage_error(e: OSError, path: str, what: str = "",
+                  fix: str = "choose another --save") -> StorageError:
+    """One line for a failed write of ``path``: what went wrong and where; ``fix`` says
+    where else the output can go (the flag of the script at hand)."""
     what = f"{what} " if what else ""
     folder = os.path.dirname(os.path.abspath(path))
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -75,11 +77,11 @@ def storage_error(e: OSError, path: str, what: str = "") -> StorageError:
                             f"while writing {what}{path}")
     if e.errno in (errno.EACCES, errno.EPERM):
         return StorageError(f"cannot write {what}{path}: the folder {folder} is not writable "
-                            "(permission denied); make it writable or choose another --save")
+                            f"(permission denied); make it writable or {fix}")
     if e.errno == errno.EROFS:
         return StorageError(f"cannot write {what}{path}: the folder {folder} is on a read-only "
-                            "file system; choose another --save")
-    return StorageError(f"cannot write {what}{path}: {e.strerror or e}")
+                            f"file system; {fix}")
+    return StorageError(f"cannot write {what}{path}: {e.strerror or e}; {fix}")
 
 
 def write_bytes_atomic(data: bytes, path: str, what: str = "") -> None:

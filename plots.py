@@ -21,10 +21,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from errors import UserError
+from errors import TMP_INFIX, UserError, storage_error
 from genotypes import OP_COLORS, PRIMITIVES
 from model_search import COLLAPSE_FRACTION, NUM_EDGES, STEPS, ops_on
 from runs import (
+    METRICS,
     SEARCH,
     RunFolderError,
     read_arch_state,
@@ -291,13 +292,47 @@ def op_frequency_figure(freq: dict[str, list[list[int]]], num_runs: int):
 # Writing files
 # ---------------------------------------------------------------------------------------
 
-def save_figure(fig, path: str) -> str:
-    """Write a figure (format from the file name) atomically."""
+# Where plots.py's own plots can go instead of a run folder that cannot be written.
+RUN_DIR_FIX = "copy the run folder somewhere writable and run plots.py on the copy"
+
+
+def save_figure(fig, path: str, fix: str = RUN_DIR_FIX) -> str:
+    """Write a figure (format from the file name) atomically; a failed write is one
+    StorageError line (``fix``: where else it can go)."""
     fmt = os.path.splitext(path)[1][1:]
-    tmp = f"{path}.tmp"
-    fig.savefig(tmp, format=fmt, dpi=DPI)
-    os.replace(tmp, path)
+    tmp = f"{path}{TMP_INFIX}{os.getpid()}"
+    try:
+        fig.savefig(tmp, format=fmt, dpi=DPI)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise storage_error(e, path, "the plot", fix) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
+
+
+def _alphas_that_fit(records: list[dict], switches: list[tuple[list, list]], run_dir: str) -> list[dict]:
+    """The search records whose softmax alphas have one row per edge and one weight per op
+    on there; the others are skipped with one warning (the epochs they belong to)."""
+    def fits(r: dict) -> bool:
+        sw = switches[int(r["stage"]) - 1]
+        for cell, on in zip(("normal", "reduce"), sw):
+            rows = r.get(f"alphas_{cell}_softmax")
+            if not (isinstance(rows, list) and len(rows) == NUM_EDGES and all(
+                    isinstance(row, list) and len(row) == len(ops_on(on[e]))
+                    and all(v is not None for v in row) for e, row in enumerate(rows))):
+                return False
+        return True
+
+    good = [r for r in records if fits(r)]
+    if len(good) < len(records):
+        bad = ", ".join(f"stage {r['stage']} epoch {r['epoch']}" for r in records if not fits(r))
+        logger.warning("warning: %s: skipped the metrics of %s: their alphas do not fit the ops "
+                       "on in each edge (arch_state.json)", os.path.join(run_dir, METRICS), bad)
+    if not good:
+        raise RunFolderError(f"{run_dir}: no epoch with usable alphas in {METRICS}: nothing to plot")
+    return good
 
 
 def plot_run(run_dir: str, fmt: str = "png") -> list[str]:
@@ -317,6 +352,7 @@ def plot_run(run_dir: str, fmt: str = "png") -> list[str]:
     if kind == SEARCH:
         records = [r for r in records if "stage" in r]
         switches = search_stage_switches(read_arch_state(run_dir), max(int(r["stage"]) for r in records))
+        records = _alphas_that_fit(records, switches, run_dir)
         out.append(save_figure(alphas_figure(records, switches), os.path.join(run_dir, f"alphas.{fmt}")))
         out.append(save_figure(search_curves_figure(records), os.path.join(run_dir, f"curves.{fmt}")))
     else:

@@ -30,7 +30,7 @@ from functools import cache
 from typing import Any
 
 from engine import RESUME_FREE_FLAGS, build_network
-from errors import UserError
+from errors import UserError, storage_error
 from genotypes import (
     PRIMITIVES,
     Genotype,
@@ -56,6 +56,7 @@ from runs import (
     run_kind,
     run_main,
 )
+from utils import logger
 
 # The evaluation network every searched cell is measured in (SPEC section 4, the paper's
 # Table 1): 20 cells, C = 36, 32x32 inputs, no auxiliary head.
@@ -145,11 +146,22 @@ def summarize_training(run_dir: str) -> dict[str, Any]:
     # (where data lives, workers, speed options...) is the same, the cell included.
     recipe = {k: v for k, v in args.items() if k not in SEED_AND_RUNTIME_FLAGS}
     run["setting_key"] = json.dumps([recipe, network, run["genotype"]], sort_keys=True, default=str)
-    done = (run["epochs"] is not None and run["epochs_done"] >= run["epochs"]
-            and records and records[-1].get("epoch") == run["epochs"] - 1)
+    # The checkpoint says whether the run finished; metrics.jsonl only what each epoch gave
+    # (a line of it may be torn or bad: read_metrics skipped it with a warning).
+    done = (isinstance(run["epochs"], int) and isinstance(run["epochs_done"], int)
+            and run["epochs_done"] >= run["epochs"])
     if done:
-        run.update(finished=True, status="finished", test_acc=records[-1]["test_acc"],
-                   test_top5=records[-1].get("test_top5"))
+        final = [r for r in records if r.get("epoch") == run["epochs"] - 1]
+        if final and final[-1].get("test_acc") is not None:
+            acc, top5 = final[-1]["test_acc"], final[-1].get("test_top5")
+        else:
+            acc, top5 = ckpt.get("last_acc"), ckpt.get("last_top5")
+            logger.warning("warning: %s: metrics.jsonl has no good line for the final epoch %d; "
+                           "its test accuracy is taken from checkpoint.pt", run_dir, run["epochs"] - 1)
+        run.update(finished=acc is not None, test_acc=acc, test_top5=top5,
+                   status="finished" if acc is not None else "finished (no final test accuracy)")
+        if run["last_test_acc"] is None or not final:
+            run["last_test_acc"] = acc
     else:
         run["status"] = f"unfinished ({run['epochs_done']} of {run['epochs']} epochs)"
     return run
@@ -360,17 +372,24 @@ def render_markdown(report: dict[str, Any]) -> str:
 # Plots and command line
 # ---------------------------------------------------------------------------------------
 
+PLOTS_FIX = "choose another --plots folder"
+
+
 def write_plots(report: dict[str, Any], out_dir: str, fmt: str) -> list[str]:
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise storage_error(e, os.path.join(out_dir, f"accuracy.{fmt}"), "the plot", PLOTS_FIX) from None
     paths = []
     groups = [(s["setting"], [r["test_acc"] for r in report["training_runs"]
                               if r["finished"] and r["setting"] == s["setting"]])
               for s in report["training_summary"]]
     if groups:
-        paths.append(save_figure(accuracy_figure(groups), os.path.join(out_dir, f"accuracy.{fmt}")))
+        paths.append(save_figure(accuracy_figure(groups), os.path.join(out_dir, f"accuracy.{fmt}"),
+                                 PLOTS_FIX))
     if report["finished_searches"]:
         paths.append(save_figure(op_frequency_figure(report["op_frequency"], report["finished_searches"]),
-                                 os.path.join(out_dir, f"op_frequency.{fmt}")))
+                                 os.path.join(out_dir, f"op_frequency.{fmt}"), PLOTS_FIX))
     return paths
 
 

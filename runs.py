@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from errors import (
     ONE_LINE_ERRORS,
     CheckpointError,
     GenotypeError,
+    NonFiniteLossError,
     RunFolderError,
     UserError,
     remove_stale_temporaries,
@@ -47,7 +49,7 @@ from errors import (
 )
 from flags import available_cpus
 from genotypes import PRIMITIVES, format_genotype, genotype_from_dict, load_genotype_file
-from model_search import NUM_STAGES, all_on_switches, prune_after_stage, softmax_rows
+from model_search import NUM_EDGES, NUM_STAGES, all_on_switches, prune_after_stage, softmax_rows
 from utils import LOGGER_NAME, logger
 
 METRICS = "metrics.jsonl"
@@ -338,7 +340,12 @@ def open_run_dir(save: str, kind: str, note: str, is_main: bool, existing: str |
     resumed run), locks it for this run and tells the other processes its name."""
     run_dir = None
     if is_main:
-        run_dir = existing if existing is not None else create_run_dir(save, kind, note)
+        if existing is not None:
+            run_dir = existing
+        else:
+            run_dir = create_run_dir(save, kind, note)
+            # Known from here on: an interrupt before register_run still finds (and removes) it.
+            _current_run.update(dir=os.path.abspath(run_dir), created=True)
         own_run_dir(run_dir)
     return broadcast_object(run_dir)
 
@@ -361,8 +368,10 @@ def write_arch_state(run_dir: str, stages: list[dict], extra: dict | None = None
                       os.path.join(run_dir, ARCH_STATE))
 
 
-# The run folder of the run in progress, for the hint printed after Ctrl-C.
-_current_run: dict[str, str | None] = {"dir": None, "checkpoint": None, "script": None}
+# The run folder of the run in progress, for the hint printed after Ctrl-C or SIGTERM;
+# "created": this process made it in this run (an unstarted one is removed on interrupt).
+_current_run: dict[str, Any] = {"dir": None, "checkpoint": CHECKPOINT, "script": None,
+                                "created": False}
 
 
 def register_run(run_dir: str, checkpoint: str, script: str) -> None:
@@ -371,48 +380,169 @@ def register_run(run_dir: str, checkpoint: str, script: str) -> None:
     _current_run.update(dir=os.path.abspath(run_dir), checkpoint=checkpoint, script=script)
 
 
-def interrupted_message() -> str:
-    run_dir, script = _current_run["dir"], _current_run["script"]
+def _script_name() -> str:
+    script = _current_run["script"] or os.path.basename(sys.argv[0])
+    return script if script.endswith(".py") else "SCRIPT.py"
+
+
+def _has_checkpoint() -> bool:
+    run_dir = _current_run["dir"]
+    return run_dir is not None and os.path.isfile(os.path.join(run_dir, _current_run["checkpoint"]))
+
+
+def resume_advice() -> str:
+    """What to do after the run in progress stopped, true to what its folder holds: the
+    resume command, or (no checkpoint yet) that it cannot be resumed."""
+    run_dir = _current_run["dir"]
     if run_dir is None:
-        return "interrupted before the run folder was created; nothing to resume"
-    if not os.path.isfile(os.path.join(run_dir, _current_run["checkpoint"])):
-        return (f"interrupted in the first epoch, before a checkpoint was saved: {run_dir} "
+        return "nothing was saved; start the run again"
+    if not _has_checkpoint():
+        return (f"no epoch was saved yet, so {run_dir} cannot be resumed: start the run again "
+                "(and delete that folder)")
+    return f"continue with: python {_script_name()} --resume {run_dir}"
+
+
+def interrupted_message(how: str = "interrupted") -> str:
+    run_dir = _current_run["dir"]
+    if run_dir is None:
+        return f"{how} before the run folder was created; nothing to resume"
+    if not _has_checkpoint():
+        return (f"{how} in the first epoch, before a checkpoint was saved: {run_dir} "
                 "cannot be resumed; start the run again (and delete that folder)")
-    return f"interrupted; continue with: python {script} --resume {run_dir}"
+    return f"{how}; continue with: python {_script_name()} --resume {run_dir}"
+
+
+def _remove_unstarted_run() -> str | None:
+    """After an interrupt: remove the run folder this process created in this run when no
+    epoch of it finished (no checkpoint, no metrics line, no subfolder; what is left is
+    its lock, log and start-up files). Returns the folder removed, or None."""
+    run_dir = _current_run["dir"]
+    if run_dir is None or not _current_run["created"] or _has_checkpoint():
+        return None
+    metrics = os.path.join(run_dir, METRICS)
+    try:
+        entries = [os.path.join(run_dir, name) for name in os.listdir(run_dir)]
+        if any(os.path.isdir(p) for p in entries) or (os.path.isfile(metrics)
+                                                      and os.path.getsize(metrics) > 0):
+            return None
+        close_logging()
+        release_run_locks()
+        for p in os.listdir(run_dir):
+            os.remove(os.path.join(run_dir, p))
+        os.rmdir(run_dir)
+    except OSError:
+        return None
+    return run_dir
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster scheduler's stop, ``timeout``): the run ends as after Ctrl-C. A
+    KeyboardInterrupt, so DataLoader workers that inherit the handler exit quietly."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second SIGTERM must not break the clean-up
+    raise Terminated
+
+
+def _catch_sigterm():
+    """Turn SIGTERM into Terminated; returns the previous handler (None: not installed)."""
+    try:
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:   # not the main thread (an embedding program): leave SIGTERM alone
+        return None
+
+
+def under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _torchrun_note(cause: bool) -> str:
+    """Under torchrun its own failure report (ChildFailedError and a traceback) follows
+    ours: say which line explains."""
+    if not under_torchrun():
+        return ""
+    rank = os.environ.get("RANK", "?")
+    if cause:
+        return (f" [process {rank} of the torchrun job: this is the cause; torchrun's "
+                "ChildFailedError report that follows is a consequence]")
+    return (f" [process {rank}: the cause is the other process's error line (none if it was "
+            "killed or stopped); torchrun's ChildFailedError report that follows is a consequence]")
 
 
 def run_main(main, args) -> int:
-    """Run a script's ``main(args)``: user errors become one line on stderr and exit 2."""
-    _current_run.update(dir=None, checkpoint=None, script=None)
+    """Run a script's ``main(args)``: user errors become one line on stderr and exit 2;
+    Ctrl-C (exit 130) and SIGTERM (exit 143) end with the resume command; the run folder's
+    lock is released either way."""
+    _current_run.update(dir=None, checkpoint=CHECKPOINT, script=None, created=False)
+    previous = _catch_sigterm()
+    try:
+        try:
+            return _run_reporting_errors(main, args)
+        except KeyboardInterrupt as e:   # also a SIGTERM met while an error was reported
+            return _report_interrupt(isinstance(e, Terminated))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        release_run_locks()
+        cleanup_distributed()
+
+
+def _run_reporting_errors(main, args) -> int:
     try:
         return main(args) or 0
+    except NonFiniteLossError as e:
+        return _report_error(f"{e}; {_nonfinite_advice()}")
     except ONE_LINE_ERRORS as e:
-        return _report_error(str(e))
+        return _report_error(str(e) + _torchrun_note(cause=True))
     except RuntimeError as e:
         if not is_collective_failure(e):
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         return _report_error(
             f"another process of this torchrun job failed or stopped responding ({first}); "
-            "the run folder keeps the checkpoint of the last completed epoch: continue with "
-            "--resume RUN_DIR")
-    except KeyboardInterrupt:
-        print(interrupted_message(), file=sys.stderr)
-        return 130
+            f"{resume_advice()}{_torchrun_note(cause=False)}")
+
+
+NONFINITE_FIXES = "with a lower --learning_rate, without --amp, or with checked data"
+
+
+def _nonfinite_advice() -> str:
+    """What to do after a non-finite value stopped the run, true to what its folder holds."""
+    if not _has_checkpoint():
+        run_dir = _current_run["dir"]
+        held = f" ({run_dir} holds no checkpoint)" if run_dir else ""
+        return f"no epoch was saved yet{held}: start a new run {NONFINITE_FIXES}"
+    return ("the run folder keeps the checkpoint of the last good epoch. A resumed run keeps "
+            "its recipe, so --resume helps only if the cause was transient (e.g. a hardware "
+            f"fault); otherwise start a new run {NONFINITE_FIXES}")
+
+
+def _report_interrupt(terminated: bool) -> int:
+    how = "stopped by SIGTERM" if terminated else "interrupted"
+    message = interrupted_message(how)
+    _log_to_file(message)
+    removed = _remove_unstarted_run()
+    if removed is not None:
+        message = (f"{how} before its first epoch was saved: nothing to resume; removed its "
+                   f"run folder {removed}; start the run again")
+    print(message, file=sys.stderr)
+    return 143 if terminated else 130
+
+
+def _log_to_file(message: str, level: int = logging.WARNING) -> None:
+    """Keep ``message`` in log.txt too, unless that write fails (a full disk)."""
+    raise_exceptions, logging.raiseExceptions = logging.raiseExceptions, False
+    try:
+        for h in logger.handlers:
+            if isinstance(h, logging.FileHandler):
+                h.emit(logging.LogRecord(LOGGER_NAME, level, "", 0, message, None, None))
     finally:
-        release_run_locks()
-        cleanup_distributed()
+        logging.raiseExceptions = raise_exceptions
 
 
 def _report_error(message: str) -> int:
-    raise_exceptions, logging.raiseExceptions = logging.raiseExceptions, False
-    try:  # keep the reason in log.txt too, unless that write fails (a full disk)
-        for h in logger.handlers:
-            if isinstance(h, logging.FileHandler):
-                h.emit(logging.LogRecord(LOGGER_NAME, logging.ERROR, "", 0, f"error: {message}",
-                                         None, None))
-    finally:
-        logging.raiseExceptions = raise_exceptions
+    _log_to_file(f"error: {message}", logging.ERROR)
     print(f"error: {message}", file=sys.stderr)
     return 2
 
@@ -493,13 +623,79 @@ def read_json(path: str) -> Any:
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    """The per-epoch records of the run's ``metrics.jsonl`` ([] when there is none); a
-    torn last line (a run killed while writing it) is dropped, as on resume."""
+    """The per-epoch records of the run's ``metrics.jsonl`` ([] when there is none), for
+    plots and reports. A line that is not a record of this project (not JSON, not an
+    object, no whole-number epoch, a value that is not a number, true/false, null or a
+    list of numbers) is skipped, with one warning naming the file and its lines; a torn
+    last line (a run killed while writing it) is dropped, as on resume."""
+    path = os.path.join(run_dir, METRICS)
+    if not os.path.isfile(path):
+        return []
     try:
-        records = read_metrics_file(os.path.join(run_dir, METRICS))
-    except UserError as e:
-        raise RunFolderError(str(e)) from None
-    return [r for r in records if isinstance(r, dict)]
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as e:
+        raise RunFolderError(f"cannot read {path}: {e.strerror}") from None
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records, bad = [], []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+            if i == last:
+                logger.warning("%s: dropped a torn last line (an interrupted write)", path)
+            else:
+                bad.append((i + 1, "not JSON"))
+            continue
+        problem = metrics_record_problem(record)
+        if problem:
+            bad.append((i + 1, problem))
+        else:
+            records.append(record)
+    if bad:
+        _warn_once(f"warning: {path}: skipped line{'s' if len(bad) > 1 else ''} "
+                   f"{', '.join(str(n) for n, _ in bad)}, not a metrics record (line {bad[0][0]}: "
+                   f"{bad[0][1]})")
+    return records
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A warning about a file, said once per process (report.py reads a run more than once)."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_value(v: Any) -> bool:
+    """A metrics value: a number, true/false, null, or a (nested) list of numbers."""
+    if isinstance(v, list):
+        return all(_is_value(x) and not isinstance(x, bool) for x in v)
+    return v is None or isinstance(v, bool) or (_is_number(v) and math.isfinite(v))
+
+
+def metrics_record_problem(record: Any) -> str | None:
+    """Why ``record`` is not a metrics line of this project (None when it is one)."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__ if record is not None else 'null'}, not an object"
+    epoch = record.get("epoch")
+    if not (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0):
+        return f"'epoch' is {json.dumps(epoch)}, not a whole number"
+    stage = record.get("stage", 1)
+    if not (isinstance(stage, int) and not isinstance(stage, bool) and 1 <= stage <= NUM_STAGES):
+        return f"'stage' is {json.dumps(stage)}, not 1 to {NUM_STAGES}"
+    for key, value in record.items():
+        if not _is_value(value):
+            return f"'{key}' is {json.dumps(value)[:40]}, not a number"
+    return None
 
 
 def run_kind(run_dir: str, metrics: list[dict] | None = None) -> str | None:
@@ -536,13 +732,41 @@ def read_checkpoint_info(run_dir: str) -> dict | None:
 
 
 def read_arch_state(run_dir: str) -> dict | None:
+    """The run's ``arch_state.json`` (None if there is none), every stage checked: a
+    RunFolderError names the file and what is wrong."""
     path = os.path.join(run_dir, ARCH_STATE)
     if not os.path.isfile(path):
         return None
     state = read_json(path)
     if not isinstance(state, dict) or not isinstance(state.get("stages"), list):
         raise RunFolderError(f"{path}: expected a JSON object with a 'stages' list")
+    if len(state["stages"]) > NUM_STAGES:
+        raise RunFolderError(f"{path}: {len(state['stages'])} stages, a search has {NUM_STAGES}")
+    for s, stage in enumerate(state["stages"]):
+        problem = _arch_stage_problem(stage)
+        if problem:
+            raise RunFolderError(f"{path}: stage {s + 1} {problem}; this is not an "
+                                 "arch_state.json written by train_search.py")
     return state
+
+
+def _arch_stage_problem(stage: Any) -> str | None:
+    if not isinstance(stage, dict):
+        return f"is {json.dumps(stage)[:40]}, not a JSON object"
+    for cell in ("normal", "reduce"):
+        switches = stage.get(f"switches_{cell}")
+        if not (isinstance(switches, list) and len(switches) == NUM_EDGES
+                and all(isinstance(row, list) and len(row) == len(PRIMITIVES) and any(row)
+                        and all(isinstance(v, bool) for v in row) for row in switches)):
+            return (f"needs 'switches_{cell}' as {NUM_EDGES} rows of {len(PRIMITIVES)} true/false "
+                    "values (at least one true)")
+        alphas = stage.get(f"alphas_{cell}")
+        if not (isinstance(alphas, list) and len(alphas) == NUM_EDGES
+                and all(isinstance(row, list) and len(row) == sum(on)
+                        and all(_is_number(v) for v in row) for row, on in zip(alphas, switches))):
+            return (f"needs 'alphas_{cell}' as {NUM_EDGES} rows, one number per op switched on "
+                    f"in 'switches_{cell}'")
+    return None
 
 
 def read_genotype(path: str):

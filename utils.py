@@ -70,11 +70,8 @@ def accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1,)) -> list[torc
     return [correct[:, :min(k, maxk)].any(dim=1).float().mean() * 100.0 for k in topk]
 
 
-NONFINITE_ADVICE = (
-    "stopping before this epoch is saved; the run folder keeps the checkpoint of the last "
-    "good epoch. A resumed run keeps its recipe, so --resume helps only if the cause was "
-    "transient (e.g. a hardware fault); otherwise start a new run with a lower "
-    "--learning_rate, without --amp, or with checked data")
+# run_main adds what the run folder holds and what to do (runs._nonfinite_advice).
+NONFINITE_ADVICE = "stopping before this epoch is saved"
 
 
 def check_finite(value: float, what: str = "loss") -> None:

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 
+from errors import storage_error
 from flags import HelpFormatter
 from genotypes import GENOTYPE_FILE, OP_COLORS, Genotype, GenotypeError, get_genotype, known_genotypes
 from utils import logger
@@ -120,12 +121,17 @@ def output_place(source: str, out_dir: str | None) -> tuple[str, str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    out_dir, prefix = output_place(args.genotype, args.out_dir)
     try:
         genotype = get_genotype(args.genotype)
-        out_dir, prefix = output_place(args.genotype, args.out_dir)
         paths = draw_genotype(genotype, out_dir, args.format, prefix)
     except (GenotypeError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:   # a folder that cannot be written (read-only, a file in the way)
+        where = e.filename or os.path.join(out_dir, f"{prefix}normal.{args.format}")
+        fix = "choose another --out_dir" if args.out_dir is not None else "give a writable --out_dir"
+        print(f"error: {storage_error(e, where, 'the cell diagram', fix)}", file=sys.stderr)
         return 2
     for kind, p in zip(("normal", "reduction"), paths):
         print(f"{kind} cell: {os.path.abspath(p)}")

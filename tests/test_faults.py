@@ -215,6 +215,41 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert load(path)["epoch"] == 1 and not temporaries(str(tmp_path))
 
 
+@needs_proc
+def test_disk_full_at_the_first_checkpoint_says_start_again(tmp_path, monkeypatch):
+    """With no checkpoint yet, --resume would find nothing: the advice is to start again
+    (issue 23, item 7); a weights.pt that fails after its checkpoint was saved can resume."""
+    from checkpoint import save_atomic
+
+    path = str(tmp_path / "checkpoint.pt")
+    fail_writes(monkeypatch, "checkpoint.pt", after=0)
+    with pytest.raises(errors.StorageError) as e:
+        save_atomic({"epoch": 1}, path, resume_hint="RUN")
+    message = str(e.value)
+    assert "checkpoint.pt was not saved" in message and "--resume" not in message
+    assert "cannot be resumed: once the cause is fixed, start it again (and delete RUN)" in message
+    monkeypatch.undo()
+    save_atomic({"epoch": 1}, path)
+    fail_writes(monkeypatch, "weights.pt", after=0)
+    with pytest.raises(errors.StorageError, match="weights.pt was not saved; once the cause is "
+                                                 "fixed, continue with --resume RUN"):
+        save_atomic({}, str(tmp_path / "weights.pt"), resume_hint="RUN", resume_from=path)
+
+
+@needs_proc
+def test_training_with_a_full_disk_at_the_first_checkpoint(cifar10_dir, tmp_path, capsys, monkeypatch):
+    save = str(tmp_path / "runs") + os.sep
+    fail_writes(monkeypatch, "checkpoint.pt", after=0)
+    capsys.readouterr()
+    rc = run_script(train_cifar, ["--tmp_data_dir", cifar10_dir, "--save", save, *TRAIN_TINY,
+                                  "--epochs", "1"])
+    monkeypatch.undo()
+    err = one_error_line(capsys.readouterr().err)
+    run_dir = only_run_dir(save)
+    assert rc == 2 and "the disk is full" in err and "start it again" in err
+    assert "continue with --resume" not in err and not os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
+
+
 # ---------------------------------------------------------------------------------------
 # 3 and 12: CIFAR pickles checked when loaded
 # ---------------------------------------------------------------------------------------
@@ -385,7 +420,7 @@ import distributed, runs
 
 def main(_):
     env = distributed.init_distributed("cpu", float(sys.argv[2]))
-    if env.rank == 1:
+    if env.rank == 1 or os.environ.get("EVERY_RANK"):
         os.kill(os.getpid(), getattr(signal, sys.argv[3]))
     dist.all_reduce(torch.ones(1))
     return 0
@@ -416,6 +451,9 @@ def test_a_stopped_or_killed_rank_ends_the_others_within_the_timeout(sig, tmp_pa
         assert procs[0].returncode == 2, err
         assert "error: another process of this torchrun job failed or stopped responding" in err
         assert "Traceback" not in err
+        # torchrun's ChildFailedError traceback follows: our line says what explains it.
+        assert "[process 0: the cause is the other process's error line (none if it was killed " \
+            "or stopped); torchrun's ChildFailedError report that follows is a consequence]" in err
     finally:
         procs[1].kill()
         procs[1].communicate()
@@ -619,3 +657,111 @@ def test_a_log_that_cannot_be_written_warns_once(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.err.count("warning: the disk is full") == 1 and "Traceback" not in captured.err
     assert "two" in captured.out     # the log goes on to stdout
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 23, items 9 and 10: SIGTERM ends a run as Ctrl-C does; an unstarted run folder goes
+# ---------------------------------------------------------------------------------------
+
+SIGTERM_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import engine, runs, train_cifar, train_search
+
+script, at, argv = sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+sys.argv[0] = script        # as `python train_cifar.py ...` (the resume hint names it)
+module, name = (train_search, "train_epoch") if script == "train_search.py" else (engine, "train_step")
+real, calls = getattr(module, name), [0]
+
+def stopped_by_the_scheduler(*args, **kwargs):   # a real SIGTERM, mid-run
+    calls[0] += 1
+    if calls[0] == at:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+
+setattr(module, name, stopped_by_the_scheduler)
+main = train_search if script == "train_search.py" else train_cifar
+sys.exit(runs.run_main(main.main, main.parse_args(argv)))
+"""
+
+
+@pytest.mark.parametrize("script", ["train_search.py", "train_cifar.py"])
+def test_sigterm_mid_run_says_how_to_resume_and_releases_the_lock(script, cifar10_dir, tmp_path,
+                                                                  capsys):
+    driver = tmp_path / "driver.py"
+    driver.write_text(SIGTERM_SCRIPT)
+    save = str(tmp_path / "runs") + os.sep
+    if script == "train_search.py":   # SIGTERM in the 2nd epoch of stage 1 (the 1st is saved)
+        argv, at = ["--tmp_data_dir", cifar10_dir, "--save", save, *SEARCH_TINY], 2
+    else:                             # 13 steps per epoch: SIGTERM at step 3 of epoch 1
+        argv, at = ["--tmp_data_dir", cifar10_dir, "--save", save, *TRAIN_TINY], 16
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(driver), ROOT, script, str(at), *argv], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    run_dir = os.path.abspath((only_search_dir if script == "train_search.py" else only_run_dir)(save))
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == \
+        f"stopped by SIGTERM; continue with: python {script} --resume {run_dir}"
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(os.path.join(run_dir, runs.LOCK_NAME))
+    assert "stopped by SIGTERM; continue with" in open(os.path.join(run_dir, "log.txt")).read()
+    # The printed command works.
+    if script == "train_search.py":
+        rc = runs.run_main(ts.main, ts.parse_args(["--resume", run_dir]))
+        assert rc == 0 and os.path.isfile(os.path.join(run_dir, "genotype.json"))
+    else:
+        assert run_script(train_cifar, ["--resume", run_dir, "--tmp_data_dir", cifar10_dir]) == 0
+        assert [m["epoch"] for m in read_metrics(run_dir)] == [0, 1]
+    assert not os.path.exists(os.path.join(run_dir, runs.LOCK_NAME))
+
+
+def test_sigterm_ends_every_torchrun_process_with_the_message(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                   EVERY_RANK="1")
+        procs.append(subprocess.Popen([sys.executable, str(script), ROOT, "30", "SIGTERM"], env=env,
+                                      stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 143, err
+        assert "stopped by SIGTERM before the run folder was created" in err and "Traceback" not in err
+
+
+def test_early_ctrl_c_in_training_removes_the_folder_it_made(cifar10_dir, tmp_path, capsys,
+                                                            monkeypatch):
+    """Interrupted after the run folder was made, before any epoch: the folder (lock and log
+    only) is removed and the line says so (issue 23, item 10)."""
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "log_run_start", ctrl_c)
+    save = str(tmp_path / "runs") + os.sep
+    capsys.readouterr()
+    assert run_script(train_cifar, ["--tmp_data_dir", cifar10_dir, "--save", save, *TRAIN_TINY]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted before its first epoch was saved: nothing to resume; "
+                          f"removed its run folder {os.path.join(os.path.abspath(save), 'eval-')}") and \
+        err.endswith("; start the run again")
+    assert os.listdir(save) == []
+
+
+def test_a_failing_torchrun_process_says_its_line_is_the_cause(monkeypatch, capsys):
+    """Issue 23, item 16: torchrun's ChildFailedError traceback follows our line."""
+    def bad_flag(_):
+        raise errors.UserError("--layers must be at least 2 (got 1)")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert runs.run_main(bad_flag, None) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert err.startswith("error: --layers must be at least 2 (got 1) [process 1 of the torchrun "
+                          "job: this is the cause; torchrun's ChildFailedError report that "
+                          "follows is a consequence]")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert runs.run_main(bad_flag, None) == 2
+    assert capsys.readouterr().err == "error: --layers must be at least 2 (got 1)\n"

@@ -1,6 +1,7 @@
 """Plots of a run (plots.py), collapse diagnostics of the search (collapse.py) and the
 summary over many runs (report.py): plots from a tiny search and a tiny training run, a run
 without matplotlib, mean and sample std over generated run folders, bad input."""
+import errno
 import glob
 import json
 import logging
@@ -209,7 +210,8 @@ def _training_folder(root, name, accs, epochs, seed, **recipe):
                  "args": {"epochs": epochs, "seed": seed, "arch": "PDARTS", "cutout": False,
                           "workers": seed, **recipe},   # workers: a run-time flag
                  "network": network_info("cifar", "cifar10", 8, 5, 10, False),
-                 "genotype": genotype_to_dict(PDARTS)}, os.path.join(run_dir, "checkpoint.pt"))
+                 "genotype": genotype_to_dict(PDARTS), "last_acc": accs[-1], "last_top5": 99.0},
+                os.path.join(run_dir, "checkpoint.pt"))
     return run_dir
 
 
@@ -294,3 +296,111 @@ def test_report_lists_an_unfinished_search_without_counting_its_cell(tmp_path, c
     assert result["finished_searches"] == 0 and sum(map(sum, result["op_frequency"]["normal"])) == 0
     rc, out, _ = _report([str(run_dir)], capsys)
     assert "| unfinished (stage 1 epoch 2 of ?) |" in out and "Final cells" not in out
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 23: bad run folders and unwritable outputs (items 3, 4, 5, 15)
+# ---------------------------------------------------------------------------------------
+
+def _warnings():
+    """Collect the project logger's messages (plots.py and report.py warn through it)."""
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    return messages, handler
+
+
+def _spoil_metrics(run_dir, lines_before_last):
+    """Put bad lines between the first and the last metrics line."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    good = open(path).read().splitlines()
+    with open(path, "w") as f:
+        f.write("\n".join([good[0], *lines_before_last, *good[1:]]) + "\n")
+    return path
+
+
+def test_plots_skip_bad_metrics_lines_with_one_warning(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run_dir = _training_folder(str(tmp_path), "eval-x-1", [50.0, 60.0], 2, 0)
+    path = _spoil_metrics(run_dir, ['{"epoch": 1, "test_acc": "abc"}', "[1, 2]", "null", "{oops"])
+    messages, handler = _warnings()
+    logger.addHandler(handler)
+    try:
+        assert run_script(plots, [run_dir]) == 0
+        rc, out, err = _report([run_dir, "--json"], capsys)
+    finally:
+        logger.removeHandler(handler)
+    _check_image(os.path.join(run_dir, "curves.png"), PNG)
+    skipped = [m for m in messages if "skipped" in m]
+    assert skipped == [f"warning: {path}: skipped lines 2, 3, 4, 5, not a metrics record (line 2: "
+                       "'test_acc' is \"abc\", not a number)"]                 # once, for both tools
+    assert [r["epoch"] for r in runs.read_metrics(run_dir)] == [0, 1]
+    # Issue 23, item 15: a finished run with bad lines is finished.
+    (run,) = json.loads(out)["training_runs"]
+    assert rc == 0 and run["status"] == "finished" and run["test_acc"] == 60.0
+
+
+def test_report_takes_the_final_accuracy_from_the_checkpoint_when_its_line_is_bad(tmp_path, capsys):
+    run_dir = _training_folder(str(tmp_path), "eval-x-1", [50.0, 60.0], 2, 0)
+    path = os.path.join(run_dir, "metrics.jsonl")
+    lines = open(path).read().splitlines()
+    open(path, "w").write(lines[0] + "\n" + '{"epoch": 1, "test_acc": "abc"}\n')
+    messages, handler = _warnings()
+    logger.addHandler(handler)
+    try:
+        rc, out, _ = _report([run_dir, "--json"], capsys)
+    finally:
+        logger.removeHandler(handler)
+    (run,) = json.loads(out)["training_runs"]
+    assert rc == 0 and run["status"] == "finished" and run["finished"] and run["test_acc"] == 60.0
+    assert any("no good line for the final epoch 1; its test accuracy is taken from checkpoint.pt"
+               in m for m in messages)
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([1, 2], "stage 1 is 1, not a JSON object"),
+    ([{"switches_normal": [[True] * 7] * 14}], "stage 1 needs 'switches_normal' as 14 rows of 8 "
+                                               "true/false values"),
+    ([{"switches_normal": [[True] * 8] * 14, "switches_reduce": [[True] * 8] * 14,
+       "alphas_normal": [[0.0] * 7] * 14, "alphas_reduce": [[0.0] * 8] * 14}],
+     "stage 1 needs 'alphas_normal' as 14 rows, one number per op switched on"),
+])
+def test_plots_of_a_search_with_a_bad_arch_state_is_one_line(tmp_path, capsys, stages, message):
+    pytest.importorskip("matplotlib")
+    run_dir = tmp_path / "search-x-1"
+    run_dir.mkdir()
+    (run_dir / "arch_state.json").write_text(json.dumps({"stages": stages}))
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"stage": 2, "epoch": 0}) + "\n")
+    capsys.readouterr()
+    assert run_script(plots, [str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run_dir / 'arch_state.json'}: {message}") and err.count("\n") == 1
+
+
+def test_plots_into_a_read_only_run_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    """Issue 23, item 4: a run folder on a read-only file system (simulated: as root a
+    chmod'ed folder stays writable)."""
+    pytest.importorskip("matplotlib")
+    run_dir = _training_folder(str(tmp_path), "eval-x-1", [50.0, 60.0], 2, 0)
+
+    def read_only(src, dst):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), dst)
+
+    monkeypatch.setattr(os, "replace", read_only)
+    capsys.readouterr()
+    assert run_script(plots, [run_dir]) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert err == (f"error: cannot write the plot {os.path.join(run_dir, 'curves.png')}: the folder "
+                   f"{os.path.abspath(run_dir)} is on a read-only file system; copy the run folder "
+                   "somewhere writable and run plots.py on the copy\n")
+    assert sorted(os.listdir(run_dir)) == ["checkpoint.pt", "metrics.jsonl"]   # no temporary left
+
+
+def test_report_plots_into_a_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run_dir = _training_folder(str(tmp_path), "eval-x-1", [50.0, 60.0], 2, 0)
+    (tmp_path / "file").write_text("in the way")
+    rc, out, err = _report([run_dir, "--plots", str(tmp_path / "file" / "figs")], capsys)
+    assert rc == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("error: cannot write the plot ") and "choose another --plots folder" in err

@@ -172,10 +172,13 @@ def test_ctrl_c_says_how_to_resume(cifar10_dir, tmp_path, capsys, monkeypatch, i
     os.makedirs(save)
     rc = run_main(ts.main, ts.parse_args(["--tmp_data_dir", cifar10_dir, "--save", save, *TINY]))
     out, err = capsys.readouterr()
-    run_dir = os.path.abspath(only_run_dir(save))
+    run_dir = os.path.abspath(glob.glob(os.path.join(save, "search-*"))[0]) if interrupt_at > 1 \
+        else out.split("run folder ", 1)[1].split()[0]
     assert rc == 130 and f"run folder {run_dir}" in out
-    if interrupt_at == 1:
-        assert "before a checkpoint was saved" in err and f"{run_dir} cannot be resumed" in err
+    if interrupt_at == 1:   # no epoch saved: the folder it made is removed, and it says so
+        assert "interrupted before its first epoch was saved: nothing to resume" in err
+        assert f"removed its run folder {run_dir}; start the run again" in err
+        assert not os.path.exists(run_dir) and not os.listdir(save)
     else:
         assert f"continue with: python train_search.py --resume {run_dir}" in err
 

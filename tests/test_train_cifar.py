@@ -214,6 +214,28 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cifar10_dir, t
     weights = load(os.path.join(run_dir, "weights.pt"))
     assert all(torch.equal(weights[k], v) for k, v in ckpt["model"].items())
     assert "error: the training loss became nan" in open(os.path.join(run_dir, "log.txt")).read()
+    assert "keeps the checkpoint of the last good epoch" in err
+
+
+def test_non_finite_loss_in_the_first_epoch_says_nothing_was_saved(cifar10_dir, tmp_path, monkeypatch,
+                                                                   capsys):
+    """No epoch was saved: the line must not promise a checkpoint (issue 23, item 8)."""
+    save = str(tmp_path) + os.sep
+    real_step = engine.train_step
+
+    def nan_at_once(*args, **kwargs):
+        loss, logits = real_step(*args, **kwargs)
+        return loss * float("nan"), logits
+
+    monkeypatch.setattr(engine, "train_step", nan_at_once)
+    capsys.readouterr()
+    assert train(["--tmp_data_dir", cifar10_dir, "--save", save, *TINY]) == 2
+    err = capsys.readouterr().err
+    run_dir = os.path.abspath(only_run_dir(save))
+    assert err.startswith("error: the training loss became nan") and len(err.splitlines()) == 1
+    assert f"no epoch was saved yet ({run_dir} holds no checkpoint): start a new run" in err
+    assert "keeps the checkpoint" not in err and "--resume" not in err
+    assert not os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
 
 
 @pytest.mark.parametrize("argv,message", [

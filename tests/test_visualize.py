@@ -111,3 +111,14 @@ def test_unknown_genotype_is_an_error(tmp_path, capsys):
 def test_bad_format_is_rejected():
     with pytest.raises(SystemExit):
         visualize.parse_args(["PDARTS", "--format", "bmp"])
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    """Issue 23, item 4: --out_dir under a file (as root, a chmod'ed folder stays
+    writable; a file in the way fails for everyone)."""
+    _need_dot()
+    (tmp_path / "file").write_text("not a folder")
+    rc = visualize.main(visualize.parse_args(["PDARTS", "--out_dir", str(tmp_path / "file" / "figs")]))
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: cannot write the cell diagram ") and err.count("\n") == 1
+    assert "choose another --out_dir" in err and "Traceback" not in err
