@@ -37,3 +37,11 @@ def test_requirements_bring_matplotlib_for_the_demo_plots():
     readme = (ROOT / "README.md").read_text()
     assert "alphas.png" in readme and "curves.png" in readme
     assert "matplotlib >= " + spec[2:] in readme     # the README names the range it installs
+
+
+def test_readme_tells_cpu_only_users_how_to_get_the_cpu_wheels():
+    readme = (ROOT / "README.md").read_text()
+    line = "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+    assert line in readme
+    # said before the sections that use the project, beside the install command
+    assert readme.index(line) < readme.index("## The paper's commands")
