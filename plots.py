@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 from collapse import COLLAPSE_FRACTION
 from errors import UserError
+from flags import ArgumentParser
 from genotypes import OP_COLORS, PRIMITIVES
 from model_search import NUM_EDGES, STEPS, ops_on
 from runs import (
@@ -349,7 +350,7 @@ def plot_run_safely(run_dir: str, fmt: str | None) -> list[str]:
 # ---------------------------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="search or training run folders")
     p.add_argument("--plot_format", choices=PLOT_FORMATS, default="png", help="png (default) or svg")

@@ -66,6 +66,7 @@ from engine import (
 from errors import UserError
 from flags import (
     DEFAULT_DATA_DIR,
+    ArgumentParser,
     HelpFormatter,
     default_workers,
     int_at_least,
@@ -84,7 +85,7 @@ RELEASE_WORKERS = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Evaluate a trained network on the CIFAR-10 / CIFAR-100 test set or the "
                     "ImageNet validation set; reports loss, top-1 and top-5, then one JSON line.",
         formatter_class=HelpFormatter)

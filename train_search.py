@@ -48,6 +48,7 @@ from distributed import (
 from errors import UserError, write_json_atomic
 from flags import (
     DEFAULT_DATA_DIR,
+    ArgumentParser,
     HelpFormatter,
     default_workers,
     fraction,
@@ -219,7 +220,7 @@ def stage_values(given: Sequence | None, flag: str, default: Sequence,
 # ---------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="P-DARTS progressive architecture search (3 stages of 5/11/17 cells). "
                     "First try: python train_search.py --demo",
         formatter_class=HelpFormatter)

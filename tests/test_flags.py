@@ -55,8 +55,41 @@ def test_numbers_out_of_range_are_refused_at_parse_time(script, flag, value, mes
     with pytest.raises(SystemExit) as info:
         _script(script).parse_args([flag, value])
     assert info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err.strip().splitlines()[0]
     assert f"argument {flag}" in err and message in err and value in err
+
+
+SCRIPT_PARSERS = ["search", "cifar", "imagenet", "test", "plots", "report", "visualize"]
+
+
+@pytest.mark.parametrize("script", SCRIPT_PARSERS)
+def test_a_bad_command_line_is_one_line_and_a_hint_not_the_usage(script, capsys):
+    """argparse would print the whole usage (25 lines for the search) before the one line
+    that matters; every script prints that line and a hint to --help, exit status 2."""
+    import plots
+    import report
+    import visualize
+    module = {"plots": plots, "report": report, "visualize": visualize}.get(script)
+    positional = ["RUN"] if module else []      # their required argument, given
+    module = module or _script(script)
+    with pytest.raises(SystemExit) as info:
+        module.parse_args([*positional, "--no_such_flag"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "usage:" not in " ".join(err), err
+    assert "error: " in err[0] and "--no_such_flag" in err[0]
+    assert err[1].startswith("(python ") and err[1].endswith(" --help lists every flag)")
+
+
+def test_the_issue_s_two_mistakes_read_as_one_line_each(capsys):
+    for argv, says in ((["--dataset", "flder"], "invalid choice: 'flder'"),
+                       (["--demo", "--epochs", "2"], "--arch_warmup_epochs 2 >= --epochs 2")):
+        with pytest.raises(SystemExit) as info:
+            train_search.parse_args(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 2 and says in err[0]
+        assert err[1].endswith(" --help lists every flag)")   # prog: sys.argv[0]
 
 
 def test_warmup_of_all_the_epochs_is_refused(capsys):
