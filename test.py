@@ -242,7 +242,9 @@ def main(args: argparse.Namespace) -> int:
     if not args.model_path:
         raise UserError("--model_path is required (a checkpoint file or a run folder)")
     path = resume_path(args.model_path)
-    obj = load_file(path)
+    obj = load_file(path, genotype_hint=(
+        "train the cell first (python train_cifar.py --arch " + path + ") and give that run's "
+        "folder as --model_path, or give the cell as --arch with a trained checkpoint"))
     ours = is_training_checkpoint(obj)
     if ours:
         check_training_checkpoint(obj, path)
