@@ -722,6 +722,15 @@ class SearchRun:
     lr_stepped_before_epoch: bool = True                    # False: a run begun before the fix
 
 
+def resume_position(stage: int, epochs_done: int, epochs: int) -> str:
+    """Where a resumed search continues, in the 0-based epoch numbers of the epoch lines
+    (``stage 2 epoch 1/5``); a checkpoint's ``epoch`` counts the epochs done in its stage."""
+    if epochs_done >= epochs:
+        return f"at the end of stage {stage + 1} (all {epochs} epochs of this stage done)"
+    return (f"at stage {stage + 1}, epoch {epochs_done} ({epochs_done} of {epochs} epochs of "
+            "this stage done)")
+
+
 def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: Switches,
                  ckpt: dict | None = None) -> Network | None:
     """Train one stage (resuming from ``ckpt`` if given) and return its network, or None
@@ -976,7 +985,7 @@ def _main(args: argparse.Namespace) -> int:
             logger.warning("this run began before the learning-rate schedule was corrected to "
                            "the release's (epoch e at cos(pi*(e+1)/E)); it continues on the "
                            "schedule it began with (cos(pi*e/E))")
-        logger.info("resuming %s at stage %d after epoch %d", run_dir, start_stage + 1, ckpt["epoch"])
+        logger.info("resuming %s %s", run_dir, resume_position(start_stage, ckpt["epoch"], args.epochs))
         if env.is_main:
             truncate_metrics(os.path.join(run_dir, METRICS_FILE), ckpt["epoch"], start_stage)
 
