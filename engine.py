@@ -154,8 +154,9 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
                    help="weight of the auxiliary loss")
     p.add_argument("--drop_path_prob", type=prob, default=drop_path_prob,
                    help="final drop-path rate (grows linearly from 0)")
-    p.add_argument("--save", type=str, default="",
-                   help="prefix of the run folder: {save}eval-{note}-{YYYYmmdd-HHMMSS} (default: '')")
+    # Deviation: runs/ by default, where the search puts its runs (one place for report.py).
+    p.add_argument("--save", type=str, default="runs/",
+                   help="prefix of the run folder: {save}eval-{note}-{YYYYmmdd-HHMMSS}")
     p.add_argument("--note", type=str, default="try", help="note in the run folder name")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seeds everything")
     p.add_argument("--arch", type=str, default="PDARTS",

@@ -2,6 +2,7 @@
 flag and its range, exit status 2), help texts with their defaults, the default number of
 loader workers, and at least one progress line per epoch in a log."""
 import logging
+import os
 import re
 
 import pytest
@@ -175,3 +176,16 @@ def test_an_epoch_shorter_than_report_freq_still_prints_a_line(monkeypatch):
     finally:
         utils.logger.removeHandler(handler)
         utils.logger.setLevel(old_level)
+
+
+def test_every_script_puts_its_run_folders_in_runs(tmp_path, monkeypatch):
+    """One place for every run (report.py 'runs/search-*' runs/eval-* finds them all);
+    --save stays a prefix, as in the release."""
+    from runs import create_run_dir
+    monkeypatch.chdir(tmp_path)
+    for module, kind in ((train_search, "search"), (train_cifar, "eval"), (train_imagenet, "eval")):
+        args = module.parse_args([])
+        assert args.save == "runs/"
+        run_dir = create_run_dir(args.save, kind, "try")
+        assert os.path.isdir(run_dir) and run_dir.startswith(f"runs/{kind}-try-")
+    assert create_run_dir("LOG", "eval", "x").startswith("LOGeval-x-")
