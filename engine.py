@@ -95,6 +95,17 @@ SPLIT_NAME = "split.json"          # an image folder's held-out images (test.py,
 CHECKPOINT_FORMAT = "pdarts-eval-checkpoint/1"
 TOPK = (1, 5)
 
+
+def topk_for(num_classes: int) -> tuple[int, ...]:
+    """Top-5 is reported only with more than 5 classes (with 5 or fewer it is always 100%);
+    without it, metrics, checkpoints and test.py's JSON hold top5 as null."""
+    return TOPK if num_classes > max(TOPK) else (1,)
+
+
+def top5_text(stats: dict) -> str:
+    """' (top-5 X%)' for a log line, or nothing when top-5 is not reported."""
+    return "" if stats.get("top5") is None else f" (top-5 {stats['top5']:.2f}%)"
+
 # Flags that may differ from the saved run on --resume: they change where things are
 # read and how often they are reported, not what is computed.
 RESUME_FREE_FLAGS = {"resume", "tmp_data_dir", "data", "workers", "report_freq", "device",
@@ -526,6 +537,7 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
     batch = per_process_batch(args.batch_size, env.world_size)
     seed_everything(args.seed, args.deterministic)
     model = build_network(spec.network, spec.genotype).to(device)
+    topk = topk_for(spec.network["num_classes"])
     summary = model_summary(model, spec.input_size)
 
     # {save}eval-{note}-{time}; a resumed run goes on in its own folder.
@@ -608,14 +620,15 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
             train = train_one_epoch(train_model, train_loader, optimizer, spec.train_criterion,
                                     device, auxiliary_weight=args.auxiliary_weight,
                                     grad_clip=args.grad_clip, report_freq=args.report_freq,
-                                    desc=f"train {epoch}", show=env.is_main, amp=args.amp,
+                                    topk=topk, desc=f"train {epoch}", show=env.is_main, amp=args.amp,
                                     channels_last=args.channels_last, scaler=scaler)
             train_time = time.time() - start
             # DDP broadcasts the buffers before each forward; each process then updates its
             # own copy with its own last batch.
             sync_buffers(model)
             test = evaluate(model, test_loader, spec.eval_criterion, device,
-                            report_freq=args.report_freq, desc=f"test {epoch}", show=env.is_main,
+                            topk=topk, report_freq=args.report_freq, desc=f"test {epoch}",
+                            show=env.is_main,
                             amp=args.amp, channels_last=args.channels_last)
         check_finite(test["loss"], "test loss")
         check_finite_state(model)   # batch-norm statistics too: nothing non-finite is saved
@@ -625,17 +638,17 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
         if best["acc"] is None or test["top1"] > best["acc"]:
             best = {"acc": test["top1"], "epoch": epoch}
         images_per_sec = train["count"] / max(train_time, 1e-9)
-        logger.info("train_loss %.4f train_acc %.2f%% (top-5 %.2f%%)",
-                    train["loss"], train["top1"], train["top5"])
-        logger.info("test_loss %.4f test_acc %.2f%% (top-5 %.2f%%); best epoch chosen on the "
-                    "test set: %.2f%% (epoch %d)", test["loss"], test["top1"], test["top5"],
+        logger.info("train_loss %.4f train_acc %.2f%%%s", train["loss"], train["top1"],
+                    top5_text(train))
+        logger.info("test_loss %.4f test_acc %.2f%%%s; best epoch chosen on the test set: "
+                    "%.2f%% (epoch %d)", test["loss"], test["top1"], top5_text(test),
                     best["acc"], best["epoch"])
         logger.info("epoch time %.1fs (train %.1fs, %.0f images/s)", epoch_time, train_time,
                     images_per_sec)
         metrics.write({
             "epoch": epoch, "lr": lr, "drop_path_prob": model.drop_path_prob,
-            "train_loss": train["loss"], "train_acc": train["top1"], "train_top5": train["top5"],
-            "test_loss": test["loss"], "test_acc": test["top1"], "test_top5": test["top5"],
+            "train_loss": train["loss"], "train_acc": train["top1"], "train_top5": train.get("top5"),
+            "test_loss": test["loss"], "test_acc": test["top1"], "test_top5": test.get("top5"),
             "best_acc_on_test": best["acc"], "best_epoch_on_test": best["epoch"],
             "train_images": train["count"], "test_images": test["count"],
             "epoch_time": epoch_time, "train_time": train_time, "images_per_sec": images_per_sec,
@@ -651,8 +664,8 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
         barrier()
 
     if last.get("top1") is not None:
-        logger.info("final test accuracy (last epoch, the result to report): %.2f%% top-1, "
-                    "%.2f%% top-5", last["top1"], last["top5"])
+        logger.info("final test accuracy (last epoch, the result to report): %.2f%% top-1%s",
+                    last["top1"], "" if last.get("top5") is None else f", {last['top5']:.2f}% top-5")
         logger.info("best epoch, chosen on the test set (optimistic, not a result): %.2f%% at "
                     "epoch %d", best["acc"], best["epoch"])
     if env.is_main:

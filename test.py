@@ -62,6 +62,8 @@ from engine import (
     network_info,
     per_process_batch,
     resume_path,
+    top5_text,
+    topk_for,
 )
 from errors import UserError
 from flags import (
@@ -317,13 +319,13 @@ def main(args: argparse.Namespace) -> int:
     if dataset == "folder":
         logger.info("data: %s, %d classes, %dx%d", what, num_classes, image_size, image_size)
     loader = make_loader(test_set, batch, env, train=False, workers=args.workers)
-    stats = evaluate(model, loader, nn.CrossEntropyLoss(), env.device,
+    stats = evaluate(model, loader, nn.CrossEntropyLoss(), env.device, topk=topk_for(num_classes),
                      report_freq=args.report_freq, show=env.is_main)
-    logger.info("test_loss %.6f test_acc %.2f%% test_top5 %.2f%% (%d images of %s)",
-                stats["loss"], stats["top1"], stats["top5"], stats["count"], dataset)
+    logger.info("test_loss %.6f test_acc %.2f%%%s (%d images of %s)", stats["loss"], stats["top1"],
+                top5_text(stats), stats["count"], dataset)
     if env.is_main:
         print(json.dumps({"model_path": path, "dataset": dataset, "images": stats["count"],
-                          "loss": stats["loss"], "top1": stats["top1"], "top5": stats["top5"]}))
+                          "loss": stats["loss"], "top1": stats["top1"], "top5": stats.get("top5")}))
     return 0
 
 

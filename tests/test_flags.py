@@ -178,6 +178,31 @@ def test_an_epoch_shorter_than_report_freq_still_prints_a_line(monkeypatch):
         utils.logger.setLevel(old_level)
 
 
+def test_a_slow_epoch_off_a_terminal_prints_at_least_every_30_s(monkeypatch):
+    """An 85 s epoch of 10 steps with --report_freq 50 is not silent until its end: a
+    line whenever 30 s have passed since the last one (a fake clock: 8.5 s a step)."""
+    import types
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(utils, "time", types.SimpleNamespace(time=lambda: clock["now"]))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    utils.logger.addHandler(handler)
+    old_level = utils.logger.level
+    utils.logger.setLevel(logging.INFO)
+    try:
+        progress = utils.Progress(10, "train 0", 50)
+        progress.tty = False
+        for step in range(1, 11):
+            clock["now"] += 8.5
+            progress.update(step, {"loss": utils.AverageMeter()})
+        steps = [r.getMessage().split()[3] for r in records]
+        assert steps == ["004/10", "008/10", "010/10"]    # 34 s, 34 s, then the epoch's end
+    finally:
+        utils.logger.removeHandler(handler)
+        utils.logger.setLevel(old_level)
+
+
 def test_every_script_puts_its_run_folders_in_runs(tmp_path, monkeypatch):
     """One place for every run (report.py 'runs/search-*' runs/eval-* finds them all);
     --save stays a prefix, as in the release."""
