@@ -108,7 +108,8 @@ def load_file(path: str, map_location: str | torch.device = "cpu",
     kind = _what_file(path)
     if kind is not None:
         hint = f": {genotype_hint}" if genotype_hint and kind.startswith("a genotype") else ""
-        raise CheckpointError(f"{path} is {kind}, not a PyTorch checkpoint{hint}")
+        raise CheckpointError(f"cannot read checkpoint {path}: it is {kind}, not a PyTorch "
+                              f"checkpoint{hint}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the user
