@@ -440,7 +440,6 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
                               env.device, args.amp)
 
     collapse = CollapseMonitor(stage + 1, args.arch_warmup_epochs, env.is_main)
-    valid_warned = False
     for epoch in range(first_epoch, args.epochs):
         t0 = time.time()
         lr = learning_rate(epoch, args.epochs, args.learning_rate, args.learning_rate_min,
@@ -467,12 +466,11 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
                 sync_buffers(model)
                 valid = evaluate(forward, run.data.valid, env.device, args.amp, args.channels_last)
                 check_finite(valid["valid_loss"], "validation loss")
-                warning = None if valid_warned else validation_warning(
+                warning = validation_warning(
                     stage + 1, epoch, epoch == args.epochs - 1, valid["valid_acc"],
                     stats["train_acc"], run.num_classes, *batch_norm_updates(model))
                 if warning:
                     logger.warning(warning)
-                    valid_warned = True     # once per stage
         check_finite_state(model)   # batch-norm statistics and alphas: nothing non-finite is saved
         seconds = time.time() - t0
         probs_n, probs_r = model.arch_probs()
