@@ -60,17 +60,76 @@ def describe_checkpoint(obj: Any) -> str:
     return f"a {type(obj).__name__}, not a dict"
 
 
-def load_file(path: str, map_location: str | torch.device = "cpu") -> Any:
-    """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs)."""
+# What a file that is not a checkpoint begins with, and what to call it.
+_FILE_KINDS = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
+               (b"GIF8", "a GIF image"), (b"%PDF", "a PDF file"), (b"<svg", "an SVG image"),
+               (b"<?xml", "an XML/SVG file"))
+
+
+def _what_file(path: str) -> str | None:
+    """Name a file that is plainly not a PyTorch checkpoint from its first bytes (an image,
+    a genotype or other JSON file, a text file such as log.txt); None for anything that may
+    be one (torch's zip format, a pickle, unknown binary)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    for magic, kind in _FILE_KINDS:
+        if head.startswith(magic):
+            return kind
+    if not head or b"\0" in head or head[:1] in (b"\x80", b"PK"):
+        return None
+    try:
+        text = head.decode("utf-8").lstrip()
+    except UnicodeDecodeError:
+        return None
+    if text.startswith(("{", "[")):
+        if all(f'"{key}"' in text for key in ("normal", "reduce")):
+            return "a genotype JSON file (a cell's operations, not trained weights)"
+        return "a JSON file"
+    first = text.splitlines()[0][:60] if text.strip() else ""
+    return f"a text file (it begins {first!r})" if first else "a text file"
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """The part of torch.load's error that says what was wrong, without its advice: its
+    suggestion to retry with ``weights_only=False`` would run arbitrary code, and is wrong
+    for a file that is not a checkpoint."""
+    text = str(e).strip()
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    first = lines[0] if lines else type(e).__name__
+    for cut in (" was not an allowed global", ". Please", ". Re-running", " Check the documentation"):
+        first = first.split(cut)[0]
+    if "weights_only" in first:         # torch's preamble without a detail: say nothing of it
+        first = type(e).__name__
+    return first[:200]
+
+
+def load_file(path: str, map_location: str | torch.device = "cpu",
+              genotype_hint: str | None = None) -> Any:
+    """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs). A file that is
+    not one (an image, a genotype JSON, log.txt) is named as what it is; ``genotype_hint``
+    is the caller's advice for a genotype file. torch's advice to load with
+    ``weights_only=False`` is never passed on."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    kind = _what_file(path)
+    if kind is not None:
+        hint = f": {genotype_hint}" if genotype_hint and kind.startswith("a genotype") else ""
+        raise CheckpointError(f"cannot read checkpoint {path}: it is {kind}, not a PyTorch "
+                              f"checkpoint{hint}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = _unpickler_reason(e)
+        if "Unsupported global" in reason:
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: it holds Python objects beyond tensors, numbers, "
+                f"strings and containers ({reason}), which are not loaded (loading them could "
+                "run arbitrary code)") from None
         raise CheckpointError(
             f"cannot read checkpoint {path}: the file is corrupt, truncated or not a PyTorch "
-            f"checkpoint ({first[:200]})") from None
+            f"checkpoint ({reason})") from None
 
 
 def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:

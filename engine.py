@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import os
 import sys
@@ -111,6 +110,17 @@ SPLIT_NAME = "split.json"          # an image folder's held-out images (test.py,
 CHECKPOINT_FORMAT = "pdarts-eval-checkpoint/1"
 TOPK = (1, 5)
 
+
+def topk_for(num_classes: int) -> tuple[int, ...]:
+    """Top-5 is reported only with more than 5 classes (with 5 or fewer it is always 100%);
+    without it, metrics, checkpoints and test.py's JSON hold top5 as null."""
+    return TOPK if num_classes > max(TOPK) else (1,)
+
+
+def top5_text(stats: dict) -> str:
+    """' (top-5 X%)' for a log line, or nothing when top-5 is not reported."""
+    return "" if stats.get("top5") is None else f" (top-5 {stats['top5']:.2f}%)"
+
 # Flags that may differ from the saved run on --resume: they change where things are
 # read and how often they are reported, not what is computed.
 RESUME_FREE_FLAGS = {"resume", "tmp_data_dir", "data", "workers", "report_freq", "device",
@@ -170,8 +180,9 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
                    help="weight of the auxiliary loss")
     p.add_argument("--drop_path_prob", type=prob, default=drop_path_prob,
                    help="final drop-path rate (grows linearly from 0)")
-    p.add_argument("--save", type=str, default="",
-                   help="prefix of the run folder: {save}eval-{note}-{YYYYmmdd-HHMMSS} (default: '')")
+    # Deviation: runs/ by default, where the search puts its runs (one place for report.py).
+    p.add_argument("--save", type=str, default="runs/",
+                   help="prefix of the run folder: {save}eval-{note}-{YYYYmmdd-HHMMSS}")
     p.add_argument("--note", type=str, default="try", help="note in the run folder name")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seeds everything")
     p.add_argument("--arch", type=str, default="PDARTS",
@@ -570,30 +581,14 @@ def explain_mismatch(error: CheckpointError, built: dict, found: dict | None, ar
 
 
 def _refuse_untrained(model_path: str, path: str, purpose: str) -> None:
-    """A search run folder without its checkpoint, a genotype file or another JSON file
-    given as the trained network: one line saying what it is and what to give instead."""
-    train_first = (f"{purpose} a trained network: train the searched cell first "
-                   f"(train_cifar.py --arch {{}}) and give that run's folder or {CHECKPOINT_NAME}")
+    """A search run folder without its checkpoint given as the trained network: one line
+    saying what it is and what to give instead (a genotype file and other files that are
+    no checkpoint are named by ``load_file``)."""
     if os.path.isdir(model_path) and not os.path.exists(path) and os.path.isfile(
             os.path.join(model_path, GENOTYPE_FILE)):
-        raise CheckpointError(f"{model_path} is a search run folder; " + train_first.format(model_path))
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64).lstrip()
-    except OSError:
-        return  # load_file says it is missing or unreadable
-    if not head.startswith((b"{", b"[")):
-        return
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (ValueError, UnicodeDecodeError):
-        return  # not JSON after all: load_file reports it
-    if isinstance(obj, dict) and "normal" in obj and "reduce" in obj:
-        raise CheckpointError(f"{path} is a genotype file (the cell's operations, no trained "
-                              "weights); " + train_first.format(path))
-    raise CheckpointError(f"{path} is a JSON file, not a checkpoint: give a training run folder, "
-                          f"its {CHECKPOINT_NAME} or a state dict (weights.pt)")
+        raise CheckpointError(f"{model_path} is a search run folder; {purpose} a trained network: "
+                              f"train the searched cell first (train_cifar.py --arch {model_path}) "
+                              f"and give that run's folder or {CHECKPOINT_NAME}")
 
 
 def resolve_trained_network(model_path: str, *, dataset: str | None = None, cifar100: bool = False,
@@ -606,7 +601,10 @@ def resolve_trained_network(model_path: str, *, dataset: str | None = None, cifa
     starts the refusal of a search checkpoint ("test.py evaluates")."""
     path = resume_path(model_path)
     _refuse_untrained(model_path, path, purpose)
-    obj = load_file(path)
+    obj = load_file(path, genotype_hint=(
+        f"{purpose} a trained network: train the cell first (python train_cifar.py --arch {path}) "
+        f"and give that run's folder or {CHECKPOINT_NAME}, or give the cell as --arch with a "
+        "trained checkpoint"))
     ours = is_training_checkpoint(obj)
     if ours:
         check_training_checkpoint(obj, path)
@@ -717,6 +715,7 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
     batch = per_process_batch(args.batch_size, env.world_size)
     seed_everything(args.seed, args.deterministic)
     model = build_network(spec.network, spec.genotype).to(device)
+    topk = topk_for(spec.network["num_classes"])
     summary = model_summary(model, spec.input_size)
 
     # {save}eval-{note}-{time}; a resumed run goes on in its own folder.
@@ -799,14 +798,15 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
             train = train_one_epoch(train_model, train_loader, optimizer, spec.train_criterion,
                                     device, auxiliary_weight=args.auxiliary_weight,
                                     grad_clip=args.grad_clip, report_freq=args.report_freq,
-                                    desc=f"train {epoch}", show=env.is_main, amp=args.amp,
+                                    topk=topk, desc=f"train {epoch}", show=env.is_main, amp=args.amp,
                                     channels_last=args.channels_last, scaler=scaler)
             train_time = time.time() - start
             # DDP broadcasts the buffers before each forward; each process then updates its
             # own copy with its own last batch.
             sync_buffers(model)
             test = evaluate(model, test_loader, spec.eval_criterion, device,
-                            report_freq=args.report_freq, desc=f"test {epoch}", show=env.is_main,
+                            topk=topk, report_freq=args.report_freq, desc=f"test {epoch}",
+                            show=env.is_main,
                             amp=args.amp, channels_last=args.channels_last)
         check_finite(test["loss"], "test loss")
         check_finite_state(model)   # batch-norm statistics too: nothing non-finite is saved
@@ -816,17 +816,17 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
         if best["acc"] is None or test["top1"] > best["acc"]:
             best = {"acc": test["top1"], "epoch": epoch}
         images_per_sec = train["count"] / max(train_time, 1e-9)
-        logger.info("train_loss %.4f train_acc %.2f%% (top-5 %.2f%%)",
-                    train["loss"], train["top1"], train["top5"])
-        logger.info("test_loss %.4f test_acc %.2f%% (top-5 %.2f%%); best epoch chosen on the "
-                    "test set: %.2f%% (epoch %d)", test["loss"], test["top1"], test["top5"],
+        logger.info("train_loss %.4f train_acc %.2f%%%s", train["loss"], train["top1"],
+                    top5_text(train))
+        logger.info("test_loss %.4f test_acc %.2f%%%s; best epoch chosen on the test set: "
+                    "%.2f%% (epoch %d)", test["loss"], test["top1"], top5_text(test),
                     best["acc"], best["epoch"])
         logger.info("epoch time %.1fs (train %.1fs, %.0f images/s)", epoch_time, train_time,
                     images_per_sec)
         metrics.write({
             "epoch": epoch, "lr": lr, "drop_path_prob": model.drop_path_prob,
-            "train_loss": train["loss"], "train_acc": train["top1"], "train_top5": train["top5"],
-            "test_loss": test["loss"], "test_acc": test["top1"], "test_top5": test["top5"],
+            "train_loss": train["loss"], "train_acc": train["top1"], "train_top5": train.get("top5"),
+            "test_loss": test["loss"], "test_acc": test["top1"], "test_top5": test.get("top5"),
             "best_acc_on_test": best["acc"], "best_epoch_on_test": best["epoch"],
             "train_images": train["count"], "test_images": test["count"],
             "epoch_time": epoch_time, "train_time": train_time, "images_per_sec": images_per_sec,
@@ -843,8 +843,8 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
         barrier()
 
     if last.get("top1") is not None:
-        logger.info("final test accuracy (last epoch, the result to report): %.2f%% top-1, "
-                    "%.2f%% top-5", last["top1"], last["top5"])
+        logger.info("final test accuracy (last epoch, the result to report): %.2f%% top-1%s",
+                    last["top1"], "" if last.get("top5") is None else f", {last['top5']:.2f}% top-5")
         logger.info("best epoch, chosen on the test set (optimistic, not a result): %.2f%% at "
                     "epoch %d", best["acc"], best["epoch"])
     if env.is_main:

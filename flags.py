@@ -1,4 +1,5 @@
-"""Command-line helpers shared by every script: argparse ``type=`` functions that check a
+"""Command-line helpers shared by every script: the parser (a usage error is one line and a
+hint to ``--help``, not the whole usage), argparse ``type=`` functions that check a
 number's allowed range at parse time, the help formatter that shows each flag's default,
 and the default number of data-loader workers.
 
@@ -6,6 +7,7 @@ A value out of range stops argparse with one line naming the flag, the value and
 range (exit status 2), before anything is read or created::
 
     train_search.py: error: argument --init_channels: must be an integer >= 1, got 0
+    (python train_search.py --help lists every flag)
 """
 from __future__ import annotations
 
@@ -110,3 +112,13 @@ class HelpFormatter(argparse.HelpFormatter):
         if not quiet and action.option_strings and "(default" not in text:
             text += " (default: %(default)s)"
         return text
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with the project's error style: a bad command line prints the one
+    line that says what is wrong and a hint to ``--help`` (exit status 2), not the whole
+    usage (25 lines for the search) above it."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        hint = f"(python {self.prog} --help lists every flag)"
+        self.exit(2, f"{self.prog}: error: {message}\n{hint}\n")

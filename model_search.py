@@ -862,3 +862,62 @@ class CollapseMonitor:
                 "against it; a cell that stays this way trains poorly (warned once per stage)",
                 self.stage, epoch, free, len(pairs), detail, skips)
         return {"normal_param_free": free, "normal_skip_connects": skips, "collapse": collapsed}
+
+
+# ---------------------------------------------------------------------------------------
+# Validation that cannot be trusted: eval-mode batch norm with unsettled statistics
+# ---------------------------------------------------------------------------------------
+
+# Share of the initial running statistics (mean 0, variance 1) still held by a stage's
+# batch norms at its last epoch above which the stage was too short to settle them.
+BN_LEFT_AT_END = 0.1
+# Validation within this many points of chance while training is this far above it.
+CHANCE_MARGIN, TRAIN_ABOVE = 2.0, 15.0
+
+
+def batch_norm_updates(model) -> tuple[int, float]:
+    """(fewest updates of any batch norm's running statistics, its momentum) in ``model``:
+    every training forward (weight and alpha steps alike) updates them."""
+    fewest, momentum = None, 0.1
+    for m in model.modules():
+        tracked = getattr(m, "num_batches_tracked", None)
+        if tracked is not None and getattr(m, "track_running_stats", False):
+            n = int(tracked)
+            if fewest is None or n < fewest:
+                fewest, momentum = n, m.momentum if m.momentum is not None else 0.1
+    return (fewest or 0), momentum
+
+
+def validation_warning(stage: int, epoch: int, last_epoch: bool, valid_acc: float,
+                       train_acc: float, num_classes: int, bn_updates: int,
+                       momentum: float = 0.1) -> str | None:
+    """A one-line warning when the alpha half's validation says little, or None.
+
+    Faithful to the release: validation runs in eval mode, on the running batch-norm
+    statistics. With few steps per stage (a small image folder) those have barely left
+    their start, and validation sits at chance while training accuracy rises. Judged at a
+    stage's last epoch (earlier, validation at chance is normal while the statistics settle:
+    the demo's stage 1 validates at 9% in epoch 1 and 100% in epoch 4): warned when
+    validation is at chance while training is well above it, or when the statistics still
+    hold more than BN_LEFT_AT_END of their start."""
+    left = (1.0 - momentum) ** bn_updates
+    chance = 100.0 / num_classes
+    at_chance = valid_acc <= chance + CHANCE_MARGIN and train_acc >= valid_acc + TRAIN_ABOVE
+    unsettled = left > BN_LEFT_AT_END
+    if not last_epoch or not (at_chance or unsettled):
+        return None
+    needed = math.ceil(math.log(BN_LEFT_AT_END / 2) / math.log(1.0 - momentum))
+    what = (f"WARNING stage {stage} epoch {epoch}: validation accuracy {valid_acc:.2f}% is at chance "
+            f"level ({num_classes} classes) while training accuracy is {train_acc:.2f}%"
+            if at_chance else
+            f"WARNING stage {stage} epoch {epoch}: validation accuracy {valid_acc:.2f}% is unreliable")
+    if unsettled or left > BN_LEFT_AT_END / 2:
+        why = (f"after {bn_updates} batch-norm updates in this stage the running statistics "
+               f"used by eval-mode validation still hold {left:.0%} of their initial values "
+               f"(momentum {momentum:g})")
+        fix = (f"use more images or more epochs (about {needed} or more updates per stage; each "
+               "weight and each alpha step is one)")
+    else:
+        why = "the network fits the weight half but not the alpha half (eval mode)"
+        fix = "use more images or more epochs"
+    return f"{what}: {why}; {fix}"

@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from errors import TMP_INFIX, UserError, storage_error
+from flags import ArgumentParser
 from genotypes import OP_COLORS, PRIMITIVES
 from model_search import COLLAPSE_FRACTION, NUM_EDGES, STEPS, ops_on
 from runs import (
@@ -219,8 +220,9 @@ def train_curves_figure(records: list[dict]):
     Figure = _figure_class()
     records = sorted(records, key=lambda r: r["epoch"])
     xs = [r["epoch"] for r in records]
-    fig = Figure(figsize=(9, 10), dpi=DPI)
-    fig.subplots_adjust(left=0.12, right=0.97, top=0.97, bottom=0.06, hspace=0.1)
+    # Room on the right for the legends: inside, they covered the lines of short runs.
+    fig = Figure(figsize=(11, 10), dpi=DPI)
+    fig.subplots_adjust(left=0.1, right=0.78, top=0.97, bottom=0.06, hspace=0.1)
     axes = fig.subplots(4, 1, sharex=True)
     _plot_keys(axes[0], xs, records, [("train_loss", "train loss (with auxiliary)", {}),
                                       ("test_loss", "test loss", {})])
@@ -236,6 +238,11 @@ def train_curves_figure(records: list[dict]):
     _plot_keys(axes[3], xs, records, [("drop_path_prob", "drop-path rate", {})])
     axes[3].set_ylabel("drop-path rate")
     axes[3].set_xlabel("epoch")
+    from matplotlib.ticker import MaxNLocator
+    axes[3].xaxis.set_major_locator(MaxNLocator(integer=True))   # epochs, not 0.5 steps
+    for ax in axes:
+        if ax.get_legend() is not None:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return fig
 
 
@@ -384,7 +391,7 @@ def plot_run_safely(run_dir: str, fmt: str | None) -> list[str]:
 # ---------------------------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="search or training run folders")
     p.add_argument("--plot_format", choices=PLOT_FORMATS, default="png", help="png (default) or svg")

@@ -31,6 +31,7 @@ from typing import Any
 
 from engine import RESUME_FREE_FLAGS, build_network
 from errors import UserError, storage_error
+from flags import ArgumentParser
 from genotypes import (
     PRIMITIVES,
     Genotype,
@@ -394,7 +395,7 @@ def write_plots(report: dict[str, Any], out_dir: str, fmt: str) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                    help="run folders, globs of them, or folders holding run folders")

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from distributed import add_dist_timeout_arg
 from flags import (
     DEFAULT_DATA_DIR,
+    ArgumentParser,
     HelpFormatter,
     default_workers,
     fraction,
@@ -73,7 +74,7 @@ def stage_values(given: Sequence | None, flag: str, default: Sequence,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="P-DARTS progressive architecture search (3 stages of 5/11/17 cells). "
                     "First try: python train_search.py --demo",
         formatter_class=HelpFormatter)

@@ -50,10 +50,13 @@ from engine import (
     make_loader,
     per_process_batch,
     resolve_trained_network,
+    top5_text,
+    topk_for,
 )
 from errors import UserError
 from flags import (
     DEFAULT_DATA_DIR,
+    ArgumentParser,
     HelpFormatter,
     default_workers,
     int_at_least,
@@ -70,7 +73,7 @@ RELEASE_WORKERS = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Evaluate a trained network on the CIFAR-10 / CIFAR-100 test set or the "
                     "ImageNet validation set; reports loss, top-1 and top-5, then one JSON line.",
         formatter_class=HelpFormatter)
@@ -210,13 +213,13 @@ def main(args: argparse.Namespace) -> int:
     if dataset == "folder":
         logger.info("data: %s, %d classes, %dx%d", what, num_classes, image_size, image_size)
     loader = make_loader(test_set, batch, env, train=False, workers=args.workers)
-    stats = evaluate(model, loader, nn.CrossEntropyLoss(), env.device,
+    stats = evaluate(model, loader, nn.CrossEntropyLoss(), env.device, topk=topk_for(num_classes),
                      report_freq=args.report_freq, show=env.is_main)
-    logger.info("test_loss %.6f test_acc %.2f%% test_top5 %.2f%% (%d images of %s)",
-                stats["loss"], stats["top1"], stats["top5"], stats["count"], dataset)
+    logger.info("test_loss %.6f test_acc %.2f%%%s (%d images of %s)", stats["loss"], stats["top1"],
+                top5_text(stats), stats["count"], dataset)
     if env.is_main:
         print(json.dumps({"model_path": path, "dataset": dataset, "images": stats["count"],
-                          "loss": stats["loss"], "top1": stats["top1"], "top5": stats["top5"]}))
+                          "loss": stats["loss"], "top1": stats["top1"], "top5": stats.get("top5")}))
     return 0
 
 

@@ -59,7 +59,7 @@ from engine import (
     network_info,
 )
 from errors import UserError
-from flags import HelpFormatter, nonneg_float, positive_int
+from flags import ArgumentParser, HelpFormatter, nonneg_float, positive_int
 from genotypes import get_genotype
 from runs import run_main
 
@@ -69,7 +69,7 @@ AUX_POOL, AUX_STRIDE = 5, 3   # the CIFAR auxiliary head's average pool
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_training_args(p, epochs=600, batch_size=128, learning_rate=0.025, weight_decay=None,
                       init_channels=36, layers=20, drop_path_prob=0.3, report_freq=50, workers=4)
     p.add_argument("--learning_rate_min", type=nonneg_float, default=0.0,

@@ -36,7 +36,7 @@ from engine import (
     network_info,
 )
 from errors import UserError
-from flags import HelpFormatter, prob
+from flags import ArgumentParser, HelpFormatter, prob
 from genotypes import get_genotype
 from runs import run_main
 
@@ -70,7 +70,7 @@ def imagenet_lr(lr0: float, epoch: int, epochs: int, scheduler: str = "linear",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_training_args(p, epochs=250, batch_size=1024, learning_rate=0.5, weight_decay=3e-5,
                       init_channels=48, layers=14, drop_path_prob=0.0, report_freq=100, workers=8)
     p.add_argument("--label_smooth", type=prob, default=0.1, help="label smoothing epsilon")

@@ -67,12 +67,14 @@ from model_search import (
     Network,
     Switches,
     all_on_switches,
+    batch_norm_updates,
     derive_genotype,
     final_cells,
     ops_on,
     prune_after_stage,
     replay_stages,
     softmax_rows,
+    validation_warning,
 )
 from plots import plot_run_safely
 from runs import (
@@ -381,6 +383,15 @@ class SearchRun:
     lr_stepped_before_epoch: bool = True                    # False: a run begun before the fix
 
 
+def resume_position(stage: int, epochs_done: int, epochs: int) -> str:
+    """Where a resumed search continues, in the 0-based epoch numbers of the epoch lines
+    (``stage 2 epoch 1/5``); a checkpoint's ``epoch`` counts the epochs done in its stage."""
+    if epochs_done >= epochs:
+        return f"at the end of stage {stage + 1} (all {epochs} epochs of this stage done)"
+    return (f"at stage {stage + 1}, epoch {epochs_done} ({epochs_done} of {epochs} epochs of "
+            "this stage done)")
+
+
 def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: Switches,
                  ckpt: dict | None = None) -> Network | None:
     """Train one stage (resuming from ``ckpt`` if given) and return its network, or None
@@ -455,6 +466,11 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
                 sync_buffers(model)
                 valid = evaluate(forward, run.data.valid, env.device, args.amp, args.channels_last)
                 check_finite(valid["valid_loss"], "validation loss")
+                warning = validation_warning(
+                    stage + 1, epoch, epoch == args.epochs - 1, valid["valid_acc"],
+                    stats["train_acc"], run.num_classes, *batch_norm_updates(model))
+                if warning:
+                    logger.warning(warning)
         check_finite_state(model)   # batch-norm statistics and alphas: nothing non-finite is saved
         seconds = time.time() - t0
         probs_n, probs_r = model.arch_probs()
@@ -635,7 +651,7 @@ def _main(args: argparse.Namespace) -> int:
             logger.warning("this run began before the learning-rate schedule was corrected to "
                            "the release's (epoch e at cos(pi*(e+1)/E)); it continues on the "
                            "schedule it began with (cos(pi*e/E))")
-        logger.info("resuming %s at stage %d after epoch %d", run_dir, start_stage + 1, ckpt["epoch"])
+        logger.info("resuming %s %s", run_dir, resume_position(start_stage, ckpt["epoch"], args.epochs))
         if env.is_main:
             truncate_metrics(os.path.join(run_dir, METRICS), ckpt["epoch"], start_stage)
 

@@ -99,16 +99,20 @@ def check_finite_state(model: torch.nn.Module) -> None:
 
 
 class Progress:
-    """Progress over one epoch: a live bar on a terminal, plain lines every
-    ``report_freq`` steps otherwise (parsable in logs)."""
+    """Progress over one epoch: a live bar on a terminal, plain lines otherwise (parsable
+    in logs) every ``report_freq`` steps and at least every ``interval_s`` seconds, so a
+    long epoch of few steps is never silent."""
 
-    def __init__(self, total: int, desc: str, report_freq: int = 50, enabled: bool = True) -> None:
+    def __init__(self, total: int, desc: str, report_freq: int = 50, enabled: bool = True,
+                 interval_s: float = 30.0) -> None:
         self.total = total
         self.desc = desc
         self.report_freq = max(1, report_freq)
         self.enabled = enabled
         self.tty = enabled and sys.stdout.isatty()
         self.start = time.time()
+        self.interval_s = interval_s
+        self.last_line = self.start
 
     def update(self, step: int, meters: dict[str, AverageMeter] | None = None) -> None:
         """``step`` counts from 1. Reading meters syncs the device, so it is only done at
@@ -130,10 +134,15 @@ class Progress:
             if step == self.total:
                 sys.stdout.write("\n")
             sys.stdout.flush()
-        elif step % self.report_freq == 0 or (step == self.total and self.total < self.report_freq):
-            # An epoch shorter than report_freq still prints one line, at its end.
-            parts = " ".join(f"{k} {m.avg:.6f}" for k, m in (meters or {}).items())
-            logger.info("%s step %03d/%d %s", self.desc, step, self.total, parts)
+        else:
+            now = time.time()
+            # An epoch shorter than report_freq still prints one line, at its end; a slow
+            # one prints at least every interval_s (reading meters syncs: only then).
+            if (step % self.report_freq == 0 or (step == self.total and self.total < self.report_freq)
+                    or now - self.last_line >= self.interval_s):
+                self.last_line = now
+                parts = " ".join(f"{k} {m.avg:.6f}" for k, m in (meters or {}).items())
+                logger.info("%s step %03d/%d %s", self.desc, step, self.total, parts)
 
 
 # ---------------------------------------------------------------------------------------

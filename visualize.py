@@ -16,7 +16,7 @@ import shutil
 import sys
 
 from errors import storage_error
-from flags import HelpFormatter
+from flags import ArgumentParser, HelpFormatter
 from genotypes import GENOTYPE_FILE, OP_COLORS, Genotype, GenotypeError, get_genotype, known_genotypes
 from utils import logger
 
@@ -93,7 +93,7 @@ def draw_safely(genotype: Genotype, out_dir: str, prefix: str) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("genotype", help=f"a cell name ({', '.join(known_genotypes())}, any case), "
                         f"a genotype JSON file, or a search run folder (its {GENOTYPE_FILE})")
     parser.add_argument("--format", choices=FORMATS, default="pdf", help="output format")

@@ -174,8 +174,33 @@ class Payload:
 def test_arbitrary_objects_are_refused(tmp_path):
     path = str(tmp_path / "evil.pt")
     save_atomic({"obj": Payload()}, path)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="Python objects beyond tensors") as info:
         load_file(path)
+    assert "Payload" in str(info.value) and "weights_only=False" not in str(info.value)
+
+
+GENOTYPE_JSON = json.dumps({"normal": [["sep_conv_3x3", 0]], "normal_concat": [2],
+                            "reduce": [["max_pool_3x3", 1]], "reduce_concat": [2]})
+
+
+@pytest.mark.parametrize("name,content,says", [
+    ("genotype.json", GENOTYPE_JSON.encode(), "is a genotype JSON file"),
+    ("other.json", b'{"epoch": 1}', "is a JSON file"),
+    ("log.txt", b"2024-01-01 12:00:00 args = ...\nmore\n", "is a text file (it begins '2024-01-01"),
+    ("alphas.png", b"\x89PNG\r\n\x1a\n" + bytes(200), "is a PNG image"),
+    ("random.bin", bytes(range(256)) * 4, "corrupt, truncated or not a PyTorch checkpoint"),
+])
+def test_a_file_that_is_not_a_checkpoint_is_named_and_torch_s_advice_is_not_relayed(
+        tmp_path, name, content, says):
+    """torch.load's error suggests weights_only=False: wrong advice for an image or a JSON
+    file, and unsafe for a real file. The message says what the file is instead."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        load_file(str(path), genotype_hint="give it as --arch")
+    message = str(info.value)
+    assert says in message and "weights_only" not in message and "\n" not in message
+    assert ("give it as --arch" in message) == name.startswith("genotype")
 
 
 def test_save_atomic_round_trip_leaves_no_temp_files(tmp_path):

@@ -197,7 +197,7 @@ def fake_search_run(folder, with_checkpoint=True) -> str:
     ("search_run", "is a train_search.py checkpoint"),
     ("search_checkpoint", "is a train_search.py checkpoint"),
     ("search_run_without_checkpoint", "is a search run folder"),
-    ("genotype", "is a genotype file"),
+    ("genotype", "is a genotype JSON file"),
     ("missing", "checkpoint not found"),
 ])
 def test_bad_input_is_one_line_and_exit_2(what, message, tmp_path, capsys):

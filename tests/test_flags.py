@@ -2,6 +2,7 @@
 flag and its range, exit status 2), help texts with their defaults, the default number of
 loader workers, and at least one progress line per epoch in a log."""
 import logging
+import os
 import re
 
 import pytest
@@ -55,8 +56,41 @@ def test_numbers_out_of_range_are_refused_at_parse_time(script, flag, value, mes
     with pytest.raises(SystemExit) as info:
         _script(script).parse_args([flag, value])
     assert info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err.strip().splitlines()[0]
     assert f"argument {flag}" in err and message in err and value in err
+
+
+SCRIPT_PARSERS = ["search", "cifar", "imagenet", "test", "plots", "report", "visualize"]
+
+
+@pytest.mark.parametrize("script", SCRIPT_PARSERS)
+def test_a_bad_command_line_is_one_line_and_a_hint_not_the_usage(script, capsys):
+    """argparse would print the whole usage (25 lines for the search) before the one line
+    that matters; every script prints that line and a hint to --help, exit status 2."""
+    import plots
+    import report
+    import visualize
+    module = {"plots": plots, "report": report, "visualize": visualize}.get(script)
+    positional = ["RUN"] if module else []      # their required argument, given
+    module = module or _script(script)
+    with pytest.raises(SystemExit) as info:
+        module.parse_args([*positional, "--no_such_flag"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "usage:" not in " ".join(err), err
+    assert "error: " in err[0] and "--no_such_flag" in err[0]
+    assert err[1].startswith("(python ") and err[1].endswith(" --help lists every flag)")
+
+
+def test_the_issue_s_two_mistakes_read_as_one_line_each(capsys):
+    for argv, says in ((["--dataset", "flder"], "invalid choice: 'flder'"),
+                       (["--demo", "--epochs", "2"], "--arch_warmup_epochs 2 >= --epochs 2")):
+        with pytest.raises(SystemExit) as info:
+            train_search.parse_args(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 2 and says in err[0]
+        assert err[1].endswith(" --help lists every flag)")   # prog: sys.argv[0]
 
 
 def test_warmup_of_all_the_epochs_is_refused(capsys):
@@ -142,3 +176,41 @@ def test_an_epoch_shorter_than_report_freq_still_prints_a_line(monkeypatch):
     finally:
         utils.logger.removeHandler(handler)
         utils.logger.setLevel(old_level)
+
+
+def test_a_slow_epoch_off_a_terminal_prints_at_least_every_30_s(monkeypatch):
+    """An 85 s epoch of 10 steps with --report_freq 50 is not silent until its end: a
+    line whenever 30 s have passed since the last one (a fake clock: 8.5 s a step)."""
+    import types
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(utils, "time", types.SimpleNamespace(time=lambda: clock["now"]))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    utils.logger.addHandler(handler)
+    old_level = utils.logger.level
+    utils.logger.setLevel(logging.INFO)
+    try:
+        progress = utils.Progress(10, "train 0", 50)
+        progress.tty = False
+        for step in range(1, 11):
+            clock["now"] += 8.5
+            progress.update(step, {"loss": utils.AverageMeter()})
+        steps = [r.getMessage().split()[3] for r in records]
+        assert steps == ["004/10", "008/10", "010/10"]    # 34 s, 34 s, then the epoch's end
+    finally:
+        utils.logger.removeHandler(handler)
+        utils.logger.setLevel(old_level)
+
+
+def test_every_script_puts_its_run_folders_in_runs(tmp_path, monkeypatch):
+    """One place for every run (report.py 'runs/search-*' runs/eval-* finds them all);
+    --save stays a prefix, as in the release."""
+    from runs import create_run_dir
+    monkeypatch.chdir(tmp_path)
+    for module, kind in ((train_search, "search"), (train_cifar, "eval"), (train_imagenet, "eval")):
+        args = module.parse_args([])
+        assert args.save == "runs/"
+        run_dir = create_run_dir(args.save, kind, "try")
+        assert os.path.isdir(run_dir) and run_dir.startswith(f"runs/{kind}-try-")
+    assert create_run_dir("LOG", "eval", "x").startswith("LOGeval-x-")

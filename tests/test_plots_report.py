@@ -404,3 +404,20 @@ def test_report_plots_into_a_folder_that_cannot_be_made_is_one_line(tmp_path, ca
     rc, out, err = _report([run_dir, "--plots", str(tmp_path / "file" / "figs")], capsys)
     assert rc == 2 and out == "" and err.count("\n") == 1
     assert err.startswith("error: cannot write the plot ") and "choose another --plots folder" in err
+
+
+def test_training_curves_of_a_short_run_have_whole_epochs_and_legends_beside_the_panels():
+    pytest.importorskip("matplotlib")
+    records = [{"epoch": e, "lr": 0.025 - 0.01 * e, "drop_path_prob": 0.1 * e,
+                "train_loss": 2.0 - e / 2, "test_loss": 2.1 - e / 2, "train_acc": 20.0 + 10 * e,
+                "test_acc": 15.0 + 10 * e, "train_top5": None, "test_top5": None}
+               for e in range(2)]
+    fig = plots.train_curves_figure(records)
+    ticks = [t for t in fig.axes[3].get_xticks() if -0.01 <= t <= 1.01]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks     # 0, 1: no 0.5
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        assert legend is not None
+        assert legend.get_bbox_to_anchor().x0 >= ax.get_window_extent().x1    # right of the panel
+    labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert labels == ["train top-1", "test top-1"]                 # no top-5 lines when null

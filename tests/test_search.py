@@ -318,3 +318,27 @@ def test_epoch_sampler_order_depends_only_on_seed_stage_epoch():
     # A longer stream (alpha half matching the weight half) appends further passes.
     longer = EpochSampler(range(5), 1, 1, num_samples=12)
     assert len(list(longer)) == 12
+
+
+def test_validation_at_chance_with_unsettled_batch_norm_is_warned():
+    """A small image folder: few steps per stage leave the eval-mode batch-norm statistics
+    near their start, and the alpha half validates at chance while training rises."""
+    from model_search import batch_norm_updates, validation_warning
+    said = validation_warning(2, 4, True, 25.0, 76.0, 4, 16)
+    assert said.startswith("WARNING stage 2 epoch 4: validation accuracy 25.00% is at chance")
+    assert "after 16 batch-norm updates" in said and "19% of their initial values" in said
+    assert "use more images or more epochs" in said and "\n" not in said
+    # a stage that ends with its statistics unsettled, even above chance
+    assert "is unreliable" in validation_warning(1, 4, True, 40.0, 45.0, 4, 10)
+    # settled statistics and validation above chance: nothing to say
+    assert validation_warning(1, 4, True, 60.0, 90.0, 4, 200) is None
+    # mid-stage, at chance is normal while the statistics settle (the demo's epoch 1: 9.2%)
+    assert validation_warning(1, 1, False, 9.2, 63.8, 10, 20) is None
+    # at chance with settled statistics: said, without blaming batch norm
+    plain = validation_warning(1, 4, True, 25.0, 76.0, 4, 200)
+    assert "at chance" in plain and "batch-norm" not in plain
+    # the count is read from the network: every training forward updates the statistics
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    for _ in range(3):
+        net(torch.randn(2, 3, 8, 8))
+    assert batch_norm_updates(net) == (3, 0.1)

@@ -134,6 +134,12 @@ def test_resume_gives_the_same_genotype(cifar10_dir, tmp_path, capsys):
     rc, resumed_lines = search(["--resume", run_dir, *common], capsys)
     assert rc == 0
     assert resumed_lines[-1] == full_lines[-1]
+    # The resume line counts epochs as the epoch lines do (0-based): stage 2's epoch 0 was
+    # done, so epoch 1 is next and is the first epoch line after it.
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    said = log.index("at stage 2, epoch 1 (1 of 2 epochs of this stage done)")
+    assert log.index("stage 2 epoch 1/2", said) > said
+    assert ts.resume_position(0, 2, 2) == "at the end of stage 1 (all 2 epochs of this stage done)"
     # A finished search: said so, its cell printed, nothing re-derived or appended.
     log_size = os.path.getsize(os.path.join(run_dir, "log.txt"))
     rc, again = search(["--resume", run_dir], capsys)

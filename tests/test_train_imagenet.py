@@ -91,7 +91,11 @@ def test_one_epoch_on_an_image_folder_then_test_py(imagenet_dir, tmp_path, capsy
     (record,) = read_metrics(run_dir)
     assert record["train_images"] == 12 and record["test_images"] == 6
     assert record["lr"] == pytest.approx(0.0, abs=1e-15)  # cosine, the only epoch: its end
-    assert 0 <= record["test_top5"] <= 100 and math.isfinite(record["train_loss"])
+    # 3 classes: top-5 would always be 100%, so it is not reported (the keys stay, null)
+    assert record["test_top5"] is None and record["train_top5"] is None
+    assert math.isfinite(record["train_loss"])
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    assert "top-5" not in log and "final test accuracy" in log
     ckpt = load(os.path.join(run_dir, "checkpoint.pt"))
     assert ckpt["network"] == {"kind": "imagenet", "dataset": "imagenet", "C": 8, "layers": 3,
                                "num_classes": 3, "auxiliary": True}
@@ -101,7 +105,15 @@ def test_one_epoch_on_an_image_folder_then_test_py(imagenet_dir, tmp_path, capsy
                                   "--workers", "0"], capsys)
     assert rc == 0 and result["dataset"] == "imagenet" and result["images"] == 6
     assert result["top1"] == pytest.approx(record["test_acc"], abs=1e-3)
-    assert result["top5"] == pytest.approx(record["test_top5"], abs=1e-3)
+    assert "top5" in result and result["top5"] is None      # test.py's JSON keeps its keys
+
+
+def test_top5_is_reported_only_with_more_than_5_classes():
+    from engine import top5_text, topk_for
+    assert topk_for(4) == (1,) and topk_for(5) == (1,) and topk_for(6) == (1, 5)
+    assert topk_for(10) == (1, 5) and topk_for(1000) == (1, 5)
+    assert top5_text({"top1": 50.0}) == "" and top5_text({"top5": None}) == ""
+    assert top5_text({"top5": 87.5}) == " (top-5 87.50%)"
 
 
 @pytest.mark.parametrize("argv,message", [

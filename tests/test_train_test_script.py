@@ -112,6 +112,16 @@ def test_bad_input_is_one_line_and_exit_2(extra, message, authors_cifar, cifar10
     assert "--download" not in err          # test.py has no --download to suggest
 
 
+def test_a_genotype_file_as_model_path_is_told_to_use_arch(tmp_path, capsys):
+    path = tmp_path / "genotype.json"
+    path.write_text(json.dumps({"normal": [["sep_conv_3x3", 0]], "normal_concat": [2],
+                                "reduce": [["max_pool_3x3", 1]], "reduce_concat": [2]}))
+    rc, _, err = run_test_script(["--model_path", str(path), "--workers", "0"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "is a genotype JSON file" in err and "--arch" in err and "train_cifar.py --arch" in err
+    assert "weights_only" not in err
+
+
 def test_a_bare_state_dict_tells_its_sizes(tmp_path, capsys):
     """weights.pt of a non-default network (C 8, 5 cells, auxiliary head, 100 classes):
     test.py reads the sizes and the dataset from the tensors and asks only for the cell,
