@@ -59,7 +59,7 @@ BUDGETS = "genotypes_by_skip_budget.json"
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.txt"
 SEARCH, TRAIN = "search", "train"
-# Folder name prefixes of utils.run_dir_name: {save}search-{note}-{time}, {save}eval-...
+# Folder name prefixes of run_dir_name: {save}search-{note}-{time}, {save}eval-...
 NAME_PREFIXES = {"search-": SEARCH, "eval-": TRAIN}
 
 
