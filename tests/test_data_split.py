@@ -102,7 +102,9 @@ def test_search_on_a_class_sorted_folder_validates_above_chance(tmp_path, capsys
         records = [json.loads(ln) for ln in f]
     # With the in-order split the alpha half holds classes the weights never saw: 0%.
     last = [r["valid_acc"] for r in records if r["epoch"] == 2]
-    assert len(last) == 3 and min(last) >= 75, last          # chance: 25%
+    # Chance is 25%; the release's schedule trains the last epoch at lr 0 (3 epochs: 0.075,
+    # 0.025, 0), so the bar is well above chance rather than near the top.
+    assert len(last) == 3 and min(last) >= 50, last
     log = open(os.path.join(run_dir, "log.txt")).read()
     assert "split stratified" in log and "class_3 6/6" in log
 
