@@ -46,7 +46,7 @@ from errors import (
 )
 from flags import available_cpus
 from genotypes import PRIMITIVES, genotype_from_dict
-from model_search import all_on_switches
+from model_search import all_on_switches, prune_after_stage, softmax_rows
 from utils import LOGGER_NAME, logger
 
 METRICS = "metrics.jsonl"
@@ -494,11 +494,6 @@ def search_stage_switches(arch_state: dict | None, num_stages: int) -> list[tupl
     """The (normal, reduce) switches each of the first ``num_stages`` stages ran with:
     stored in arch_state.json for the finished stages; a stage still running starts from
     the previous stage's switches pruned as the search prunes them."""
-    from train_search import prune_after_stage  # here: train_search imports plots, plots runs
-
-    def probs(rows):   # float32, as the search ranks them
-        return torch.softmax(torch.tensor(rows, dtype=torch.float32), dim=-1)
-
     done = (arch_state or {}).get("stages", [])
     result = []
     for s in range(num_stages):
@@ -508,8 +503,9 @@ def search_stage_switches(arch_state: dict | None, num_stages: int) -> list[tupl
             result.append((all_on_switches(), all_on_switches()))
         elif s - 1 < len(done):
             prev = done[s - 1]
-            result.append(prune_after_stage(s - 1, prev["switches_normal"], prev["switches_reduce"],
-                                            probs(prev["alphas_normal"]), probs(prev["alphas_reduce"])))
+            result.append(prune_after_stage(
+                s - 1, prev["switches_normal"], prev["switches_reduce"],
+                softmax_rows(prev["alphas_normal"]), softmax_rows(prev["alphas_reduce"])))
         else:
             raise RunFolderError(f"arch_state.json lacks stage {s} although metrics.jsonl has "
                                  f"epochs of stage {s + 1}")

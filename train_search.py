@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from checkpoint import CheckpointError, describe_checkpoint, load_file, save_atomic
-from collapse import CollapseMonitor
 from data import SearchData, build_search_data, describe_split, search_split
 from distributed import (
     DistInfo,
@@ -72,16 +71,22 @@ from genotypes import (
 )
 from memory import plan_memory, report_out_of_memory
 from model_search import (
-    NUM_EDGES,
+    DROPS_PER_STAGE,
+    NUM_STAGES,
+    OPS_PER_STAGE,
     Network,
     Switches,
     all_on_switches,
-    count_skips,
     derive_cell_switches,
     derive_genotype,
+    final_cells,
+    is_collapsed,
     ops_on,
-    prune_switches,
-    skip_budget_genotypes,
+    param_free_ops,
+    prune_after_stage,
+    replay_stages,
+    softmax_rows,
+    switches_to_pairs,
 )
 from plots import add_plot_args, plot_run_safely
 from runs import (
@@ -127,13 +132,8 @@ from utils import (
 # The algorithm's constants (paper Sec. 4.1.1)
 # ---------------------------------------------------------------------------------------
 
-NUM_STAGES = 3
-# Candidate ops per edge in stages 1, 2, 3 ("the size of operation space is set to be
-# 8, 5 and 3"), and how many of the lowest-weighted ones each stage switches off: after
-# the last stage one op per edge is left, and `none` is always among those dropped.
-OPS_PER_STAGE = (8, 5, 3)
-DROPS_PER_STAGE = (3, 2, 2)
-assert all(k - d == nxt for k, d, nxt in zip(OPS_PER_STAGE, DROPS_PER_STAGE, OPS_PER_STAGE[1:] + (1,)))
+# The stages' op counts (NUM_STAGES, OPS_PER_STAGE: 8, 5, 3 ops per edge; DROPS_PER_STAGE)
+# live in model_search.py with the pruning that uses them.
 # Faithful to the release: the alpha half is validated when `epochs - epoch < 5`, i.e. in
 # the last 4 epochs of a stage (21-24 of 25).
 VALID_LAST_EPOCHS = 4
@@ -544,60 +544,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: st
 
 
 # ---------------------------------------------------------------------------------------
-# Derivation from saved alphas (--derive) and reporting of cells
+# Re-derivation from saved alphas (--derive) and reporting of cells
 # ---------------------------------------------------------------------------------------
-
-def prune_after_stage(stage: int, switches_normal: Switches, switches_reduce: Switches,
-                      probs_normal, probs_reduce) -> tuple[Switches, Switches]:
-    """Switch off the DROPS_PER_STAGE[stage] lowest-weighted ops of every edge (stage is
-    0-based); after the last stage `none` is always among them (paper Sec. 3.2)."""
-    last = stage == NUM_STAGES - 1
-    return (prune_switches(switches_normal, probs_normal, DROPS_PER_STAGE[stage], drop_none=last),
-            prune_switches(switches_reduce, probs_reduce, DROPS_PER_STAGE[stage], drop_none=last))
-
-
-def _softmax_rows(alphas: Sequence[Sequence[float]]) -> torch.Tensor:
-    # float32, as in the search, so a re-derivation ranks exactly as the search did.
-    return F.softmax(torch.tensor(alphas, dtype=torch.float32), dim=-1)
-
-
-def replay_stages(stages: Sequence[dict], source: str = "arch state") -> list[tuple[Switches, Switches]]:
-    """The switches each stage ran with, recomputed from the raw alphas of all stages,
-    starting with all ops on and pruning after each stage as the search does."""
-    if not isinstance(stages, list) or len(stages) != NUM_STAGES:
-        raise UserError(f"{source}: 'stages' must be a list of {NUM_STAGES} objects")
-    sw_n, sw_r = all_on_switches(), all_on_switches()
-    result = []
-    for s, stage in enumerate(stages):
-        for key in ("alphas_normal", "alphas_reduce"):
-            rows = stage.get(key) if isinstance(stage, dict) else None
-            ok = (isinstance(rows, list) and len(rows) == NUM_EDGES
-                  and all(isinstance(r, list) and len(r) == OPS_PER_STAGE[s]
-                          and all(isinstance(v, (int, float)) for v in r) for r in rows))
-            if not ok:
-                raise UserError(f"{source}: stage {s + 1} needs '{key}' as {NUM_EDGES} rows of "
-                                f"{OPS_PER_STAGE[s]} numbers (one column per op on, PRIMITIVES order)")
-            if not all(math.isfinite(v) for r in rows for v in r):
-                raise UserError(f"{source}: stage {s + 1} '{key}' holds non-finite values (NaN or "
-                                "infinity): the search diverged, and no cell can be derived from it")
-        result.append((sw_n, sw_r))
-        sw_n, sw_r = prune_after_stage(s, sw_n, sw_r, _softmax_rows(stage["alphas_normal"]),
-                                       _softmax_rows(stage["alphas_reduce"]))
-    return result
-
-
-def final_cells(sw_n: Switches, sw_r: Switches, probs_n, probs_r, max_skip: int
-                ) -> tuple[Genotype, Genotype, int, list[tuple[int, Genotype]]]:
-    """(chosen cell at max_skip, unrestricted cell, its skip-connect count, the cell for
-    every budget from 8 down that the unrestricted cell exceeds).
-
-    Faithful to the release: the skip-connect budget restricts the normal cell only."""
-    unrestricted = derive_genotype(sw_n, sw_r, probs_n, probs_r, None)
-    num_skips = count_skips(derive_cell_switches(sw_n, probs_n, None))
-    budgets = skip_budget_genotypes(sw_n, sw_r, probs_n, probs_r)
-    chosen = unrestricted if max_skip < 0 else derive_genotype(sw_n, sw_r, probs_n, probs_r, max_skip)
-    return chosen, unrestricted, num_skips, budgets
-
 
 def run_derive(args: argparse.Namespace) -> int:
     """``--derive FILE``: print the cell for every skip budget, then the chosen one last."""
@@ -616,7 +564,7 @@ def run_derive(args: argparse.Namespace) -> int:
     sw_n, sw_r = switches[-1]
     last = state["stages"][-1]
     chosen, unrestricted, num_skips, budgets = final_cells(
-        sw_n, sw_r, _softmax_rows(last["alphas_normal"]), _softmax_rows(last["alphas_reduce"]),
+        sw_n, sw_r, softmax_rows(last["alphas_normal"]), softmax_rows(last["alphas_reduce"]),
         args.max_skip)
     print(f"unrestricted cell ({num_skips} skip-connects in the normal cell): "
           f"{format_genotype(unrestricted)}")
@@ -705,6 +653,45 @@ def report_complete(run_dir: str, env: DistInfo) -> int:
 # ---------------------------------------------------------------------------------------
 # The search
 # ---------------------------------------------------------------------------------------
+
+class CollapseMonitor:
+    """The collapse diagnostics. Differentiable searches tend to "collapse" into cells made
+    mostly of parameter-free ops, skip-connects above all (paper Sec. 3.3: they dominate as
+    the search network deepens, and such cells train badly). Each epoch after the warm-up
+    the normal cell is derived from the current alphas with the final rule (no skip
+    budget) and its parameter-free edges are counted; the counts go to metrics.jsonl
+    (``normal_param_free``, ``normal_skip_connects``, ``collapse``), drawn by plots.py.
+
+    One per stage: ``check`` each epoch, with the stage's switches and the current
+    softmax weights of the normal cell; it logs the counts after the warm-up, warns the
+    first time the cell is mostly parameter-free, and returns the metrics.jsonl fields
+    (None during the warm-up, when the alphas have not been trained yet)."""
+
+    def __init__(self, stage: int, warmup_epochs: int, is_main: bool = True) -> None:
+        self.stage = stage              # 1-based, as in the logs and metrics.jsonl
+        self.warmup_epochs = warmup_epochs
+        self.warned = not is_main       # under torchrun only rank 0 warns
+
+    def check(self, epoch: int, switches_normal: Switches, probs_normal) -> dict:
+        if epoch < self.warmup_epochs:
+            return {"normal_param_free": None, "normal_skip_connects": None, "collapse": None}
+        pairs = switches_to_pairs(derive_cell_switches(switches_normal, probs_normal, None))
+        counts = param_free_ops(pairs)
+        free, skips = sum(counts.values()), counts["skip_connect"]
+        collapsed = is_collapsed(free, len(pairs))
+        detail = ", ".join(f"{n} {op}" for op, n in sorted(counts.items())) or "none"
+        logger.info("stage %d epoch %d: derived normal cell has %d of %d edges parameter-free "
+                    "(%s)", self.stage, epoch, free, len(pairs), detail)
+        if collapsed and not self.warned:
+            self.warned = True
+            logger.warning(
+                "WARNING stage %d epoch %d: the derived normal cell is mostly parameter-free, "
+                "%d of %d edges (%s; %d skip-connects): the collapse of differentiable search. "
+                "Skip-connect dropout (--dropout_rate) and the final --max_skip budget work "
+                "against it; a cell that stays this way trains poorly (warned once per stage)",
+                self.stage, epoch, free, len(pairs), detail, skips)
+        return {"normal_param_free": free, "normal_skip_connects": skips, "collapse": collapsed}
+
 
 @dataclass
 class SearchRun:
