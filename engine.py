@@ -48,6 +48,8 @@ from flags import (
     positive_float,
     positive_int,
     prob,
+    run_note,
+    seed_int,
     workers_help,
 )
 from genotypes import Genotype, format_genotype, genotype_from_dict, genotype_to_dict
@@ -156,8 +158,8 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
                    help="final drop-path rate (grows linearly from 0)")
     p.add_argument("--save", type=str, default="",
                    help="prefix of the run folder: {save}eval-{note}-{YYYYmmdd-HHMMSS} (default: '')")
-    p.add_argument("--note", type=str, default="try", help="note in the run folder name")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="seeds everything")
+    p.add_argument("--note", type=run_note, default="try", help="note in the run folder name")
+    p.add_argument("--seed", type=seed_int, default=0, help="seeds everything")
     p.add_argument("--arch", type=str, default="PDARTS",
                    help="a cell name from genotypes.py (any case), a genotype JSON file, or a "
                         "search run folder (its genotype.json)")
