@@ -461,7 +461,9 @@ def load_resume(args: argparse.Namespace,
     given = {k: v for k, v in vars(args).items() if v != defaults.get(k)}
     refuse_changed_flags(given, saved, RESUME_FREE_FLAGS)
     merged = {**vars(args), **saved}
-    merged.update({k: getattr(args, k) for k in RESUME_FREE_FLAGS if hasattr(args, k)})
+    # As the search's resume: a free flag given again replaces the run's own; one not
+    # given keeps it (a run started with --tmp_data_dir D resumes on D, not on ../data).
+    merged.update({k: v for k, v in given.items() if k in RESUME_FREE_FLAGS})
     merged["resume"] = path
     return argparse.Namespace(**merged), ckpt
 

@@ -169,11 +169,14 @@ def test_resume_continues_exactly(cifar10_dir, tmp_path, monkeypatch, capsys):
     assert load(os.path.join(run_dir, "checkpoint.pt"))["epoch"] == 1
     assert len(read_metrics(run_dir)) == 2
 
-    # A changed recipe flag is refused; the original command line plus --resume works.
+    # A changed recipe flag is refused.
     capsys.readouterr()
     assert train([*common, "--save", interrupted, "--resume", run_dir, "--learning_rate", "0.1"]) == 2
     assert "--learning_rate 0.1 (the run's: 0.025)" in capsys.readouterr().err
-    assert train([*common, "--save", interrupted, "--resume", run_dir]) == 0
+    # The printed command alone, from a folder without ../data: the run's own data folder
+    # and settings are used (it looked in ../data).
+    monkeypatch.chdir(tmp_path)
+    assert train(["--resume", run_dir]) == 0
 
     a, b = (load(os.path.join(only_run_dir(p), "checkpoint.pt")) for p in (straight, interrupted))
     assert b["epoch"] == 2
