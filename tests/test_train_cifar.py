@@ -2,6 +2,7 @@
 end (CIFAR-10 and CIFAR-100 pickle folders) followed by test.py, exact resume, the
 non-finite-loss stop, bad input, and a 2-process gloo torchrun run."""
 import glob
+import json
 import math
 import os
 import subprocess
@@ -22,7 +23,7 @@ from train_helpers import (  # noqa: F401 - one_thread is an autouse fixture
 import engine
 import train_cifar
 from distributed import DistInfo
-from genotypes import DARTS_V2, PDARTS, genotype_from_dict, save_genotype
+from genotypes import DARTS_V2, PDARTS, genotype_from_dict, genotype_to_dict, save_genotype
 from model import NetworkCIFAR
 
 TINY = ["--epochs", "1", "--layers", "2", "--init_channels", "4", "--batch_size", "8",
@@ -223,6 +224,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cifar10_dir, t
     (["--tmp_data_dir", "{missing}"], "cifar10 not found"),
     (["--arch", "NO_SUCH_CELL"], "unknown genotype 'NO_SUCH_CELL'"),
     (["--arch", "{bad_json}"], "is not valid JSON"),
+    (["--arch", "{dead_node}"], "normal node(s) 6 (pairs 8-9) reach neither"),
     (["--cifar100", "--dataset", "cifar10"], "--cifar100 contradicts --dataset cifar10"),
     (["--resume", "{missing}"], "checkpoint not found"),
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),
@@ -230,7 +232,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cifar10_dir, t
 def test_bad_input_is_one_line_and_exit_2(argv, message, cifar10_dir, tmp_path, capsys):
     bad_json = tmp_path / "bad.json"
     bad_json.write_text("{not json")
-    argv = [a.format(missing=str(tmp_path / "nowhere"), bad_json=bad_json) for a in argv]
+    dead_node = tmp_path / "dead.json"     # 10 pairs, concat [2, 3, 4, 5]: node 6 unused
+    cell = genotype_to_dict(PDARTS)
+    cell["normal"] += [["sep_conv_3x3", 0], ["skip_connect", 1]]
+    dead_node.write_text(json.dumps(cell))
+    argv = [a.format(missing=str(tmp_path / "nowhere"), bad_json=bad_json, dead_node=dead_node)
+            for a in argv]
     save = str(tmp_path / "runs") + os.sep
     capsys.readouterr()
     assert train(["--tmp_data_dir", cifar10_dir, *TINY, "--save", save, *argv]) == 2
