@@ -837,6 +837,17 @@ def search_split(dataset: Dataset, args: argparse.Namespace, ckpt: dict | None =
     return split
 
 
+def check_search_batch(args: argparse.Namespace, split: Split) -> None:
+    """A batch larger than either half is refused (one line with the sizes).
+    Deviation: the release runs it as one short batch per epoch, silently."""
+    smaller = min(len(split.first), len(split.second))
+    if args.batch_size > smaller:
+        raise DataError(f"--batch_size {args.batch_size} is larger than a half of the search's "
+                        f"{len(split.first) + len(split.second)} training images (weight half "
+                        f"{len(split.first)}, alpha half {len(split.second)} at --train_portion "
+                        f"{args.train_portion}); use --batch_size {smaller} or less")
+
+
 def describe_split(dataset: Dataset, split: Split) -> str:
     labels = dataset.targets
     num = max(labels) + 1

@@ -527,6 +527,11 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
     device = env.device
     check_amp(device, args.amp)
     batch = per_process_batch(args.batch_size, env.world_size)
+    # Deviation: the release runs such a batch as one short batch per epoch, silently.
+    if args.batch_size > len(spec.train_set):
+        raise UserError(f"--batch_size {args.batch_size} is larger than the training set "
+                        f"({len(spec.train_set)} images); use --batch_size "
+                        f"{len(spec.train_set)} or less")
     seed_everything(args.seed, args.deterministic)
     model = build_network(spec.network, spec.genotype).to(device)
     summary = model_summary(model, spec.input_size)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from checkpoint import CheckpointError, describe_checkpoint, load_file, save_atomic
-from data import SearchData, build_search_data, describe_split, search_split
+from data import SearchData, build_search_data, check_search_batch, describe_split, search_split
 from distributed import (
     DistInfo,
     add_dist_timeout_arg,
@@ -925,6 +925,7 @@ def _main(args: argparse.Namespace) -> int:
     # Read the data before creating the run folder: a wrong path leaves nothing behind.
     dataset, num_classes, description = build_search_data(args, (ckpt or {}).get("data_stats"))
     split = search_split(dataset, args, ckpt)
+    check_search_batch(args, split)
     # Faithful to the release: --save is a prefix, the folder is {save}search-{note}-{time}.
     run_dir = open_run_dir(args.save, "search", args.note, env.is_main, args.resume)
     setup_logging(run_dir if env.is_main else None, env.is_main)

@@ -180,6 +180,18 @@ def test_ctrl_c_says_how_to_resume(cifar10_dir, tmp_path, capsys, monkeypatch, i
         assert f"continue with: python train_search.py --resume {run_dir}" in err
 
 
+def test_a_batch_larger_than_a_half_is_one_line(cifar10_dir, tmp_path, capsys):
+    """It ran silently with one short batch per epoch (100 images, --batch_size 5000)."""
+    save = str(tmp_path / "runs") + "/"
+    os.makedirs(save)
+    rc = run_main(ts.main, ts.parse_args(["--tmp_data_dir", cifar10_dir, "--save", save, *TINY,
+                                          "--batch_size", "5000"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and os.listdir(save) == []
+    assert "--batch_size 5000 is larger than a half of the search's 100 training images " \
+           "(weight half 50, alpha half 50 at --train_portion 0.5); use --batch_size 50" in err[0]
+
+
 def test_release_search_flags_cutout_and_drop_path_prob(cifar10_dir):
     """The release's --cutout/--cutout_length (Cutout on the images of both halves) and
     --drop_path_prob (unused) are accepted; Cutout is off without --cutout."""

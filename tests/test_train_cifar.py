@@ -228,6 +228,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(cifar10_dir, t
     (["--cifar100", "--dataset", "cifar10"], "--cifar100 contradicts --dataset cifar10"),
     (["--resume", "{missing}"], "checkpoint not found"),
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),
+    # It ran silently (one short batch per epoch), logging a memory estimate of 2e9 GiB.
+    (["--batch_size", "1000000000000"], "larger than the training set (100 images); use "
+                                        "--batch_size 100 or less"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, cifar10_dir, tmp_path, capsys):
     bad_json = tmp_path / "bad.json"
