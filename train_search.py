@@ -907,8 +907,6 @@ def _main(args: argparse.Namespace) -> int:
     if args.derive:
         return run_derive(args)
     env = init_distributed(args.device, args.dist_timeout)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     ckpt = None
     if args.resume:
         args, ckpt = _load_resume(args)
@@ -918,6 +916,11 @@ def _main(args: argparse.Namespace) -> int:
             logger.warning("resuming a %d-process run with %d processes: the data order and "
                            "random streams differ from the original run", ckpt["world_size"],
                            env.world_size)
+    # After the resume: a resumed run keeps its own --threads (--demo's 1) unless given
+    # again; set before it, --resume RUN_DIR alone ran on every core and summed in
+    # another order than the run it continues.
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.batch_size % env.world_size:
         raise UserError(f"--batch_size {args.batch_size} does not divide evenly over "
                         f"{env.world_size} processes")
@@ -933,6 +936,8 @@ def _main(args: argparse.Namespace) -> int:
     logger.info("run folder %s", os.path.abspath(run_dir))
     seed_everything(args.seed, args.deterministic)
     log_run_start(args, env.device)
+    if env.device.type == "cpu":    # the sums' order depends on it: a resume must match
+        logger.info("CPU threads: %d", torch.get_num_threads())
     if env.distributed:
         logger.info("data-parallel over %d processes: batch %d = %d x %d per process (gradients "
                     "averaged, as one process with batch %d); batch-norm statistics are per "
