@@ -16,7 +16,8 @@ is what bounds the search on a GPU. Its ``state_dict`` is the release's layout.
 The functions at the end prune ops after a stage, derive the final cell and restrict
 the number of skip-connects (paper Sec. 3.3, "architecture refinement"), replay the
 stages of saved alphas (``--derive``), and count how parameter-free a derived cell is
-(the collapse diagnostics of the search). They do no I/O.
+(the collapse diagnostics of the search). They do no I/O; only ``CollapseMonitor``
+logs its counts.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from errors import UserError
 from genotypes import PRIMITIVES, Genotype
 from memory import run_cell
 from operations import OPS, DilConv, FactorizedReduce, Identity, ReLUConvBN, SepConv
+from utils import logger
 
 NONE = PRIMITIVES.index("none")
 SKIP = PRIMITIVES.index("skip_connect")
@@ -821,3 +823,42 @@ def param_free_ops(pairs: Sequence[tuple[str, int]]) -> Counter:
 
 def is_collapsed(num_param_free: int, num_edges: int) -> bool:
     return num_param_free > COLLAPSE_FRACTION * num_edges
+
+
+class CollapseMonitor:
+    """The collapse diagnostics. Differentiable searches tend to "collapse" into cells made
+    mostly of parameter-free ops, skip-connects above all (paper Sec. 3.3: they dominate as
+    the search network deepens, and such cells train badly). Each epoch after the warm-up
+    the normal cell is derived from the current alphas with the final rule (no skip
+    budget) and its parameter-free edges are counted; the counts go to metrics.jsonl
+    (``normal_param_free``, ``normal_skip_connects``, ``collapse``), drawn by plots.py.
+
+    One per stage: ``check`` each epoch, with the stage's switches and the current
+    softmax weights of the normal cell; it logs the counts after the warm-up, warns the
+    first time the cell is mostly parameter-free, and returns the metrics.jsonl fields
+    (None during the warm-up, when the alphas have not been trained yet)."""
+
+    def __init__(self, stage: int, warmup_epochs: int, is_main: bool = True) -> None:
+        self.stage = stage              # 1-based, as in the logs and metrics.jsonl
+        self.warmup_epochs = warmup_epochs
+        self.warned = not is_main       # under torchrun only rank 0 warns
+
+    def check(self, epoch: int, switches_normal: Switches, probs_normal) -> dict:
+        if epoch < self.warmup_epochs:
+            return {"normal_param_free": None, "normal_skip_connects": None, "collapse": None}
+        pairs = switches_to_pairs(derive_cell_switches(switches_normal, probs_normal, None))
+        counts = param_free_ops(pairs)
+        free, skips = sum(counts.values()), counts["skip_connect"]
+        collapsed = is_collapsed(free, len(pairs))
+        detail = ", ".join(f"{n} {op}" for op, n in sorted(counts.items())) or "none"
+        logger.info("stage %d epoch %d: derived normal cell has %d of %d edges parameter-free "
+                    "(%s)", self.stage, epoch, free, len(pairs), detail)
+        if collapsed and not self.warned:
+            self.warned = True
+            logger.warning(
+                "WARNING stage %d epoch %d: the derived normal cell is mostly parameter-free, "
+                "%d of %d edges (%s; %d skip-connects): the collapse of differentiable search. "
+                "Skip-connect dropout (--dropout_rate) and the final --max_skip budget work "
+                "against it; a cell that stays this way trains poorly (warned once per stage)",
+                self.stage, epoch, free, len(pairs), detail, skips)
+        return {"normal_param_free": free, "normal_skip_connects": skips, "collapse": collapsed}

@@ -20,9 +20,8 @@ import train_search
 from checkpoint import save_atomic
 from engine import CHECKPOINT_FORMAT, network_info
 from genotypes import PDARTS, genotype_to_dict, load_genotype_file
-from model_search import NUM_EDGES, SKIP, all_on_switches
+from model_search import NUM_EDGES, SKIP, CollapseMonitor, all_on_switches
 from runs import close_logging
-from train_search import CollapseMonitor
 from utils import logger
 
 PNG = b"\x89PNG"

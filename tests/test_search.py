@@ -11,6 +11,7 @@ from data import DataError, EpochSampler, build_search_data, folder_transforms
 from genotypes import PRIMITIVES, format_genotype
 from model_search import NUM_EDGES, all_on_switches, ops_on, prune_after_stage, replay_stages
 from runs import run_main
+from search_flags import DEMO_DEFAULTS
 
 I = {name: k for k, name in enumerate(PRIMITIVES)}  # noqa: E741
 
@@ -97,7 +98,7 @@ def test_bad_flag_counts_are_errors(argv, capsys):
 
 def test_demo_presets_and_overrides():
     d = ts.parse_args(["--demo"])
-    assert d.dataset == "demo" and d.epochs < 25 and d.add_layers == ts.DEMO_DEFAULTS["add_layers"]
+    assert d.dataset == "demo" and d.epochs < 25 and d.add_layers == DEMO_DEFAULTS["add_layers"]
     o = ts.parse_args(["--demo", "--epochs", "3", "--add_layers", "1", "--add_layers", "2"])
     assert o.epochs == 3 and o.add_layers == [0, 1, 2] and o.dataset == "demo"
 
@@ -298,7 +299,7 @@ def test_image_folder_data(image_folder):
 def test_demo_data_and_resize():
     data, classes, _ = build_search_data(_data_args(["--demo"]))
     assert classes == 10 and len(data) == 1000
-    size = ts.DEMO_DEFAULTS["image_size"]
+    size = DEMO_DEFAULTS["image_size"]
     assert data[0][0].shape == (3, size, size)
 
 
