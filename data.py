@@ -826,17 +826,27 @@ def build_search_data(args: argparse.Namespace, stats: dict | None = None
                            cifar_transforms("demo", True, cutout, image_size=size))
         num_classes, where = 10, "(built-in, generated)"
     elif args.dataset == "folder":
+        # The layouts training and test.py read: class folders at the top, or train/ with
+        # val/ and/or test/. The search needs training images only: both halves come from
+        # train/; the evaluation folder must hold the same classes, as training requires.
+        train_dir, val_dir, test_dir = folder_tree(args.tmp_data_dir)
         # Deviation: normalised with the folder's own mean and std (computed once, kept in
         # the checkpoint), not a fixed dataset's.
         data, stats = open_training_folder(
-            args.tmp_data_dir, size, args.seed, getattr(args, "skip_bad_images", False),
+            train_dir, size, args.seed, getattr(args, "skip_bad_images", False),
             args.workers, stats, "image folder (--dataset folder)")
         data.transform = folder_transforms(True, size, stats["mean"], stats["std"], cutout)
         num_classes = len(data.classes)
-        where = f"from {args.tmp_data_dir}, resized to {size}x{size}"
+        where = f"from {train_dir}, resized to {size}x{size}"
         if num_classes < 2:
-            raise DataError(f"{args.tmp_data_dir} has {num_classes} class folder(s); "
+            raise DataError(f"{train_dir} has {num_classes} class folder(s); "
                             "a search needs 2 or more")
+        eval_dir = val_dir or test_dir
+        if eval_dir:
+            compare_classes(data.classes, scan_folder(eval_dir, "validation image folder").classes,
+                            train_dir, eval_dir)
+            where += (f" (both halves from {os.path.basename(train_dir)}/; "
+                      f"{os.path.basename(eval_dir)}/ is not used by the search)")
         if data.skipped:
             where += f", {len(data.skipped)} unreadable image(s) left out (--skip_bad_images)"
         norm = describe_stats(stats)
@@ -882,6 +892,17 @@ def search_split(dataset: Dataset, args: argparse.Namespace, ckpt: dict | None =
                         f"being resumed (split {split.digest}, the run's {saved}): images were "
                         "added, removed or renamed since it started; resume with the same data")
     return split
+
+
+def check_search_batch(args: argparse.Namespace, split: Split) -> None:
+    """A batch larger than either half is refused (one line with the sizes).
+    Deviation: the release runs it as one short batch per epoch, silently."""
+    smaller = min(len(split.first), len(split.second))
+    if args.batch_size > smaller:
+        raise DataError(f"--batch_size {args.batch_size} is larger than a half of the search's "
+                        f"{len(split.first) + len(split.second)} training images (weight half "
+                        f"{len(split.first)}, alpha half {len(split.second)} at --train_portion "
+                        f"{args.train_portion}); use --batch_size {smaller} or less")
 
 
 def describe_split(dataset: Dataset, split: Split) -> str:

@@ -56,6 +56,8 @@ from flags import (
     positive_float,
     positive_int,
     prob,
+    run_note,
+    seed_int,
     workers_help,
 )
 from genotypes import (
@@ -183,8 +185,8 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
     # Deviation: runs/ by default, where the search puts its runs (one place for report.py).
     p.add_argument("--save", type=str, default="runs/",
                    help="prefix of the run folder: {save}eval-{note}-{YYYYmmdd-HHMMSS}")
-    p.add_argument("--note", type=str, default="try", help="note in the run folder name")
-    p.add_argument("--seed", type=nonneg_int, default=0, help="seeds everything")
+    p.add_argument("--note", type=run_note, default="try", help="note in the run folder name")
+    p.add_argument("--seed", type=seed_int, default=0, help="seeds everything")
     p.add_argument("--arch", type=str, default="PDARTS",
                    help="a cell name from genotypes.py (any case), a genotype JSON file, or a "
                         "search run folder (its genotype.json)")
@@ -486,7 +488,9 @@ def load_resume(args: argparse.Namespace,
     given = {k: v for k, v in vars(args).items() if v != defaults.get(k)}
     refuse_changed_flags(given, saved, RESUME_FREE_FLAGS)
     merged = {**vars(args), **saved}
-    merged.update({k: getattr(args, k) for k in RESUME_FREE_FLAGS if hasattr(args, k)})
+    # As the search's resume: a free flag given again replaces the run's own; one not
+    # given keeps it (a run started with --tmp_data_dir D resumes on D, not on ../data).
+    merged.update({k: v for k, v in given.items() if k in RESUME_FREE_FLAGS})
     merged["resume"] = path
     return argparse.Namespace(**merged), ckpt
 
@@ -713,6 +717,11 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
     device = env.device
     check_amp(device, args.amp)
     batch = per_process_batch(args.batch_size, env.world_size)
+    # Deviation: the release runs such a batch as one short batch per epoch, silently.
+    if args.batch_size > len(spec.train_set):
+        raise UserError(f"--batch_size {args.batch_size} is larger than the training set "
+                        f"({len(spec.train_set)} images); use --batch_size "
+                        f"{len(spec.train_set)} or less")
     seed_everything(args.seed, args.deterministic)
     model = build_network(spec.network, spec.genotype).to(device)
     topk = topk_for(spec.network["num_classes"])

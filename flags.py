@@ -78,6 +78,19 @@ nonneg_float = float_range(0.0)                         # weight decay, loss wei
 prob = float_range(0.0, 1.0)                            # dropout and drop-path rates: [0, 1)
 momentum = float_range(0.0, 1.0)                        # SGD momentum: [0, 1)
 fraction = float_range(0.0, 1.0, low_open=True)         # --train_portion: (0, 1)
+# --seed: torch.manual_seed takes at most 64 bits, and the training's data order seeds with
+# seed + epoch, so 63 bits leave room (a larger seed died in torch with "Overflow").
+seed_int = int_between(0, 2 ** 63 - 1)
+
+
+def run_note(text: str) -> str:
+    """--note: one part of the run folder's name ``{kind}-{note}-{time}``, so no path
+    separator (``a/b`` made nested folders) and no ``..``."""
+    if any(c in text for c in "/\\\0") or ".." in text:
+        raise argparse.ArgumentTypeError(
+            f"must be a plain name (no path separator, '..' or NUL: it becomes part of the run "
+            f"folder's name), got {text}")
+    return text
 
 
 def available_cpus() -> int:

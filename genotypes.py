@@ -191,6 +191,25 @@ def validate_genotype(genotype: Genotype, source: str = "genotype") -> Genotype:
                 f"{source}: '{kind}_concat' {concat} lists only the cell's inputs (0 and 1), so "
                 f"none of its operations would reach the output; list intermediate nodes "
                 f"(2..{1 + steps}; a P-DARTS cell uses [2, 3, 4, 5])")
+        repeated = sorted({c for c in concat if concat.count(c) > 1})
+        if repeated:
+            raise GenotypeError(f"{source}: '{kind}_concat' {concat} lists node(s) "
+                                f"{', '.join(map(str, repeated))} more than once; list each once")
+        # A dead node: computed (its ops hold weights) but reaching neither the output nor
+        # a node that does; the cells a search derives have none.
+        live, stack = set(), [c for c in concat if c >= 2]
+        while stack:
+            node = stack.pop()
+            if node not in live:
+                live.add(node)
+                stack += [i for _, i in normalised[2 * (node - 2):2 * (node - 1)] if i >= 2]
+        dead = [n for n in range(2, 2 + steps) if n not in live]
+        if dead:
+            raise GenotypeError(
+                f"{source}: {kind} node(s) {', '.join(map(str, dead))} (pairs "
+                f"{', '.join(f'{2 * (n - 2)}-{2 * (n - 2) + 1}' for n in dead)}) reach neither "
+                f"'{kind}_concat' {concat} nor a node in it; add them to the concat list or "
+                f"remove their pairs (a P-DARTS cell: 8 pairs, concat [2, 3, 4, 5])")
         fields[kind] = normalised
         fields[kind + "_concat"] = concat
     return Genotype(**fields)

@@ -22,6 +22,8 @@ from flags import (
     positive_float,
     positive_int,
     prob,
+    run_note,
+    seed_int,
     workers_help,
 )
 from model_search import NUM_STAGES
@@ -155,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Deviation: the default folder is runs/ (ignored by git).
     g.add_argument("--save", default="runs/",
                    help="run folder prefix: the run goes to {save}search-{note}-{timestamp}")
-    g.add_argument("--note", default=None, help="name part of the run folder (default try, demo demo)")
-    g.add_argument("--seed", type=nonneg_int, default=2, help="seeds everything (the release's default)")
+    g.add_argument("--note", type=run_note, default=None,
+                   help="name part of the run folder (default try, demo demo)")
+    g.add_argument("--seed", type=seed_int, default=2, help="seeds everything (the release's default)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms (slower); with it a resumed CPU run equals "
                         "an uninterrupted one")

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from checkpoint import save_atomic
-from data import SearchData, build_search_data, describe_split, search_split
+from data import SearchData, build_search_data, check_search_batch, describe_split, search_split
 from distributed import (
     DistInfo,
     average_gradients,
@@ -593,8 +593,6 @@ def _main(args: argparse.Namespace) -> int:
     if args.derive:
         return run_derive(args)
     env = init_distributed(args.device, args.dist_timeout)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     ckpt = None
     if args.resume:
         args, ckpt = load_search_resume(args, RUNTIME_FLAGS, vars(build_parser().parse_args([])))
@@ -604,6 +602,11 @@ def _main(args: argparse.Namespace) -> int:
             logger.warning("resuming a %d-process run with %d processes: the data order and "
                            "random streams differ from the original run", ckpt["world_size"],
                            env.world_size)
+    # After the resume: a resumed run keeps its own --threads (--demo's 1) unless given
+    # again; set before it, --resume RUN_DIR alone ran on every core and summed in
+    # another order than the run it continues.
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.batch_size % env.world_size:
         raise UserError(f"--batch_size {args.batch_size} does not divide evenly over "
                         f"{env.world_size} processes")
@@ -611,6 +614,7 @@ def _main(args: argparse.Namespace) -> int:
     # Read the data before creating the run folder: a wrong path leaves nothing behind.
     dataset, num_classes, description = build_search_data(args, (ckpt or {}).get("data_stats"))
     split = search_split(dataset, args, ckpt)
+    check_search_batch(args, split)
     # Faithful to the release: --save is a prefix, the folder is {save}search-{note}-{time}.
     run_dir = open_run_dir(args.save, "search", args.note, env.is_main, args.resume)
     setup_logging(run_dir if env.is_main else None, env.is_main)
@@ -618,6 +622,8 @@ def _main(args: argparse.Namespace) -> int:
     logger.info("run folder %s", os.path.abspath(run_dir))
     seed_everything(args.seed, args.deterministic)
     log_run_start(args, env.device)
+    if env.device.type == "cpu":    # the sums' order depends on it: a resume must match
+        logger.info("CPU threads: %d", torch.get_num_threads())
     if env.distributed:
         logger.info("data-parallel over %d processes: batch %d = %d x %d per process (gradients "
                     "averaged, as one process with batch %d); batch-norm statistics are per "

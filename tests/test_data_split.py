@@ -112,8 +112,8 @@ def test_search_on_a_class_sorted_folder_validates_above_chance(tmp_path, capsys
 def test_resume_reproduces_the_split_and_refuses_changed_data(tmp_path, capsys):
     root = write_colour_folder(str(tmp_path / "img"), per_class=6)
     save = str(tmp_path / "runs") + "/"
-    rc, _ = _search(["--tmp_data_dir", root, "--save", save, *SHORT, "--stop_after_epochs", "2"],
-                    capsys)
+    rc, _ = _search(["--tmp_data_dir", root, "--save", save, *SHORT, "--batch_size", "12",
+                     "--stop_after_epochs", "2"], capsys)
     run_dir, = glob.glob(save + "search-*")
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     args = ts.parse_args(["--tmp_data_dir", root, *SHORT])

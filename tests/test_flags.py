@@ -47,6 +47,13 @@ BAD = [
     (("imagenet",), "--label_smooth", "1", "[0, 1)"),
     (("cifar",), "--auxiliary_weight", "-0.4", "[0, inf)"),
     (("search", "cifar"), "--epochs", "ten", "expected an integer"),
+    # torch.manual_seed died with "ValueError: Overflow" on these.
+    (("search", "cifar", "imagenet"), "--seed", "99999999999999999999", "0..9223372036854775807"),
+    (("search", "cifar", "imagenet"), "--seed", "-1", "0..9223372036854775807"),
+    # A note is part of one folder's name: "a/b" made nested folders.
+    (("search", "cifar", "imagenet"), "--note", "a/b", "no path separator"),
+    (("search", "cifar", "imagenet"), "--note", "..", "no path separator"),
+    (("search", "cifar", "imagenet"), "--note", "a\\b", "no path separator"),
 ]
 
 
@@ -110,6 +117,20 @@ def test_in_range_values_pass():
     assert args.dropout_rate == [0.0, 0.4, 0.99] and args.max_skip == -1
     args = train_cifar.parse_args(["--grad_clip", "0", "--drop_path_prob", "0"])
     assert args.grad_clip == 0 and args.drop_path_prob == 0
+
+
+def test_the_largest_seed_seeds_everything():
+    """The --seed bound leaves room for every seeding done with it: torch's generators (64
+    bits) seeded with seed + epoch by the training's sampler, seed_everything, seed_for."""
+    import torch
+
+    top = str(2 ** 63 - 1)
+    for script in (train_search, train_cifar, train_imagenet):
+        assert script.parse_args(["--seed", top, "--note", "v1.2-b_c"]).seed == 2 ** 63 - 1
+    utils.seed_everything(2 ** 63 - 1)
+    torch.Generator().manual_seed(2 ** 63 - 1 + 10_000)
+    torch.Generator().manual_seed(utils.seed_for(2 ** 63 - 1, 2, 99, 5, 7))
+    utils.seed_everything(0)
 
 
 @pytest.mark.parametrize("cpus,expected", [(1, 0), (2, 2), (3, 3), (64, 4)])

@@ -248,3 +248,30 @@ def test_format_genotype_literal():
     assert format_genotype(g) == (
         "Genotype(normal=[('skip_connect', 0), ('sep_conv_3x3', 1)], normal_concat=[2], "
         "reduce=[('max_pool_3x3', 0), ('dil_conv_5x5', 1)], reduce_concat=[2])")
+
+
+def test_reject_dead_nodes_and_repeated_concat(tmp_path):
+    """A node whose ops reach no output (10 pairs with concat [2, 3, 4, 5]) or a concat
+    index listed twice was accepted by visualize.py and the training scripts."""
+    d = _good()
+    d["normal"] += [["sep_conv_3x3", 0], ["skip_connect", 4]]     # node 6: computed, unused
+    msg = _bad(tmp_path, d)
+    assert "normal node(s) 6 (pairs 8-9)" in msg and "normal_concat" in msg
+    d = _good()
+    d["reduce_concat"] = [2, 3, 4, 4, 5]
+    msg = _bad(tmp_path, d)
+    assert "'reduce_concat' [2, 3, 4, 4, 5] lists node(s) 4 more than once" in msg
+    d = _good()
+    d["normal"] = [["sep_conv_3x3", 0], ["sep_conv_3x3", 1]] * 4   # no node feeds another
+    d["normal_concat"] = [3, 4, 5]
+    assert "normal node(s) 2 (pairs 0-1)" in _bad(tmp_path, d)
+    # A node outside the concat list that feeds one inside it is alive.
+    d["normal"][6] = ["skip_connect", 2]
+    path = tmp_path / "ok.json"
+    path.write_text(json.dumps(d))
+    assert get_genotype(str(path)).normal_concat == [3, 4, 5]
+
+
+@pytest.mark.parametrize("name", genotypes.known_genotypes())
+def test_every_named_cell_passes_the_checks(name):
+    assert genotypes.validate_genotype(getattr(genotypes, name), name) == get_genotype(name)

@@ -20,7 +20,7 @@ from train_helpers import (  # noqa: F401 - one_thread is an autouse fixture
 
 import train_cifar
 import train_search as ts
-from runs import close_logging
+from runs import close_logging, run_main
 
 # 2/3/3 cells of C=4 on 8x8 images, 2 epochs per stage.
 SEARCH = ["--dataset", "folder", "--init_channels", "4", "--layers", "2", "--add_layers", "1",
@@ -105,6 +105,31 @@ def test_train_val_tree_and_mismatched_classes(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "class_2" in err[0] and "dog" in err[0]
     assert not glob.glob(str(tmp_path / "u-*"))
+
+
+def test_search_reads_a_train_val_tree_as_training_does(tmp_path, capsys):
+    """A tree with train/ and val/ is searched on train/'s classes (it was searched as two
+    classes, "train" vs "val"); val/ with other classes is refused as training refuses it."""
+    from data import build_search_data, search_split
+
+    root = tmp_path / "tree"
+    write_colour_folder(str(root / "train"), num_classes=3, per_class=6)
+    write_colour_folder(str(root / "val"), num_classes=3, per_class=2, seed=1)
+    args = ts.parse_args(["--tmp_data_dir", str(root), *SEARCH])
+    data, num_classes, text = build_search_data(args)
+    assert num_classes == 3 and data.classes == ["class_0", "class_1", "class_2"]
+    assert len(data) == 18 and "18 training images, 3 classes" in text
+    assert "both halves from train/; val/ is not used by the search" in text
+    split = search_split(data, args)
+    assert len(split.first) == len(split.second) == 9
+
+    os.rename(root / "val" / "class_2", root / "val" / "dog")
+    save = str(tmp_path / "runs") + "/"
+    os.makedirs(save)
+    rc = run_main(ts.main, ts.parse_args(["--tmp_data_dir", str(root), "--save", save, *SEARCH]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "class_2" in err[0] and "dog" in err[0]
+    assert os.listdir(save) == []
 
 
 def test_resume_reuses_the_stored_split(tmp_path, capsys):

@@ -154,6 +154,50 @@ def test_resume_gives_the_same_genotype(cifar10_dir, tmp_path, capsys):
         [(r["stage"], r["epoch"], r["train_loss"]) for r in mb]
 
 
+def test_demo_resumed_with_the_printed_command_is_the_uninterrupted_run(tmp_path, capsys,
+                                                                     monkeypatch):
+    """The README's commands: ``--demo --deterministic``, Ctrl-C in stage 2 (epoch 1 after
+    step 5), then the printed ``python train_search.py --resume DIR`` in a new process
+    (one that would use 2 threads). --demo's presets (--threads 1, channels_last) come from
+    the run: the resumed run ran on every core and diverged from step 10 on."""
+    demo = ["--demo", "--deterministic", "--epochs", "2", "--arch_warmup_epochs", "1",
+            "--image_size", "8"]
+    full, cut = str(tmp_path / "full") + "/", str(tmp_path / "cut") + "/"
+    os.makedirs(full)
+    os.makedirs(cut)
+    rc, full_lines = search([*demo, "--save", full], capsys)
+    assert rc == 0
+    real_step, calls = ts.search_step, []
+
+    def ctrl_c_in_stage_2_epoch_1(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3 * 10 + 6:      # 10 steps per epoch: stage 2, epoch 1, step 6
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(ts, "search_step", ctrl_c_in_stage_2_epoch_1)
+    rc = run_main(ts.main, ts.parse_args([*demo, "--save", cut]))
+    close_logging()
+    monkeypatch.undo()
+    hint = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 130 and "continue with: python train_search.py --resume " in hint
+    command = hint.split("continue with: ", 1)[1].split()
+    proc = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True,
+                          text=True, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = only_run_dir(cut)
+    assert proc.stdout.strip().splitlines()[-1] == full_lines[-1]
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    assert log.count("CPU threads: 1\n") == 2 and "channels_last True" in log
+    keys = ("stage", "epoch", "lr", "train_loss", "train_acc", "arch_loss", "valid_loss",
+            "alphas_normal_softmax", "alphas_reduce_softmax")
+    ma, mb = read_metrics(only_run_dir(full)), read_metrics(run_dir)
+    assert len(mb) == 6 and [[r[k] for k in keys] for r in ma] == [[r[k] for k in keys] for r in mb]
+    a = json.load(open(os.path.join(only_run_dir(full), "arch_state.json")))
+    b = json.load(open(os.path.join(run_dir, "arch_state.json")))
+    assert a == b
+
+
 def test_resume_of_a_missing_run_is_an_error(tmp_path, capsys):
     rc = run_main(ts.main, ts.parse_args(["--resume", str(tmp_path / "nowhere")]))
     assert rc == 2 and "no run folder" in capsys.readouterr().err
@@ -187,6 +231,18 @@ def test_ctrl_c_says_how_to_resume(cifar10_dir, tmp_path, capsys, monkeypatch, i
         assert not os.path.exists(run_dir) and not os.listdir(save)
     else:
         assert f"continue with: python train_search.py --resume {run_dir}" in err
+
+
+def test_a_batch_larger_than_a_half_is_one_line(cifar10_dir, tmp_path, capsys):
+    """It ran silently with one short batch per epoch (100 images, --batch_size 5000)."""
+    save = str(tmp_path / "runs") + "/"
+    os.makedirs(save)
+    rc = run_main(ts.main, ts.parse_args(["--tmp_data_dir", cifar10_dir, "--save", save, *TINY,
+                                          "--batch_size", "5000"]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and os.listdir(save) == []
+    assert "--batch_size 5000 is larger than a half of the search's 100 training images " \
+           "(weight half 50, alpha half 50 at --train_portion 0.5); use --batch_size 50" in err[0]
 
 
 def test_release_search_flags_cutout_and_drop_path_prob(cifar10_dir):

@@ -2,6 +2,7 @@
 end (CIFAR-10 and CIFAR-100 pickle folders) followed by test.py, exact resume, the
 non-finite-loss stop, bad input, and a 2-process gloo torchrun run."""
 import glob
+import json
 import math
 import os
 import subprocess
@@ -22,7 +23,7 @@ from train_helpers import (  # noqa: F401 - one_thread is an autouse fixture
 import engine
 import train_cifar
 from distributed import DistInfo
-from genotypes import DARTS_V2, PDARTS, genotype_from_dict, save_genotype
+from genotypes import DARTS_V2, PDARTS, genotype_from_dict, genotype_to_dict, save_genotype
 from model import NetworkCIFAR
 
 TINY = ["--epochs", "1", "--layers", "2", "--init_channels", "4", "--batch_size", "8",
@@ -169,11 +170,14 @@ def test_resume_continues_exactly(cifar10_dir, tmp_path, monkeypatch, capsys):
     assert load(os.path.join(run_dir, "checkpoint.pt"))["epoch"] == 1
     assert len(read_metrics(run_dir)) == 2
 
-    # A changed recipe flag is refused; the original command line plus --resume works.
+    # A changed recipe flag is refused.
     capsys.readouterr()
     assert train([*common, "--save", interrupted, "--resume", run_dir, "--learning_rate", "0.1"]) == 2
     assert "--learning_rate 0.1 (the run's: 0.025)" in capsys.readouterr().err
-    assert train([*common, "--save", interrupted, "--resume", run_dir]) == 0
+    # The printed command alone, from a folder without ../data: the run's own data folder
+    # and settings are used (it looked in ../data).
+    monkeypatch.chdir(tmp_path)
+    assert train(["--resume", run_dir]) == 0
 
     a, b = (load(os.path.join(only_run_dir(p), "checkpoint.pt")) for p in (straight, interrupted))
     assert b["epoch"] == 2
@@ -242,14 +246,23 @@ def test_non_finite_loss_in_the_first_epoch_says_nothing_was_saved(cifar10_dir, 
     (["--tmp_data_dir", "{missing}"], "cifar10 not found"),
     (["--arch", "NO_SUCH_CELL"], "unknown genotype 'NO_SUCH_CELL'"),
     (["--arch", "{bad_json}"], "is not valid JSON"),
+    (["--arch", "{dead_node}"], "normal node(s) 6 (pairs 8-9) reach neither"),
     (["--cifar100", "--dataset", "cifar10"], "--cifar100 contradicts --dataset cifar10"),
     (["--resume", "{missing}"], "checkpoint not found"),
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),
+    # It ran silently (one short batch per epoch), logging a memory estimate of 2e9 GiB.
+    (["--batch_size", "1000000000000"], "larger than the training set (100 images); use "
+                                        "--batch_size 100 or less"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, cifar10_dir, tmp_path, capsys):
     bad_json = tmp_path / "bad.json"
     bad_json.write_text("{not json")
-    argv = [a.format(missing=str(tmp_path / "nowhere"), bad_json=bad_json) for a in argv]
+    dead_node = tmp_path / "dead.json"     # 10 pairs, concat [2, 3, 4, 5]: node 6 unused
+    cell = genotype_to_dict(PDARTS)
+    cell["normal"] += [["sep_conv_3x3", 0], ["skip_connect", 1]]
+    dead_node.write_text(json.dumps(cell))
+    argv = [a.format(missing=str(tmp_path / "nowhere"), bad_json=bad_json, dead_node=dead_node)
+            for a in argv]
     save = str(tmp_path / "runs") + os.sep
     capsys.readouterr()
     assert train(["--tmp_data_dir", cifar10_dir, *TINY, "--save", save, *argv]) == 2

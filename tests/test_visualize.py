@@ -1,5 +1,6 @@
 """visualize.py: drawing cells with graphviz, and a clear message without it."""
 import html
+import json
 import shutil
 
 import pytest
@@ -122,3 +123,15 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: cannot write the cell diagram ") and err.count("\n") == 1
     assert "choose another --out_dir" in err and "Traceback" not in err
+
+
+def test_a_cell_with_a_dead_node_is_one_line(tmp_path, capsys):
+    from genotypes import genotype_to_dict
+
+    d = genotype_to_dict(PDARTS)
+    d["normal"] += [["sep_conv_3x3", 0], ["skip_connect", 1]]
+    path = tmp_path / "dead.json"
+    path.write_text(json.dumps(d))
+    rc = visualize.main(visualize.parse_args([str(path), "--out_dir", str(tmp_path / "out")]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "node(s) 6" in err[0]
