@@ -18,11 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from utils import StorageError, write_bytes_atomic
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit; the message says how to fix it."""
+from errors import CheckpointError, StorageError, write_bytes_atomic
 
 
 def save_atomic(obj: Any, path: str, resume_hint: str | None = None) -> None:

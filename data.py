@@ -8,14 +8,18 @@
   README's first command and the tests.
 - A user's own ImageFolder tree (class subfolders), resized to ``image_size``.
 - ImageNet from ``imagenet/train`` and ``imagenet/val`` class folders.
+- The search's data (train_search.py): the training split with its augmentation, divided
+  into a weight half and an alpha half, and their per-epoch samplers and loaders
+  (``build_search_data``, ``search_split``, ``SearchData``).
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import math
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,9 +27,11 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from utils import UserError
+from distributed import DistInfo
+from errors import BadImageError, DataError, UserError
+from utils import seed_for
 
 CIFAR10_MEAN = (0.49139968, 0.48215827, 0.44653124)
 CIFAR10_STD = (0.24703233, 0.24348505, 0.26158768)
@@ -39,10 +45,6 @@ CIFAR_FOLDERS = {
                 "labels", 10),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", 100),
 }
-
-
-class DataError(UserError):
-    """A dataset folder that is missing or unreadable."""
 
 
 def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -410,17 +412,6 @@ SCAN_BATCH = 64           # images per batch of the statistics and --skip_bad_im
 EVAL_FOLDERS = ("val", "test")
 
 
-class BadImageError(DataError):
-    """An image file that cannot be decoded; the message names the file."""
-
-    def __init__(self, message: str) -> None:
-        # A DataLoader worker's error comes back as "Caught ... Original Traceback ...":
-        # keep the one line that says which file and why.
-        if "Original Traceback" in message:
-            message = message.rstrip().splitlines()[-1].split("BadImageError: ", 1)[-1]
-        super().__init__(message)
-
-
 def read_image(path: str) -> Image.Image:
     """Decode a whole image file as RGB (grayscale, palette, RGBA and CMYK converted)."""
     try:
@@ -707,3 +698,196 @@ class DeviceLoader:
             else:
                 x = augment_batch(images, self.mean, self.std)
             yield x, self.targets[idx]
+
+
+# ---------------------------------------------------------------------------------------
+# The search's data: the training split, divided into a weight half and an alpha half
+# ---------------------------------------------------------------------------------------
+
+class EpochSampler(Sampler[int]):
+    """A fixed set of indices in a new random order every epoch, the order a function of
+    (seed, stage, epoch, stream) only, so a resumed run sees the same batches.
+
+    With several processes every rank draws the same order and takes every
+    ``world_size``-th index from ``rank`` on (like DistributedSampler). ``num_samples``
+    (per rank) longer than one pass appends further passes.
+    """
+
+    def __init__(self, indices: Sequence[int], seed: int, stream: int, rank: int = 0,
+                 world_size: int = 1, num_samples: int | None = None, shuffle: bool = True) -> None:
+        self.indices = list(indices)
+        self.seed, self.stream, self.shuffle = seed, stream, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.num_samples = num_samples or math.ceil(len(self.indices) / world_size)
+        self.stage, self.epoch = 0, 0
+
+    def set_epoch(self, stage: int, epoch: int) -> None:
+        self.stage, self.epoch = stage, epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(seed_for(self.seed, self.stage, self.epoch, self.stream))
+        total = self.num_samples * self.world_size
+        order: list[int] = []
+        while len(order) < total:
+            order += (torch.randperm(len(self.indices), generator=g).tolist() if self.shuffle
+                      else list(range(len(self.indices))))
+        return iter([self.indices[i] for i in order[:total][self.rank::self.world_size]])
+
+
+def _resize_images(images, size: int):
+    """Resize uint8 N x H x W x 3 images (antialiased bilinear), once, before augmentation."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def search_cutout(args: argparse.Namespace) -> int:
+    """Cutout side for both halves: --cutout_length with --cutout, else 0 (off). Runs saved
+    before these flags existed have neither."""
+    return getattr(args, "cutout_length", 0) if getattr(args, "cutout", False) else 0
+
+
+def build_search_data(args: argparse.Namespace, stats: dict | None = None
+                      ) -> tuple[Dataset, int, str]:
+    """The training split with the training augmentation, its number of classes, and a
+    line describing it. An image folder's normalisation is ``stats`` when given (a
+    resumed run's), else computed from its images; it is left in ``dataset.stats``."""
+    size = args.image_size
+    cutout = search_cutout(args)
+    if args.dataset in CIFAR_FOLDERS:
+        folder = os.path.join(args.tmp_data_dir, CIFAR_FOLDERS[args.dataset][0])
+        data = get_dataset(args.dataset, args.tmp_data_dir, True,
+                           cifar_transforms(args.dataset, True, cutout, image_size=size),
+                           download=args.download)
+        num_classes = CIFAR_FOLDERS[args.dataset][4]
+        where = f"from {folder}"
+    elif args.dataset == "demo":
+        data = get_dataset("demo", args.tmp_data_dir, True,
+                           cifar_transforms("demo", True, cutout, image_size=size))
+        num_classes, where = 10, "(built-in, generated)"
+    elif args.dataset == "folder":
+        # Deviation: normalised with the folder's own mean and std (computed once, kept in
+        # the checkpoint), not a fixed dataset's.
+        data, stats = open_training_folder(
+            args.tmp_data_dir, size, args.seed, getattr(args, "skip_bad_images", False),
+            args.workers, stats, "image folder (--dataset folder)")
+        data.transform = folder_transforms(True, size, stats["mean"], stats["std"], cutout)
+        num_classes = len(data.classes)
+        where = f"from {args.tmp_data_dir}, resized to {size}x{size}"
+        if num_classes < 2:
+            raise DataError(f"{args.tmp_data_dir} has {num_classes} class folder(s); "
+                            "a search needs 2 or more")
+        if data.skipped:
+            where += f", {len(data.skipped)} unreadable image(s) left out (--skip_bad_images)"
+        norm = describe_stats(stats)
+    else:
+        raise UserError(f"unknown dataset {args.dataset!r}")
+    if args.dataset != "folder":
+        if size != data.data.shape[1]:
+            # Deviation (CIFAR/demo only when asked): smaller images make the demo fast.
+            data.data = _resize_images(data.data, size)
+            where += f", resized to {size}x{size}"
+        mean, std = normalization(args.dataset)
+        norm = f"mean {tuple(mean)} std {tuple(std)}"
+        stats = None
+    text = (f"{args.dataset} {where}: {len(data)} training images, {num_classes} classes, "
+            f"normalised with {norm}"
+            + (f", cutout {cutout} on both halves" if cutout else ""))
+    data.stats = stats
+    return data, num_classes, text
+
+
+def search_split(dataset: Dataset, args: argparse.Namespace, ckpt: dict | None = None) -> Split:
+    """The weight half and the alpha half of the training split (SPEC section 2).
+
+    Faithful to the release for CIFAR: the first ``--train_portion`` of the training set
+    trains the weights, the rest the alphas (its batches are in random order; so is the
+    demo data). Deviation for every other dataset: an image folder lists its images class
+    by class, so an in-order split would train the weights and the alphas on different
+    classes; it is divided by a stratified draw seeded with ``--seed`` instead (both
+    halves hold every class in the same proportion). A class left without an image in
+    either half is refused. On resume the division must equal the run's (``ckpt``)."""
+    labels = dataset.targets
+    names = getattr(dataset, "classes", None) or [str(c) for c in range(max(labels) + 1)]
+    split = split_indices(labels, args.train_portion, args.seed, split_rule(args.dataset))
+    split.names = sample_names(dataset)
+    if not split.first or not split.second:
+        raise DataError(f"{len(labels)} training images cannot be split into a weight and an "
+                        f"alpha half at --train_portion {args.train_portion}")
+    check_split(split, labels, names, ("weight half", "alpha half"),
+                "add images to them or change --train_portion")
+    saved = (ckpt or {}).get("split_digest")
+    if saved is not None and saved != split.digest:
+        raise DataError(f"the data in {args.tmp_data_dir} is divided differently from the run "
+                        f"being resumed (split {split.digest}, the run's {saved}): images were "
+                        "added, removed or renamed since it started; resume with the same data")
+    return split
+
+
+def describe_split(dataset: Dataset, split: Split) -> str:
+    labels = dataset.targets
+    num = max(labels) + 1
+    names = getattr(dataset, "classes", None) or [str(c) for c in range(num)]
+    return describe_counts(names, class_counts(labels, split.first, len(names)),
+                           class_counts(labels, split.second, len(names)))
+
+
+class SearchData:
+    """The loaders of one run: weight half and alpha half (both shuffled per epoch, the
+    alpha half as long as the weight half so the two step in lockstep), and the alpha
+    half in order for validation.
+
+    Deviation: each step's alpha batch is the next one of the alpha half, reshuffled every
+    epoch (sampling without replacement, SPEC section 2), and every epoch's order is a
+    function of (seed, stage, epoch) so that resuming is exact.
+    Faithful to the release: the last, smaller batch of an epoch is kept.
+
+    On CUDA, CIFAR and the demo data stay on the GPU as uint8 and are augmented there in
+    batches (DeviceLoader, unless ``--host_data``): the same batches in the same order,
+    augmentations of the same distribution.
+    """
+
+    def __init__(self, dataset: Dataset, args: argparse.Namespace, env: DistInfo,
+                 split: Split | None = None) -> None:
+        if split is None:
+            split = search_split(dataset, args)
+        weight_idx, alpha_idx = split.first, split.second
+        rank, world = env.rank, env.world_size
+        self.w_sampler = EpochSampler(weight_idx, args.seed, 0, rank, world)
+        self.a_sampler = EpochSampler(alpha_idx, args.seed, 1, rank, world,
+                                      num_samples=len(self.w_sampler))
+        self.v_sampler = EpochSampler(alpha_idx, args.seed, 2, rank, world, shuffle=False)
+        self.seed, self.rank = args.seed, rank
+        # --batch_size is global (as in the training scripts): each process takes its share.
+        batch = args.batch_size // world
+        self.on_device = (env.device.type == "cuda" and not args.host_data
+                          and isinstance(dataset, ArrayDataset))
+        if self.on_device:
+            # Faithful to the release: every loader, validation included, augments.
+            mean, std = normalization(args.dataset)
+            padding = dataset.data.shape[1] // 8
+            self.weights, self.alphas, self.valid = (
+                DeviceLoader(dataset, batch, sampler, env.device, train=True, mean=mean,
+                             std=std, padding=padding, cutout_length=search_cutout(args))
+                for sampler in (self.w_sampler, self.a_sampler, self.v_sampler))
+            self.generators = [loader.generator for loader in (self.weights, self.alphas, self.valid)]
+        else:
+            self.generators = [torch.Generator()]  # worker seeds
+            kw = dict(batch_size=batch, num_workers=args.workers,
+                      pin_memory=env.device.type == "cuda", generator=self.generators[0])
+            self.weights = DataLoader(dataset, sampler=self.w_sampler, **kw)
+            self.alphas = DataLoader(dataset, sampler=self.a_sampler, **kw)
+            self.valid = DataLoader(dataset, sampler=self.v_sampler, **kw)
+        self.sizes = (len(weight_idx), len(alpha_idx))
+        self.stats = getattr(dataset, "stats", None)   # an image folder's mean and std
+
+    def set_epoch(self, stage: int, epoch: int) -> None:
+        """Every epoch's batches and augmentation draws are a function of (seed, stage,
+        epoch, rank), so a resumed run continues with the same ones."""
+        for s in (self.w_sampler, self.a_sampler, self.v_sampler):
+            s.set_epoch(stage, epoch)
+        for k, g in enumerate(self.generators):
+            g.manual_seed(seed_for(self.seed, stage, epoch, 3 + k, self.rank))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import os
 import sys
@@ -37,6 +36,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from checkpoint import CheckpointError, describe_checkpoint, load_file, save_atomic
 from data import ArrayDataset, DeviceLoader
+from distributed import DistInfo, add_dist_timeout_arg, barrier, sync_buffers
+from errors import UserError, write_json_atomic
 from flags import (
     DEFAULT_DATA_DIR,
     default_workers,
@@ -53,6 +54,16 @@ from genotypes import Genotype, format_genotype, genotype_from_dict, genotype_to
 from memory import plan_memory, report_out_of_memory
 from model import NetworkCIFAR, NetworkImageNet, format_summary, model_summary
 from plots import add_plot_args, plot_run_safely
+from runs import (
+    MetricsWriter,
+    log_run_start,
+    open_run_dir,
+    refuse_changed_flags,
+    register_run,
+    release_run_locks,
+    setup_logging,
+    truncate_metrics,
+)
 from speed import (
     add_speed_args,
     autocast,
@@ -65,32 +76,16 @@ from speed import (
 from utils import (
     LR_SCHEDULE,
     AverageMeter,
-    DistInfo,
-    MetricsWriter,
     Progress,
-    UserError,
     accuracy,
-    add_dist_timeout_arg,
-    barrier,
-    broadcast_object,
     check_finite,
     check_finite_state,
     cosine_lr,  # noqa: F401  (the training scripts take it from here)
-    create_run_dir,
-    log_run_start,
     logger,
-    own_run_dir,
     peak_memory_mb,
-    refuse_changed_flags,
-    register_run,
-    release_run_locks,
     reset_peak_memory,
-    rewrite_metrics,
     schedule_of_checkpoint,
     seed_everything,
-    setup_logging,
-    sync_buffers,
-    write_bytes_atomic,
 )
 
 WEIGHTS_NAME = "weights.pt"        # the release's name: a plain state dict
@@ -485,35 +480,12 @@ def _resumed_schedule(lr_at: Callable[..., float], ckpt: dict, start_epoch: int,
     return old
 
 
-def _open_run_dir(args: argparse.Namespace, env: DistInfo, resumed: bool) -> str:
-    """Rank 0 creates ``{save}eval-{note}-{time}`` (or reuses the resumed run's folder),
-    locks it for this run and tells the other processes its name."""
-    run_dir = None
-    if env.is_main:
-        if resumed:
-            run_dir = os.path.dirname(os.path.abspath(args.resume))
-        else:
-            run_dir = create_run_dir(args.save, "eval", args.note)
-        own_run_dir(run_dir)
-    return broadcast_object(run_dir)
-
-
-def _truncate_metrics(path: str, start_epoch: int) -> None:
-    """On resume, drop lines of epochs that the checkpoint does not include (and a torn
-    last line)."""
-    rewrite_metrics(path, lambda record: record.get("epoch", -1) < start_epoch)
-
-
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """A seed per (run seed, epoch, process): every epoch starts from a known random
     state, so a resumed run draws the same augmentation and drop-path masks as an
     uninterrupted one, whatever happened before."""
     digest = hashlib.sha256(f"{seed}/{epoch}/{rank}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
-
-
-def write_json_atomic(obj: Any, path: str, what: str = "") -> None:
-    write_bytes_atomic((json.dumps(obj, indent=1) + "\n").encode(), path, what)
 
 
 # ---------------------------------------------------------------------------------------
@@ -555,7 +527,9 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
     model = build_network(spec.network, spec.genotype).to(device)
     summary = model_summary(model, spec.input_size)
 
-    run_dir = _open_run_dir(args, env, resume is not None)
+    # {save}eval-{note}-{time}; a resumed run goes on in its own folder.
+    resumed_dir = os.path.dirname(os.path.abspath(args.resume)) if resume is not None else None
+    run_dir = open_run_dir(args.save, "eval", args.note, env.is_main, resumed_dir)
     setup_logging(run_dir, env.is_main)
     script = os.path.basename(sys.argv[0])
     register_run(run_dir, CHECKPOINT_NAME, script if script.endswith(".py") else "SCRIPT.py")
@@ -588,7 +562,7 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
         best = {"acc": resume["best_acc_on_test"], "epoch": resume["best_epoch_on_test"]}
         last = {"top1": resume["last_acc"], "top5": resume["last_top5"], "loss": resume["last_loss"]}
         if env.is_main:
-            _truncate_metrics(metrics_path, start_epoch)
+            truncate_metrics(metrics_path, start_epoch)
         logger.info("resumed from %s at epoch %d of %d", args.resume, start_epoch, args.epochs)
         lr_at = _resumed_schedule(spec.lr_at, resume, start_epoch, args.epochs)
 

@@ -16,6 +16,8 @@ import os
 from collections import namedtuple
 from typing import Any
 
+from errors import GenotypeError, write_json_atomic
+
 GENOTYPE_FILE = "genotype.json"   # the final cell a search writes into its run folder
 
 Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
@@ -143,10 +145,6 @@ PDARTS = Genotype(
 )
 
 
-class GenotypeError(ValueError):
-    """A genotype name or file that cannot be used; the message says why and how to fix it."""
-
-
 def known_genotypes() -> list[str]:
     """Names of the cells defined in this module (``DARTS`` is an alias of ``DARTS_V2``)."""
     return sorted(name for name, value in globals().items() if isinstance(value, Genotype))
@@ -220,9 +218,7 @@ def genotype_from_dict(data: Any, source: str = "genotype") -> Genotype:
 def save_genotype(genotype: Genotype, path: str) -> None:
     """Write a genotype as JSON (atomically: temp file, then rename; a failed write is a
     one-line StorageError)."""
-    from utils import write_bytes_atomic
-
-    write_bytes_atomic((json.dumps(genotype_to_dict(genotype), indent=1) + "\n").encode(), path)
+    write_json_atomic(genotype_to_dict(genotype), path)
 
 
 def load_genotype_file(path: str) -> Genotype:

@@ -29,8 +29,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from errors import OutOfMemory
 from speed import autocast
-from utils import UserError, logger
+from utils import logger
 
 GiB = 2 ** 30
 # Images per measurement forward pass (2: batch norm needs more than one value per
@@ -261,10 +262,6 @@ def estimate_memory(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer
 # ---------------------------------------------------------------------------------------
 # Will it fit? One line when it will not (or did not)
 # ---------------------------------------------------------------------------------------
-
-class OutOfMemory(UserError):
-    """The step does not fit in the device memory; the message says what to do."""
-
 
 def free_memory(device: torch.device) -> int | None:
     """Bytes this process can still allocate on ``device`` (free memory plus what its

@@ -22,10 +22,19 @@ import sys
 from collections.abc import Sequence
 
 from collapse import COLLAPSE_FRACTION
+from errors import UserError
 from genotypes import OP_COLORS, PRIMITIVES
 from model_search import NUM_EDGES, STEPS, ops_on
-from runs import SEARCH, RunFolderError, read_arch_state, read_metrics, run_kind, search_stage_switches
-from utils import UserError, logger, run_main
+from runs import (
+    SEARCH,
+    RunFolderError,
+    read_arch_state,
+    read_metrics,
+    run_kind,
+    run_main,
+    search_stage_switches,
+)
+from utils import logger
 
 PLOT_FORMATS = ("png", "svg")
 DPI = 100

@@ -30,6 +30,7 @@ from functools import cache
 from typing import Any
 
 from engine import RESUME_FREE_FLAGS, build_network
+from errors import UserError
 from genotypes import (
     PRIMITIVES,
     Genotype,
@@ -53,8 +54,8 @@ from runs import (
     read_json,
     read_metrics,
     run_kind,
+    run_main,
 )
-from utils import UserError, run_main
 
 # The evaluation network every searched cell is measured in (SPEC section 4, the paper's
 # Table 1): 20 cells, C = 36, 32x32 inputs, no auxiliary head.

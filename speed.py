@@ -20,7 +20,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from utils import UserError
+from errors import UserError
 
 
 def add_speed_args(parser: argparse.ArgumentParser, channels_last_default: bool | None = False) -> None:

@@ -50,6 +50,7 @@ from data import (
     num_classes_of,
     scan_folder,
 )
+from distributed import add_dist_timeout_arg, init_distributed
 from engine import (
     SPLIT_NAME,
     build_network,
@@ -62,6 +63,7 @@ from engine import (
     per_process_batch,
     resume_path,
 )
+from errors import UserError
 from flags import (
     DEFAULT_DATA_DIR,
     HelpFormatter,
@@ -73,7 +75,8 @@ from flags import (
 )
 from genotypes import format_genotype, get_genotype
 from model import format_summary, model_summary
-from utils import UserError, add_dist_timeout_arg, init_distributed, logger, run_main, setup_logging
+from runs import run_main, setup_logging
+from utils import logger
 
 # The release's test.py / test_imagenet.py defaults: channels, cells, batch size.
 RELEASE_DEFAULTS = {"cifar": (36, 20, 128), "imagenet": (48, 14, 128)}

@@ -46,6 +46,7 @@ from data import (
     scan_folder,
     split_indices,
 )
+from distributed import barrier, init_distributed
 from engine import (
     SPLIT_NAME,
     RunSpec,
@@ -57,9 +58,10 @@ from engine import (
     load_resume,
     network_info,
 )
+from errors import UserError
 from flags import HelpFormatter, nonneg_float, positive_int
 from genotypes import get_genotype
-from utils import UserError, barrier, init_distributed, run_main
+from runs import run_main
 
 IMAGE_SIZE = 32          # CIFAR's, and the default for an image folder
 MIN_IMAGE_SIZE = 8

@@ -24,6 +24,7 @@ from functools import partial
 import torch.nn as nn
 
 from data import DataError, get_image_folder, imagenet_transforms
+from distributed import init_distributed
 from engine import (
     RunSpec,
     add_training_args,
@@ -34,9 +35,10 @@ from engine import (
     load_resume,
     network_info,
 )
+from errors import UserError
 from flags import HelpFormatter, prob
 from genotypes import get_genotype
-from utils import UserError, init_distributed, run_main
+from runs import run_main
 
 WARMUP_EPOCHS = 5       # warm-up (Goyal et al.) when the global batch is over WARMUP_BATCH
 WARMUP_BATCH = 256

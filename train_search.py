@@ -23,36 +23,29 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from checkpoint import CheckpointError, describe_checkpoint, load_file, save_atomic
 from collapse import CollapseMonitor
-from data import (
-    CIFAR_FOLDERS,
-    ArrayDataset,
-    DataError,
-    DeviceLoader,
-    Split,
-    check_split,
-    cifar_transforms,
-    class_counts,
-    describe_counts,
-    describe_stats,
-    folder_transforms,
-    get_dataset,
-    normalization,
-    open_training_folder,
-    sample_names,
-    split_indices,
-    split_rule,
+from data import SearchData, build_search_data, describe_split, search_split
+from distributed import (
+    DistInfo,
+    add_dist_timeout_arg,
+    average_gradients,
+    barrier,
+    broadcast_model,
+    gather,
+    init_distributed,
+    sync_buffers,
 )
+from errors import UserError, write_json_atomic
 from flags import (
     DEFAULT_DATA_DIR,
     HelpFormatter,
@@ -91,6 +84,18 @@ from model_search import (
     skip_budget_genotypes,
 )
 from plots import add_plot_args, plot_run_safely
+from runs import (
+    MetricsWriter,
+    log_run_start,
+    open_run_dir,
+    refuse_changed_flags,
+    register_run,
+    release_run_locks,
+    run_main,
+    setup_logging,
+    truncate_metrics,
+    write_arch_state,
+)
 from speed import (
     add_speed_args,
     autocast,
@@ -103,36 +108,19 @@ from speed import (
 from utils import (
     LR_SCHEDULE,
     AverageMeter,
-    DistInfo,
-    MetricsWriter,
     Progress,
-    UserError,
     accuracy,
-    add_dist_timeout_arg,
-    barrier,
-    broadcast_object,
     check_finite,
     check_finite_state,
     cosine_lr,
-    create_run_dir,
     get_rng_state,
-    init_distributed,
-    log_run_start,
     logger,
-    own_run_dir,
     peak_memory_mb,
-    refuse_changed_flags,
-    register_run,
-    release_run_locks,
     reset_peak_memory,
-    rewrite_metrics,
-    run_main,
     schedule_of_checkpoint,
     seed_everything,
+    seed_for,
     set_rng_state,
-    setup_logging,
-    sync_buffers,
-    write_bytes_atomic,
 )
 
 # ---------------------------------------------------------------------------------------
@@ -386,228 +374,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------
-# Data: the training split, divided into a weight half and an alpha half
-# ---------------------------------------------------------------------------------------
-
-def _seed_for(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (run seed, stage, epoch, stream, rank)."""
-    h = 0x9E3779B97F4A7C15
-    for part in parts:
-        h = ((h ^ (int(part) + 0x632BE5AB)) * 0x100000001B3) % (2 ** 63 - 1)
-    return h
-
-
-class EpochSampler(Sampler[int]):
-    """A fixed set of indices in a new random order every epoch, the order a function of
-    (seed, stage, epoch, stream) only, so a resumed run sees the same batches.
-
-    With several processes every rank draws the same order and takes every
-    ``world_size``-th index from ``rank`` on (like DistributedSampler). ``num_samples``
-    (per rank) longer than one pass appends further passes.
-    """
-
-    def __init__(self, indices: Sequence[int], seed: int, stream: int, rank: int = 0,
-                 world_size: int = 1, num_samples: int | None = None, shuffle: bool = True) -> None:
-        self.indices = list(indices)
-        self.seed, self.stream, self.shuffle = seed, stream, shuffle
-        self.rank, self.world_size = rank, world_size
-        self.num_samples = num_samples or math.ceil(len(self.indices) / world_size)
-        self.stage, self.epoch = 0, 0
-
-    def set_epoch(self, stage: int, epoch: int) -> None:
-        self.stage, self.epoch = stage, epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(_seed_for(self.seed, self.stage, self.epoch, self.stream))
-        total = self.num_samples * self.world_size
-        order: list[int] = []
-        while len(order) < total:
-            order += (torch.randperm(len(self.indices), generator=g).tolist() if self.shuffle
-                      else list(range(len(self.indices))))
-        return iter([self.indices[i] for i in order[:total][self.rank::self.world_size]])
-
-
-def _resize_images(images, size: int):
-    """Resize uint8 N x H x W x 3 images (antialiased bilinear), once, before augmentation."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
-
-
-def search_cutout(args: argparse.Namespace) -> int:
-    """Cutout side for both halves: --cutout_length with --cutout, else 0 (off). Runs saved
-    before these flags existed have neither."""
-    return getattr(args, "cutout_length", 0) if getattr(args, "cutout", False) else 0
-
-
-def build_search_data(args: argparse.Namespace, stats: dict | None = None
-                      ) -> tuple[Dataset, int, str]:
-    """The training split with the training augmentation, its number of classes, and a
-    line describing it. An image folder's normalisation is ``stats`` when given (a
-    resumed run's), else computed from its images; it is left in ``dataset.stats``."""
-    size = args.image_size
-    cutout = search_cutout(args)
-    if args.dataset in CIFAR_FOLDERS:
-        folder = os.path.join(args.tmp_data_dir, CIFAR_FOLDERS[args.dataset][0])
-        data = get_dataset(args.dataset, args.tmp_data_dir, True,
-                           cifar_transforms(args.dataset, True, cutout, image_size=size),
-                           download=args.download)
-        num_classes = CIFAR_FOLDERS[args.dataset][4]
-        where = f"from {folder}"
-    elif args.dataset == "demo":
-        data = get_dataset("demo", args.tmp_data_dir, True,
-                           cifar_transforms("demo", True, cutout, image_size=size))
-        num_classes, where = 10, "(built-in, generated)"
-    elif args.dataset == "folder":
-        # Deviation: normalised with the folder's own mean and std (computed once, kept in
-        # the checkpoint), not a fixed dataset's.
-        data, stats = open_training_folder(
-            args.tmp_data_dir, size, args.seed, getattr(args, "skip_bad_images", False),
-            args.workers, stats, "image folder (--dataset folder)")
-        data.transform = folder_transforms(True, size, stats["mean"], stats["std"], cutout)
-        num_classes = len(data.classes)
-        where = f"from {args.tmp_data_dir}, resized to {size}x{size}"
-        if num_classes < 2:
-            raise DataError(f"{args.tmp_data_dir} has {num_classes} class folder(s); "
-                            "a search needs 2 or more")
-        if data.skipped:
-            where += f", {len(data.skipped)} unreadable image(s) left out (--skip_bad_images)"
-        norm = describe_stats(stats)
-    else:
-        raise UserError(f"unknown dataset {args.dataset!r}")
-    if args.dataset != "folder":
-        if size != data.data.shape[1]:
-            # Deviation (CIFAR/demo only when asked): smaller images make the demo fast.
-            data.data = _resize_images(data.data, size)
-            where += f", resized to {size}x{size}"
-        mean, std = normalization(args.dataset)
-        norm = f"mean {tuple(mean)} std {tuple(std)}"
-        stats = None
-    text = (f"{args.dataset} {where}: {len(data)} training images, {num_classes} classes, "
-            f"normalised with {norm}"
-            + (f", cutout {cutout} on both halves" if cutout else ""))
-    data.stats = stats
-    return data, num_classes, text
-
-
-def search_split(dataset: Dataset, args: argparse.Namespace, ckpt: dict | None = None) -> Split:
-    """The weight half and the alpha half of the training split (SPEC section 2).
-
-    Faithful to the release for CIFAR: the first ``--train_portion`` of the training set
-    trains the weights, the rest the alphas (its batches are in random order; so is the
-    demo data). Deviation for every other dataset: an image folder lists its images class
-    by class, so an in-order split would train the weights and the alphas on different
-    classes; it is divided by a stratified draw seeded with ``--seed`` instead (both
-    halves hold every class in the same proportion). A class left without an image in
-    either half is refused. On resume the division must equal the run's (``ckpt``)."""
-    labels = dataset.targets
-    names = getattr(dataset, "classes", None) or [str(c) for c in range(max(labels) + 1)]
-    split = split_indices(labels, args.train_portion, args.seed, split_rule(args.dataset))
-    split.names = sample_names(dataset)
-    if not split.first or not split.second:
-        raise DataError(f"{len(labels)} training images cannot be split into a weight and an "
-                        f"alpha half at --train_portion {args.train_portion}")
-    check_split(split, labels, names, ("weight half", "alpha half"),
-                "add images to them or change --train_portion")
-    saved = (ckpt or {}).get("split_digest")
-    if saved is not None and saved != split.digest:
-        raise DataError(f"the data in {args.tmp_data_dir} is divided differently from the run "
-                        f"being resumed (split {split.digest}, the run's {saved}): images were "
-                        "added, removed or renamed since it started; resume with the same data")
-    return split
-
-
-def describe_split(dataset: Dataset, split: Split) -> str:
-    labels = dataset.targets
-    num = max(labels) + 1
-    names = getattr(dataset, "classes", None) or [str(c) for c in range(num)]
-    return describe_counts(names, class_counts(labels, split.first, len(names)),
-                           class_counts(labels, split.second, len(names)))
-
-
-class SearchData:
-    """The loaders of one run: weight half and alpha half (both shuffled per epoch, the
-    alpha half as long as the weight half so the two step in lockstep), and the alpha
-    half in order for validation.
-
-    Deviation: each step's alpha batch is the next one of the alpha half, reshuffled every
-    epoch (sampling without replacement, SPEC section 2), and every epoch's order is a
-    function of (seed, stage, epoch) so that resuming is exact.
-    Faithful to the release: the last, smaller batch of an epoch is kept.
-
-    On CUDA, CIFAR and the demo data stay on the GPU as uint8 and are augmented there in
-    batches (DeviceLoader, unless ``--host_data``): the same batches in the same order,
-    augmentations of the same distribution.
-    """
-
-    def __init__(self, dataset: Dataset, args: argparse.Namespace, env: DistInfo,
-                 split: Split | None = None) -> None:
-        if split is None:
-            split = search_split(dataset, args)
-        weight_idx, alpha_idx = split.first, split.second
-        rank, world = env.rank, env.world_size
-        self.w_sampler = EpochSampler(weight_idx, args.seed, 0, rank, world)
-        self.a_sampler = EpochSampler(alpha_idx, args.seed, 1, rank, world,
-                                      num_samples=len(self.w_sampler))
-        self.v_sampler = EpochSampler(alpha_idx, args.seed, 2, rank, world, shuffle=False)
-        self.seed, self.rank = args.seed, rank
-        # --batch_size is global (as in the training scripts): each process takes its share.
-        batch = args.batch_size // world
-        self.on_device = (env.device.type == "cuda" and not args.host_data
-                          and isinstance(dataset, ArrayDataset))
-        if self.on_device:
-            # Faithful to the release: every loader, validation included, augments.
-            mean, std = normalization(args.dataset)
-            padding = dataset.data.shape[1] // 8
-            self.weights, self.alphas, self.valid = (
-                DeviceLoader(dataset, batch, sampler, env.device, train=True, mean=mean,
-                             std=std, padding=padding, cutout_length=search_cutout(args))
-                for sampler in (self.w_sampler, self.a_sampler, self.v_sampler))
-            self.generators = [loader.generator for loader in (self.weights, self.alphas, self.valid)]
-        else:
-            self.generators = [torch.Generator()]  # worker seeds
-            kw = dict(batch_size=batch, num_workers=args.workers,
-                      pin_memory=env.device.type == "cuda", generator=self.generators[0])
-            self.weights = DataLoader(dataset, sampler=self.w_sampler, **kw)
-            self.alphas = DataLoader(dataset, sampler=self.a_sampler, **kw)
-            self.valid = DataLoader(dataset, sampler=self.v_sampler, **kw)
-        self.sizes = (len(weight_idx), len(alpha_idx))
-        self.stats = getattr(dataset, "stats", None)   # an image folder's mean and std
-
-    def set_epoch(self, stage: int, epoch: int) -> None:
-        """Every epoch's batches and augmentation draws are a function of (seed, stage,
-        epoch, rank), so a resumed run continues with the same ones."""
-        for s in (self.w_sampler, self.a_sampler, self.v_sampler):
-            s.set_epoch(stage, epoch)
-        for k, g in enumerate(self.generators):
-            g.manual_seed(_seed_for(self.seed, stage, epoch, 3 + k, self.rank))
-
-
-# ---------------------------------------------------------------------------------------
 # One step, one epoch, validation
 # ---------------------------------------------------------------------------------------
-
-# Deviation: data-parallel with torchrun and hand-averaged gradients (the release used
-# DataParallel). No DistributedDataParallel wrapper: its reducer does not fit a step that
-# differentiates two parameter groups separately.
-def average_gradients(params: Sequence[torch.Tensor], world_size: int) -> None:
-    """Average the gradients of ``params`` over all ranks with one all_reduce. Parameters
-    without a gradient are left out (every rank runs the same network, so the same ones)."""
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return
-    grads = [p.grad for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat.div_(world_size)
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(p)
-        offset += g.numel()
-
 
 def search_step(model: Network, batch_w: tuple[torch.Tensor, torch.Tensor],
                 batch_a: tuple[torch.Tensor, torch.Tensor] | None,
@@ -882,35 +650,9 @@ def _draw(genotype: Genotype, out_dir: str, prefix: str) -> None:
         logger.warning("could not draw %s cells: %s", prefix or "final", e)
 
 
-def _write_json(obj, path: str) -> None:
-    write_bytes_atomic((json.dumps(obj, indent=1) + "\n").encode(), path)
-
-
-def write_arch_state(run_dir: str, stages: list[dict], extra: dict | None = None) -> None:
-    _write_json({"primitives": PRIMITIVES, "stages": stages, **(extra or {})},
-                os.path.join(run_dir, ARCH_STATE))
-
-
 # ---------------------------------------------------------------------------------------
 # Run folder, resume, checkpoints
 # ---------------------------------------------------------------------------------------
-
-def _open_run_dir(args: argparse.Namespace, env: DistInfo) -> str:
-    """Rank 0 creates the run folder (or takes the resumed one) and locks it for this
-    run; every rank gets its name."""
-    if args.resume:
-        if not os.path.isdir(args.resume):
-            raise UserError(f"--resume: no run folder {args.resume}")
-        if env.is_main:
-            own_run_dir(args.resume)
-        return args.resume
-    run_dir = None
-    if env.is_main:
-        # Faithful to the release: --save is a prefix, the folder is {save}search-{note}-{time}.
-        run_dir = create_run_dir(args.save, "search", args.note)
-        own_run_dir(run_dir)
-    return broadcast_object(run_dir)
-
 
 def _load_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
     """The run's checkpoint and its settings, with the run-time flags of this command."""
@@ -960,27 +702,6 @@ def report_complete(run_dir: str, env: DistInfo) -> int:
     return 0
 
 
-def _truncate_metrics(path: str, stage: int, epochs_done: int) -> None:
-    """Drop metric lines of epochs after the checkpoint (they will be run again) and a
-    torn last line."""
-    rewrite_metrics(path, lambda rec: (rec.get("stage", 0) - 1, rec.get("epoch", -1))
-                    < (stage, epochs_done))
-
-
-def _gather(obj, env: DistInfo) -> list:
-    if not env.distributed:
-        return [obj]
-    out = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast_model(model: nn.Module) -> None:
-    """Every rank starts a stage from rank 0's weights and alphas."""
-    for t in model.state_dict().values():
-        dist.broadcast(t, 0)
-
-
 # ---------------------------------------------------------------------------------------
 # The search
 # ---------------------------------------------------------------------------------------
@@ -1011,12 +732,12 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
     # Every stage starts afresh: new network, new alphas, new optimizers; only the
     # switches carry over (paper Sec. 3.2).
     # Deviation: seeded per stage (the release seeds once) so a resume rebuilds it.
-    torch.manual_seed(_seed_for(args.seed, stage))
+    torch.manual_seed(seed_for(args.seed, stage))
     model = Network(C, run.num_classes, layers, switches_n, switches_r, drop_rate=rate).to(env.device)
     if env.distributed:
-        _broadcast_model(model)
+        broadcast_model(model)
         if env.rank > 0:  # different dropout masks and augmentations per rank
-            torch.manual_seed(_seed_for(args.seed, stage, env.rank))
+            torch.manual_seed(seed_for(args.seed, stage, env.rank))
     w_opt = torch.optim.SGD(model.weight_parameters(), lr=args.learning_rate,
                             momentum=args.momentum, weight_decay=args.weight_decay, foreach=True)
     a_opt = torch.optim.Adam(model.arch_parameters(), lr=args.arch_learning_rate,
@@ -1101,7 +822,7 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
             "lr": lr, "skip_dropout": drop, "stages_done": run.stages_done,
             "split_digest": run.split_digest, "data_stats": run.data.stats,
             "lr_schedule": LR_SCHEDULE if run.lr_stepped_before_epoch else None,
-            "rng": _gather(get_rng_state(), env),
+            "rng": gather(get_rng_state(), env),
         }
         if env.is_main:
             run.metrics.write(record)   # a resume drops lines after its checkpoint
@@ -1168,14 +889,14 @@ def finish_search(run: SearchRun, model: Network, switches_n: Switches,
         logger.info("max_skip %d: %s", m, format_genotype(g))
     logger.info("final cell (max_skip %s): %s", "none" if args.max_skip < 0 else args.max_skip,
                 format_genotype(chosen))
-    lines = _gather(format_genotype(chosen), env)
+    lines = gather(format_genotype(chosen), env)
     if len(set(lines)) != 1:
         raise RuntimeError(f"ranks derived different cells: {lines}")
     if env.distributed:
         logger.info("all %d processes derived this same cell", env.world_size)
     if env.is_main:
         save_genotype(chosen, os.path.join(run.run_dir, GENOTYPE_FILE))
-        _write_json({"num_skip_connects": num_skips, "unrestricted": genotype_to_dict(unrestricted),
+        write_json_atomic({"num_skip_connects": num_skips, "unrestricted": genotype_to_dict(unrestricted),
                      "by_max_skip": {str(m): genotype_to_dict(g) for m, g in budgets}},
                     os.path.join(run.run_dir, BUDGETS_FILE))
         write_arch_state(run.run_dir, run.stages_done,
@@ -1214,7 +935,8 @@ def _main(args: argparse.Namespace) -> int:
     # Read the data before creating the run folder: a wrong path leaves nothing behind.
     dataset, num_classes, description = build_search_data(args, (ckpt or {}).get("data_stats"))
     split = search_split(dataset, args, ckpt)
-    run_dir = _open_run_dir(args, env)
+    # Faithful to the release: --save is a prefix, the folder is {save}search-{note}-{time}.
+    run_dir = open_run_dir(args.save, "search", args.note, env.is_main, args.resume)
     setup_logging(run_dir if env.is_main else None, env.is_main)
     register_run(run_dir, CHECKPOINT, "train_search.py")
     logger.info("run folder %s", os.path.abspath(run_dir))
@@ -1255,7 +977,7 @@ def _main(args: argparse.Namespace) -> int:
                            "schedule it began with (cos(pi*e/E))")
         logger.info("resuming %s at stage %d after epoch %d", run_dir, start_stage + 1, ckpt["epoch"])
         if env.is_main:
-            _truncate_metrics(os.path.join(run_dir, METRICS_FILE), start_stage, ckpt["epoch"])
+            truncate_metrics(os.path.join(run_dir, METRICS_FILE), ckpt["epoch"], start_stage)
 
     search_start = time.time()
     for stage in range(start_stage, NUM_STAGES):

@@ -12,8 +12,8 @@ from conftest import write_colour_folder
 from PIL import Image
 
 import train_search as ts
-from data import DataError, check_split, split_indices
-from utils import close_logging, run_main
+from data import DataError, build_search_data, check_split, describe_split, search_split, split_indices
+from runs import close_logging, run_main
 
 # A class-sorted label list with odd class sizes, as ImageFolder lists a folder.
 SORTED_LABELS = [0] * 10 + [1] * 7 + [2] * 13 + [3] * 5
@@ -63,18 +63,18 @@ def test_a_class_left_empty_is_refused():
 def test_search_halves_of_a_class_sorted_folder(tmp_path):
     root = write_colour_folder(str(tmp_path / "img"), per_class=6)
     args = ts.parse_args(["--dataset", "folder", "--tmp_data_dir", root, "--image_size", "8"])
-    data, num_classes, _ = ts.build_search_data(args)
-    split = ts.search_split(data, args)
+    data, num_classes, _ = build_search_data(args)
+    split = search_split(data, args)
     assert num_classes == 4 and split.rule == "stratified"
     for half in (split.first, split.second):
         assert sorted(data.targets[i] for i in half) == sorted([0, 1, 2, 3] * 3)
-    assert "class_0 3/3, class_1 3/3, class_2 3/3, class_3 3/3" in ts.describe_split(data, split)
+    assert "class_0 3/3, class_1 3/3, class_2 3/3, class_3 3/3" in describe_split(data, split)
 
 
 def test_cifar_search_split_stays_in_order(cifar10_dir):
     args = ts.parse_args(["--tmp_data_dir", cifar10_dir])
-    data, _, _ = ts.build_search_data(args)
-    split = ts.search_split(data, args)
+    data, _, _ = build_search_data(args)
+    split = search_split(data, args)
     assert split.rule == "in order" and split.first == list(range(50))
 
 
@@ -115,7 +115,7 @@ def test_resume_reproduces_the_split_and_refuses_changed_data(tmp_path, capsys):
     run_dir, = glob.glob(save + "search-*")
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     args = ts.parse_args(["--tmp_data_dir", root, *SHORT])
-    expected = ts.search_split(ts.build_search_data(args)[0], args).digest
+    expected = search_split(build_search_data(args)[0], args).digest
     assert rc == 0 and ckpt["split_digest"] == expected
 
     os.remove(os.path.join(root, "class_1", "000.png"))       # the data changed meanwhile

@@ -25,7 +25,10 @@ from test_search_run import only_run_dir as only_search_dir
 from test_search_run import read_metrics as read_search_metrics
 from train_helpers import load, only_run_dir, read_metrics, run_script, run_test_script
 
+import distributed
 import engine
+import errors
+import runs
 import train_cifar
 import train_search as ts
 import utils
@@ -48,7 +51,7 @@ def fail_writes(monkeypatch, name: str, after: int, err: int = errno.ENOSPC) -> 
             target = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
         except OSError:
             target = ""
-        if target == name or target.startswith(name + utils.TMP_INFIX):
+        if target == name or target.startswith(name + errors.TMP_INFIX):
             count[0] += 1
             if count[0] > after:
                 real_write(fd, bytes(data[:len(data) // 2]))
@@ -67,13 +70,13 @@ def one_error_line(err: str) -> str:
 
 
 def temporaries(run_dir: str) -> list[str]:
-    return glob.glob(os.path.join(run_dir, f"*{utils.TMP_INFIX}*"))
+    return glob.glob(os.path.join(run_dir, f"*{errors.TMP_INFIX}*"))
 
 
 def hold_lock(run_dir: str) -> subprocess.Popen:
     """Another process that owns ``run_dir`` (as a running search or training would)."""
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import utils; "
-            "utils.lock_run_dir(sys.argv[2]); print('locked', flush=True); time.sleep(300)")
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import runs; "
+            "runs.lock_run_dir(sys.argv[2]); print('locked', flush=True); time.sleep(300)")
     proc = subprocess.Popen([sys.executable, "-c", code, ROOT, run_dir], stdout=subprocess.PIPE,
                             text=True)
     assert proc.stdout.readline().strip() == "locked"
@@ -98,7 +101,7 @@ def test_search_survives_a_full_disk_a_torn_line_and_a_second_owner(cifar10_dir,
     # The disk fills up while the 2nd metrics line (stage 2, epoch 0) is written: half
     # of it reaches the file, the checkpoint still holds the end of stage 1.
     failed = fail_writes(monkeypatch, "metrics.jsonl", after=1)
-    rc = utils.run_main(ts.main, ts.parse_args(["--save", cut, *common]))
+    rc = runs.run_main(ts.main, ts.parse_args(["--save", cut, *common]))
     monkeypatch.undo()
     assert rc == 2 and failed
     err = one_error_line(capsys.readouterr().err)
@@ -109,14 +112,14 @@ def test_search_survives_a_full_disk_a_torn_line_and_a_second_owner(cifar10_dir,
     assert len(lines) == 2 and lines[-1] and not lines[-1].endswith("}")   # a torn last line
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert (ckpt["stage"], ckpt["epoch"]) == (0, 1)
-    assert not temporaries(run_dir) and not os.path.exists(os.path.join(run_dir, utils.LOCK_NAME))
+    assert not temporaries(run_dir) and not os.path.exists(os.path.join(run_dir, runs.LOCK_NAME))
 
     # A kill during a checkpoint write left a temporary; another process owns the folder.
     stale = os.path.join(run_dir, "checkpoint.pt.tmp.999999")
     open(stale, "wb").write(b"half a checkpoint")
     holder = hold_lock(run_dir)
     try:
-        rc = utils.run_main(ts.main, ts.parse_args(["--resume", run_dir, "--workers", "0"]))
+        rc = runs.run_main(ts.main, ts.parse_args(["--resume", run_dir, "--workers", "0"]))
         err = one_error_line(capsys.readouterr().err)
         assert rc == 2 and f"in use by process {holder.pid} on host {socket.gethostname()}" in err
     finally:
@@ -126,10 +129,10 @@ def test_search_survives_a_full_disk_a_torn_line_and_a_second_owner(cifar10_dir,
 
     # The holder died without cleaning up: its lock is taken over, the torn line and the
     # temporary are dropped, and the run ends as the uninterrupted one.
-    assert os.path.exists(os.path.join(run_dir, utils.LOCK_NAME))
+    assert os.path.exists(os.path.join(run_dir, runs.LOCK_NAME))
     rc, resumed_lines = search(["--resume", run_dir, "--workers", "0"], capsys)
     assert rc == 0 and resumed_lines[-1] == full_lines[-1]
-    assert not os.path.exists(stale) and not os.path.exists(os.path.join(run_dir, utils.LOCK_NAME))
+    assert not os.path.exists(stale) and not os.path.exists(os.path.join(run_dir, runs.LOCK_NAME))
     ma, mb = read_search_metrics(only_search_dir(full)), read_search_metrics(run_dir)
     assert [(r["stage"], r["epoch"], r["train_loss"], r["valid_loss"]) for r in ma] == \
         [(r["stage"], r["epoch"], r["train_loss"], r["valid_loss"]) for r in mb]
@@ -171,18 +174,18 @@ def test_read_metrics_drops_only_a_torn_last_line(tmp_path):
     path = str(tmp_path / "metrics.jsonl")
     with open(path, "w") as f:
         f.write('{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2, "lo')
-    assert utils.read_metrics(path) == [{"epoch": 0}, {"epoch": 1}]
-    utils.rewrite_metrics(path, lambda r: r["epoch"] < 1)
+    assert runs.read_metrics_file(path) == [{"epoch": 0}, {"epoch": 1}]
+    runs.rewrite_metrics(path, lambda r: r["epoch"] < 1)
     assert open(path).read() == '{"epoch": 0}\n'
     with open(path, "w") as f:
         f.write('{"epoch": 0}\n{"epo\n{"epoch": 2}\n')
-    with pytest.raises(utils.UserError, match="line 2 is not JSON"):
-        utils.read_metrics(path)
+    with pytest.raises(errors.UserError, match="line 2 is not JSON"):
+        runs.read_metrics_file(path)
 
 
 def test_metrics_lines_are_json_with_null_for_non_finite_numbers(tmp_path):
     path = str(tmp_path / "metrics.jsonl")
-    writer = utils.MetricsWriter(path)
+    writer = runs.MetricsWriter(path)
     writer.write({"epoch": 0, "valid_loss": float("nan"), "alphas": [[1.0, float("inf")]],
                   "t": torch.tensor([float("-inf"), 2.0])})
     writer.write({"epoch": 1, "valid_loss": 0.5})
@@ -203,7 +206,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     path = str(tmp_path / "checkpoint.pt")
     save_atomic({"epoch": 1, "w": torch.ones(3)}, path)
     fail_writes(monkeypatch, "checkpoint.pt", after=0)
-    with pytest.raises(utils.StorageError, match="the disk is full.*previous checkpoint.pt is "
+    with pytest.raises(errors.StorageError, match="the disk is full.*previous checkpoint.pt is "
                                                  "intact; once the cause is fixed, continue with "
                                                  "--resume RUN"):
         save_atomic({"epoch": 2, "w": torch.zeros(3)}, path, resume_hint="RUN")
@@ -257,7 +260,7 @@ def test_a_bad_label_stops_a_run_before_it_starts(script, tmp_path, capsys):
     save = str(tmp_path / "runs") + os.sep
     capsys.readouterr()
     if script == "search":
-        rc = utils.run_main(ts.main, ts.parse_args(["--tmp_data_dir", root, "--save", save,
+        rc = runs.run_main(ts.main, ts.parse_args(["--tmp_data_dir", root, "--save", save,
                                                     *SEARCH_TINY]))
     else:
         rc = run_script(train_cifar, ["--tmp_data_dir", root, "--save", save, *TRAIN_TINY])
@@ -282,7 +285,7 @@ def test_a_save_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch,
 
     monkeypatch.setattr(os, "mkdir", mkdir)
     capsys.readouterr()
-    rc = utils.run_main(ts.main, ts.parse_args(["--demo", "--save", save]))
+    rc = runs.run_main(ts.main, ts.parse_args(["--demo", "--save", save]))
     err = one_error_line(capsys.readouterr().err)
     assert rc == 2 and "cannot create the run folder" in err and "Permission denied" in err
     assert os.path.abspath(save.rstrip(os.sep)) in err
@@ -301,10 +304,10 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "open", read_only_open)
     message = re.escape(f"the folder {run_dir} is on a read-only file system")
-    with pytest.raises(utils.StorageError, match=message):
-        utils.own_run_dir(run_dir)
-    with pytest.raises(utils.StorageError, match=message):
-        utils.MetricsWriter(os.path.join(run_dir, "metrics.jsonl")).write({"epoch": 0})
+    with pytest.raises(errors.StorageError, match=message):
+        runs.own_run_dir(run_dir)
+    with pytest.raises(errors.StorageError, match=message):
+        runs.MetricsWriter(os.path.join(run_dir, "metrics.jsonl")).write({"epoch": 0})
 
 
 # ---------------------------------------------------------------------------------------
@@ -355,13 +358,13 @@ def test_resume_refuses_a_checkpoint_of_the_other_script(tmp_path, capsys):
     train_run = str(tmp_path / "train")
     os.makedirs(train_run)
     torch.save(_training_checkpoint(), os.path.join(train_run, "checkpoint.pt"))
-    assert utils.run_main(ts.main, ts.parse_args(["--resume", train_run])) == 2
+    assert runs.run_main(ts.main, ts.parse_args(["--resume", train_run])) == 2
     err = one_error_line(capsys.readouterr().err)
     assert "is a train_cifar.py / train_imagenet.py checkpoint" in err
     assert "--resume of train_search.py expects the folder of a search run" in err
 
     torch.save({"kind": "pdarts-search", "args": {}}, os.path.join(search_run, "checkpoint.pt"))
-    assert utils.run_main(ts.main, ts.parse_args(["--resume", search_run])) == 2
+    assert runs.run_main(ts.main, ts.parse_args(["--resume", search_run])) == 2
     assert "a search checkpoint without stage, epoch" in one_error_line(capsys.readouterr().err)
 
     torch.save(_training_checkpoint(args=True), os.path.join(train_run, "checkpoint.pt"))
@@ -377,16 +380,16 @@ RANK_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
 import torch, torch.distributed as dist
-import utils
+import distributed, runs
 
 def main(_):
-    env = utils.init_distributed("cpu", float(sys.argv[2]))
+    env = distributed.init_distributed("cpu", float(sys.argv[2]))
     if env.rank == 1:
         os.kill(os.getpid(), getattr(signal, sys.argv[3]))
     dist.all_reduce(torch.ones(1))
     return 0
 
-sys.exit(utils.run_main(main, None))
+sys.exit(runs.run_main(main, None))
 """
 
 
@@ -420,7 +423,7 @@ def test_a_stopped_or_killed_rank_ends_the_others_within_the_timeout(sig, tmp_pa
 TRAIN_RANK_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
-import engine, train_cifar, utils
+import engine, runs, train_cifar
 
 real_step, steps = engine.train_step, [0]
 
@@ -431,7 +434,7 @@ def train_step(*args, **kwargs):     # rank 1 stops (SIGSTOP) in the middle of e
     return real_step(*args, **kwargs)
 
 engine.train_step = train_step
-sys.exit(utils.run_main(train_cifar.main, train_cifar.parse_args(sys.argv[3:])))
+sys.exit(runs.run_main(train_cifar.main, train_cifar.parse_args(sys.argv[3:])))
 """
 
 
@@ -469,13 +472,13 @@ def test_every_script_sets_the_process_group_timeout(monkeypatch):
 
     for parse in (ts.parse_args, train_cifar.parse_args, train_imagenet.parse_args,
                   load_test_script().parse_args):
-        assert parse([]).dist_timeout == utils.DIST_TIMEOUT_S
+        assert parse([]).dist_timeout == distributed.DIST_TIMEOUT_S
         assert parse(["--dist_timeout", "42"]).dist_timeout == 42
     seen = {}
-    monkeypatch.setattr(utils.dist, "init_process_group", lambda **kw: seen.update(kw))
-    monkeypatch.setattr(utils.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    utils.init_distributed("cpu", 42)
+    distributed.init_distributed("cpu", 42)
     assert seen["timeout"].total_seconds() == 42 and seen["backend"] == "gloo"
 
 
@@ -507,7 +510,7 @@ def test_non_finite_values_stop_the_search_before_the_epoch_is_saved(fault, cifa
         monkeypatch.setattr(ts, "evaluate", lambda *a, **k: {"valid_loss": 1.0, "valid_acc": 10.0})
     save = str(tmp_path / "runs") + "/"
     capsys.readouterr()
-    rc = utils.run_main(ts.main, ts.parse_args(["--tmp_data_dir", cifar10_dir, "--save", save,
+    rc = runs.run_main(ts.main, ts.parse_args(["--tmp_data_dir", cifar10_dir, "--save", save,
                                                 *SEARCH_TINY]))
     err = one_error_line(capsys.readouterr().err)
     assert rc == 2 and fault in err
@@ -523,7 +526,7 @@ def test_check_finite_state_names_the_tensor():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     utils.check_finite_state(net)
     net[1].running_mean[2] = float("nan")
-    with pytest.raises(utils.NonFiniteLossError, match="batch-norm statistic 1.running_mean"):
+    with pytest.raises(errors.NonFiniteLossError, match="batch-norm statistic 1.running_mean"):
         utils.check_finite_state(net)
 
 
@@ -534,7 +537,7 @@ def test_derive_refuses_non_finite_alphas(tmp_path, capsys):
     path = tmp_path / "arch_state.json"
     path.write_text(json.dumps({"stages": stages}))   # json writes NaN, as a diverged run would
     capsys.readouterr()
-    assert utils.run_main(ts.main, ts.parse_args(["--derive", str(path)])) == 2
+    assert runs.run_main(ts.main, ts.parse_args(["--derive", str(path)])) == 2
     captured = capsys.readouterr()
     assert "stage 3 'alphas_normal' holds non-finite values" in one_error_line(captured.err)
     assert "none" not in captured.out
@@ -545,7 +548,7 @@ def test_derive_refuses_non_finite_alphas(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------
 
 def test_runs_started_in_the_same_second_take_the_next_suffix(tmp_path, monkeypatch):
-    monkeypatch.setattr(utils, "run_dir_name",
+    monkeypatch.setattr(runs, "run_dir_name",
                         lambda save, kind, note: f"{save}{kind}-{note}-20260101-000000")
     save = str(tmp_path / "runs") + os.sep
     real_mkdir, raced = os.mkdir, []
@@ -556,9 +559,9 @@ def test_runs_started_in_the_same_second_take_the_next_suffix(tmp_path, monkeypa
             real_mkdir(path)
         return real_mkdir(path, *args, **kwargs)
 
-    first = utils.create_run_dir(save, "search", "x")
+    first = runs.create_run_dir(save, "search", "x")
     monkeypatch.setattr(os, "mkdir", mkdir)
-    second = utils.create_run_dir(save, "search", "x")
+    second = runs.create_run_dir(save, "search", "x")
     assert (first, second) == (save + "search-x-20260101-000000", save + "search-x-20260101-000000-3")
     assert raced
 
@@ -586,7 +589,7 @@ def test_stale_temporaries_are_only_ours(tmp_path):
     for name in ("checkpoint.pt.tmp.123", "weights.pt.tmp.9", "arch_state.json.tmp.77",
                  "notes.tmp.txt", "checkpoint.pt"):
         (tmp_path / name).write_text("x")
-    removed = utils.remove_stale_temporaries(str(tmp_path))
+    removed = errors.remove_stale_temporaries(str(tmp_path))
     assert removed == ["arch_state.json.tmp.77", "checkpoint.pt.tmp.123", "weights.pt.tmp.9"]
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "notes.tmp.txt"]
 
@@ -604,14 +607,14 @@ def test_a_log_that_cannot_be_written_warns_once(tmp_path, capsys):
         def close(self):
             pass
 
-    utils.setup_logging(str(tmp_path))
+    runs.setup_logging(str(tmp_path))
     try:
         handler = next(h for h in utils.logger.handlers if isinstance(h, logging.FileHandler))
         handler.stream = FullDisk()
         utils.logger.info("one")
         utils.logger.info("two")
     finally:
-        utils.close_logging()
+        runs.close_logging()
     captured = capsys.readouterr()
     assert captured.err.count("warning: the disk is full") == 1 and "Traceback" not in captured.err
     assert "two" in captured.out     # the log goes on to stdout

@@ -22,7 +22,7 @@ import train_cifar
 import train_search as ts
 from engine import cosine_lr
 from train_imagenet import imagenet_lr
-from utils import close_logging, run_main
+from runs import close_logging, run_main
 
 
 def release_rates(lr0: float, epochs: int, lr_min: float) -> list[float]:

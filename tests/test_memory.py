@@ -19,8 +19,8 @@ import train_search as ts
 from genotypes import PDARTS
 from model import NetworkCIFAR, NetworkImageNet
 from model_search import Network
+from runs import close_logging, run_main
 from speed import prepare_model
-from utils import close_logging, run_main
 
 # Stage 3: skip_connect, sep_conv_3x3, dil_conv_3x3; "tiny": skip_connect, sep_conv_3x3.
 STAGE_OPS = {1: range(8), 3: (3, 4, 6), "tiny": (3, 4)}

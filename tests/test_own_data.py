@@ -20,7 +20,7 @@ from train_helpers import (  # noqa: F401 - one_thread is an autouse fixture
 
 import train_cifar
 import train_search as ts
-from utils import close_logging
+from runs import close_logging
 
 # 2/3/3 cells of C=4 on 8x8 images, 2 epochs per stage.
 SEARCH = ["--dataset", "folder", "--init_channels", "4", "--layers", "2", "--add_layers", "1",
@@ -197,7 +197,7 @@ def test_imagenet_style_folders_name_a_bad_file(tmp_path):
     (["--dataset", "folder", "--image_size", "4"], "--image_size must be at least 8"),
 ])
 def test_folder_flags_are_checked(argv, message):
-    from utils import UserError
+    from errors import UserError
 
     with pytest.raises(UserError, match=message):
         train_cifar.resolve_dataset(train_cifar.parse_args(argv))

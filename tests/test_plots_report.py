@@ -22,7 +22,8 @@ from collapse import CollapseMonitor
 from engine import CHECKPOINT_FORMAT, network_info
 from genotypes import PDARTS, genotype_to_dict, load_genotype_file
 from model_search import NUM_EDGES, SKIP, all_on_switches
-from utils import close_logging, logger
+from runs import close_logging
+from utils import logger
 
 PNG = b"\x89PNG"
 # 3 cells of C=4 per stage on 16x16 images, 2 epochs per stage (1 weights-only, 1 with alphas).

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import train_search as ts
-from data import DataError, folder_transforms
+from data import DataError, EpochSampler, build_search_data, folder_transforms
 from genotypes import PRIMITIVES, format_genotype
 from model_search import NUM_EDGES, all_on_switches, ops_on
-from utils import run_main
+from runs import run_main
 
 I = {name: k for k, name in enumerate(PRIMITIVES)}  # noqa: E741
 
@@ -257,7 +257,7 @@ def test_cifar_loader_reads_pickle_folders(tmp_path, num_classes):
 
     root = write_cifar_folder(str(tmp_path / "data"), num_classes)
     flag = ["--cifar100"] if num_classes == 100 else []
-    data, classes, text = ts.build_search_data(_data_args(["--tmp_data_dir", root, *flag]))
+    data, classes, text = build_search_data(_data_args(["--tmp_data_dir", root, *flag]))
     assert classes == num_classes
     assert len(data) == (100 if num_classes == 10 else 20)   # 5 batches / 1 file of 20
     x, y = data[0]
@@ -280,12 +280,12 @@ def test_unreadable_cifar_file_is_a_data_error(tmp_path):
     root = write_cifar_folder(str(tmp_path / "data"), 10)
     (tmp_path / "data" / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
     with pytest.raises(DataError, match="data_batch_3"):
-        ts.build_search_data(_data_args(["--tmp_data_dir", root]))
+        build_search_data(_data_args(["--tmp_data_dir", root]))
 
 
 def test_image_folder_data(image_folder):
     args = _data_args(["--dataset", "folder", "--tmp_data_dir", image_folder, "--image_size", "16"])
-    data, classes, text = ts.build_search_data(args)
+    data, classes, text = build_search_data(args)
     assert classes == 3 and len(data) == 12
     assert data[0][0].shape == (3, 16, 16)
     # Normalised with the folder's own statistics, stated and kept for the checkpoint.
@@ -296,24 +296,24 @@ def test_image_folder_data(image_folder):
 
 
 def test_demo_data_and_resize():
-    data, classes, _ = ts.build_search_data(_data_args(["--demo"]))
+    data, classes, _ = build_search_data(_data_args(["--demo"]))
     assert classes == 10 and len(data) == 1000
     size = ts.DEMO_DEFAULTS["image_size"]
     assert data[0][0].shape == (3, size, size)
 
 
 def test_epoch_sampler_order_depends_only_on_seed_stage_epoch():
-    a = ts.EpochSampler(range(10, 30), seed=1, stream=0)
-    b = ts.EpochSampler(range(10, 30), seed=1, stream=0)
+    a = EpochSampler(range(10, 30), seed=1, stream=0)
+    b = EpochSampler(range(10, 30), seed=1, stream=0)
     a.set_epoch(1, 3)
     b.set_epoch(1, 3)
     assert list(a) == list(b) and sorted(a) == list(range(10, 30))   # without replacement
     b.set_epoch(1, 4)
     assert list(a) != list(b)
     # Two ranks split one permutation; together they cover it exactly once (20 = 2 x 10).
-    r0 = ts.EpochSampler(range(20), 1, 0, rank=0, world_size=2)
-    r1 = ts.EpochSampler(range(20), 1, 0, rank=1, world_size=2)
+    r0 = EpochSampler(range(20), 1, 0, rank=0, world_size=2)
+    r1 = EpochSampler(range(20), 1, 0, rank=1, world_size=2)
     assert sorted(list(r0) + list(r1)) == list(range(20)) and len(r0) == len(r1) == 10
     # A longer stream (alpha half matching the weight half) appends further passes.
-    longer = ts.EpochSampler(range(5), 1, 1, num_samples=12)
+    longer = EpochSampler(range(5), 1, 1, num_samples=12)
     assert len(list(longer)) == 12

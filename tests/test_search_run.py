@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import train_search as ts
+from data import build_search_data
 from genotypes import format_genotype, load_genotype_file
-from utils import close_logging, run_main
+from runs import close_logging, run_main
 from visualize import graphviz_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,10 +185,10 @@ def test_release_search_flags_cutout_and_drop_path_prob(cifar10_dir):
     from data import Cutout
 
     argv = ["--tmp_data_dir", cifar10_dir, *TINY]
-    off, _, _ = ts.build_search_data(ts.parse_args(argv))
+    off, _, _ = build_search_data(ts.parse_args(argv))
     assert not any(isinstance(t, Cutout) for t in off.transform.transforms)
     args = ts.parse_args([*argv, "--cutout", "--cutout_length", "6", "--drop_path_prob", "0.2"])
-    data, _, text = ts.build_search_data(args)
+    data, _, text = build_search_data(args)
     cutouts = [t for t in data.transform.transforms if isinstance(t, Cutout)]
     assert len(cutouts) == 1 and cutouts[0].length == 6 and "cutout 6 on both halves" in text
     # Both halves are the same dataset object, so both get the Cutout: zeroed squares.

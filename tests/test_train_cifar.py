@@ -21,9 +21,9 @@ from train_helpers import (  # noqa: F401 - one_thread is an autouse fixture
 
 import engine
 import train_cifar
+from distributed import DistInfo
 from genotypes import DARTS_V2, PDARTS, genotype_from_dict, save_genotype
 from model import NetworkCIFAR
-from utils import DistInfo
 
 TINY = ["--epochs", "1", "--layers", "2", "--init_channels", "4", "--batch_size", "8",
         "--workers", "0", "--report_freq", "5", "--auxiliary", "--cutout", "--device", "cpu"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from utils import run_main
+from runs import run_main
 
 
 @pytest.fixture(autouse=True)
