@@ -21,8 +21,8 @@ from train_helpers import (  # noqa: F401 - one_thread is an autouse fixture
 import train_cifar
 import train_search as ts
 from engine import cosine_lr
-from train_imagenet import imagenet_lr
 from runs import close_logging, run_main
+from train_imagenet import imagenet_lr
 
 
 def release_rates(lr0: float, epochs: int, lr_min: float) -> list[float]:
