@@ -49,6 +49,7 @@ from errors import UserError, write_json_atomic
 from flags import (
     DEFAULT_DATA_DIR,
     HelpFormatter,
+    count_or_fraction,
     default_workers,
     fraction,
     int_at_least,
@@ -68,11 +69,12 @@ from genotypes import (
     format_genotype,
     genotype_to_dict,
     load_genotype_file,
-    save_genotype,
 )
 from memory import plan_memory, report_out_of_memory
 from model_search import (
     NUM_EDGES,
+    STEM_REDUCTION,
+    STEMS,
     Network,
     Switches,
     all_on_switches,
@@ -151,6 +153,7 @@ METRICS_FILE = "metrics.jsonl"
 
 RELEASE_WORKERS = 2         # the release's loader processes; never more than the CPU cores
 MIN_IMAGE_SIZE = 8          # the smallest --image_size the two reduction cells can halve twice
+AUTO_IMAGENET_STEM = 64     # --stem auto picks the stride-8 stem from this image size on
 
 # Flags whose default depends on --demo (None on the command line = not given).
 PAPER_DEFAULTS = dict(dataset="cifar10", epochs=25, arch_warmup_epochs=10, batch_size=96,
@@ -191,6 +194,24 @@ def skip_dropout_rate(epoch: int, epochs: int, rate: float, warmup: int) -> floa
 def is_validation_epoch(epoch: int, epochs: int) -> bool:
     """Validation accuracy is reported in the last VALID_LAST_EPOCHS (4) epochs of a stage."""
     return epoch >= epochs - VALID_LAST_EPOCHS
+
+
+def resolve_stem(stem: str, image_size: int) -> tuple[str, str]:
+    """The search network's stem for ``--stem`` at ``--image_size`` and why (for the log).
+    A ValueError when the stride-8 stem would leave the last cells under 2x2 pixels."""
+    if stem == "auto":
+        stem = "imagenet" if image_size >= AUTO_IMAGENET_STEM else "cifar"
+        reason = (f"--stem auto: {stem} since --image_size {image_size} is "
+                  f"{'at least' if stem == 'imagenet' else 'under'} {AUTO_IMAGENET_STEM}")
+    else:
+        reason = f"--stem {stem}"
+    smallest = 2 * 4 * STEM_REDUCTION[stem]     # the stem, then two reduction cells
+    if image_size < smallest:
+        raise ValueError(f"--stem {stem} shrinks the image by {STEM_REDUCTION[stem]} before the "
+                         f"first cell and by {4 * STEM_REDUCTION[stem]} by the last: --image_size "
+                         f"{image_size} leaves the last cells under 2x2 pixels; use --image_size "
+                         f"{smallest} or more, or --stem cifar")
+    return stem, reason
 
 
 def stage_values(given: Sequence | None, flag: str, default: Sequence,
@@ -242,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="part of the training split that trains the weights, the rest trains "
                         "the alphas: the first part for CIFAR and demo (the release's rule), a "
                         "stratified draw seeded with --seed for an image folder")
+    g.add_argument("--subset_per_class", nargs=2, type=count_or_fraction, default=None,
+                   metavar=("W", "A"),
+                   help="search on a sample: from every class, a seeded draw of W images for "
+                        "the weight half and A others for the alpha half (counts, or fractions "
+                        "of the class such as 0.1 0.025); --train_portion is then not used")
     g.add_argument("--skip_bad_images", action="store_true",
                    help="--dataset folder: decode every image once at the start and leave out "
                         "the unreadable ones (counted in the log) instead of stopping at the "
@@ -279,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init_channels", type=positive_int, default=None,
                    help=f"C of stage 1 (default {PAPER_DEFAULTS['init_channels']}, "
                         f"demo {d['init_channels']})")
+    g.add_argument("--stem", choices=("auto",) + STEMS, default="auto",
+                   help="the search network's stem: cifar (the release's, full resolution) or "
+                        "imagenet (the mobile network's stride-8 stem: a 224-pixel search costs "
+                        f"about what a 28-pixel one does); auto = imagenet when --image_size is "
+                        f"{AUTO_IMAGENET_STEM} or more, else cifar")
     g.add_argument("--layers", type=positive_int, default=None,
                    help=f"cells in stage 1 (default {PAPER_DEFAULTS['layers']}, demo {d['layers']})")
     g.add_argument("--add_layers", type=nonneg_int, action="append", default=None,
@@ -360,6 +391,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.dropout_rate = stage_values(args.dropout_rate, "--dropout_rate", rates, False)
     except ValueError as e:
         parser.error(str(e))
+    if args.resume and args.stem == "auto":
+        given = [k for k in given if k != "stem"]   # the run keeps the stem it chose
+    if not args.resume:
+        try:
+            args.stem, args.stem_reason = resolve_stem(args.stem, args.image_size)
+        except ValueError as e:
+            parser.error(str(e))
     if args.resume:
         # The other flags given, as resolved here (--add_layers 6 --add_layers 12 is
         # [0, 6, 12], --cifar100 is --dataset cifar100), to compare with the run's own.
@@ -612,6 +650,10 @@ def run_derive(args: argparse.Namespace) -> int:
         raise UserError(f"{args.derive} is not valid JSON ({e})") from None
     if not isinstance(state, dict) or "stages" not in state:
         raise UserError(f"{args.derive}: expected a JSON object with a top-level 'stages' list")
+    if state.get("stem", "cifar") != "cifar":
+        # The cell does not depend on the stem; where it was found does (train it with
+        # train_imagenet.py, whose network has the same stem).
+        print(f"searched with the {state['stem']} stem (train the cell with train_imagenet.py)")
     switches = replay_stages(state["stages"], args.derive)
     sw_n, sw_r = switches[-1]
     last = state["stages"][-1]
@@ -683,6 +725,12 @@ def _load_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
     return argparse.Namespace(**saved), ckpt
 
 
+def search_stem(args: argparse.Namespace) -> str:
+    """The run's stem; runs saved before --stem existed used the release's."""
+    stem = getattr(args, "stem", "cifar")
+    return "cifar" if stem == "auto" else stem
+
+
 def search_complete(run_dir: str, ckpt: dict, epochs: int) -> bool:
     """The checkpoint is the last epoch of the last stage and the final cell was written."""
     return (ckpt["stage"] == NUM_STAGES - 1 and ckpt["epoch"] >= epochs
@@ -733,7 +781,8 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
     # switches carry over (paper Sec. 3.2).
     # Deviation: seeded per stage (the release seeds once) so a resume rebuilds it.
     torch.manual_seed(seed_for(args.seed, stage))
-    model = Network(C, run.num_classes, layers, switches_n, switches_r, drop_rate=rate).to(env.device)
+    model = Network(C, run.num_classes, layers, switches_n, switches_r, drop_rate=rate,
+                    stem=search_stem(args)).to(env.device)
     if env.distributed:
         broadcast_model(model)
         if env.rank > 0:  # different dropout masks and augmentations per rank
@@ -816,7 +865,8 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
             "kind": "pdarts-search", "version": 1, "args": vars(args),
             "stage": stage, "epoch": epoch + 1, "world_size": env.world_size,
             "switches_normal": switches_n, "switches_reduce": switches_r,
-            "model_args": {"C": C, "num_classes": run.num_classes, "layers": layers},
+            "model_args": {"C": C, "num_classes": run.num_classes, "layers": layers,
+                           "stem": search_stem(args)},
             "model": model.state_dict(), "w_opt": w_opt.state_dict(), "a_opt": a_opt.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "lr": lr, "skip_dropout": drop, "stages_done": run.stages_done,
@@ -894,13 +944,16 @@ def finish_search(run: SearchRun, model: Network, switches_n: Switches,
         raise RuntimeError(f"ranks derived different cells: {lines}")
     if env.distributed:
         logger.info("all %d processes derived this same cell", env.world_size)
+    # How the cell was found; training scripts ignore it (the cell is the same either way).
+    cell = {**genotype_to_dict(chosen), "metadata": {
+        "stem": search_stem(args), "image_size": args.image_size, "dataset": args.dataset}}
     if env.is_main:
-        save_genotype(chosen, os.path.join(run.run_dir, GENOTYPE_FILE))
+        write_json_atomic(cell, os.path.join(run.run_dir, GENOTYPE_FILE))
         write_json_atomic({"num_skip_connects": num_skips, "unrestricted": genotype_to_dict(unrestricted),
                      "by_max_skip": {str(m): genotype_to_dict(g) for m, g in budgets}},
                     os.path.join(run.run_dir, BUDGETS_FILE))
         write_arch_state(run.run_dir, run.stages_done,
-                         {"max_skip": args.max_skip, "genotype": genotype_to_dict(chosen)})
+                         {"max_skip": args.max_skip, "genotype": cell, "stem": search_stem(args)})
         _draw(chosen, run.run_dir, "")
     return chosen
 
@@ -942,6 +995,10 @@ def _main(args: argparse.Namespace) -> int:
     logger.info("run folder %s", os.path.abspath(run_dir))
     seed_everything(args.seed, args.deterministic)
     log_run_start(args, env.device)
+    stem = search_stem(args)
+    cells_at = args.image_size // STEM_REDUCTION[stem]
+    logger.info("stem: %s (%s); the first cells see %dx%d maps",
+                stem, getattr(args, "stem_reason", "the run's"), cells_at, cells_at)
     if env.distributed:
         logger.info("data-parallel over %d processes: batch %d = %d x %d per process (gradients "
                     "averaged, as one process with batch %d); batch-norm statistics are per "
@@ -952,7 +1009,7 @@ def _main(args: argparse.Namespace) -> int:
     for reason in getattr(dataset, "skipped", []):
         logger.warning("left out: %s", reason)
     logger.info("split %s%s, images per class weight/alpha half: %s", split.rule,
-                f" with seed {args.seed}" if split.rule == "stratified" else "",
+                f" with seed {args.seed}" if split.rule != "in order" else "",
                 describe_split(dataset, split))
     if data.on_device:
         logger.info("input pipeline: images on the GPU as uint8, augmented there in batches")
