@@ -417,15 +417,26 @@ def scaled_cutout(length: int, image_size: int) -> int:
     return max(1, round(length * image_size / 32))
 
 
-def imagenet_transforms(train: bool):
-    """The release's ImageNet augmentation (train) and resize 256 / centre crop 224 (eval)."""
-    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+def imagenet_transforms(train: bool, image_size: int = 224, mean=IMAGENET_MEAN,
+                        std=IMAGENET_STD):
+    """The release's ImageNet augmentation (train) and resize 256 / centre crop 224 (eval);
+    at another ``image_size`` the eval resize keeps the ratio 256/224."""
+    normalize = T.Normalize(mean, std)
     if train:
         return T.Compose([
-            T.RandomResizedCrop(224), T.RandomHorizontalFlip(),
+            T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(),
             T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2),
             T.ToTensor(), normalize])
-    return T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalize])
+    resize = round(image_size * 256 / 224)
+    return T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), normalize])
+
+
+def own_transforms(augment: str, train: bool, image_size: int, mean, std, cutout_length: int = 0):
+    """An image folder's transforms: ``augment`` 'cifar' (train_cifar.py's, see
+    ``folder_transforms``) or 'imagenet' (train_imagenet.py's, with the folder's mean/std)."""
+    if augment == "imagenet":
+        return imagenet_transforms(train, image_size, mean, std)
+    return folder_transforms(train, image_size, mean, std, cutout_length)
 
 
 # ---------------------------------------------------------------------------------------
