@@ -14,10 +14,15 @@ into the nodes with one matrix product: about a third of the operators per step,
 is what bounds the search on a GPU. Its ``state_dict`` is the release's layout.
 
 The functions at the end prune ops after a stage, derive the final cell and restrict
-the number of skip-connects (paper Sec. 3.3, "architecture refinement"). They do no I/O.
+the number of skip-connects (paper Sec. 3.3, "architecture refinement"), replay the
+stages of saved alphas (``--derive``), and count how parameter-free a derived cell is
+(the collapse diagnostics of the search). They do no I/O; only ``CollapseMonitor``
+logs its counts.
 """
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -25,9 +30,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import UserError
 from genotypes import PRIMITIVES, Genotype
 from memory import run_cell
 from operations import OPS, DilConv, FactorizedReduce, Identity, ReLUConvBN, SepConv
+from utils import logger
 
 NONE = PRIMITIVES.index("none")
 SKIP = PRIMITIVES.index("skip_connect")
@@ -770,3 +777,129 @@ def skip_budget_genotypes(switches_normal: Switches, switches_reduce: Switches, 
     n = count_skips(unrestricted)
     return [(m, derive_genotype(switches_normal, switches_reduce, probs_normal, probs_reduce, m))
             for m in range(8, -1, -1) if n > m]
+
+
+# ---------------------------------------------------------------------------------------
+# The progressive stages: pruning after a stage, replaying saved stages, the final cells
+# ---------------------------------------------------------------------------------------
+
+NUM_STAGES = 3
+# Candidate ops per edge in stages 1, 2, 3 ("the size of operation space is set to be
+# 8, 5 and 3"), and how many of the lowest-weighted ones each stage switches off: after
+# the last stage one op per edge is left, and `none` is always among those dropped.
+OPS_PER_STAGE = (8, 5, 3)
+DROPS_PER_STAGE = (3, 2, 2)
+assert all(k - d == nxt for k, d, nxt in zip(OPS_PER_STAGE, DROPS_PER_STAGE, OPS_PER_STAGE[1:] + (1,)))
+
+
+def prune_after_stage(stage: int, switches_normal: Switches, switches_reduce: Switches,
+                      probs_normal, probs_reduce) -> tuple[Switches, Switches]:
+    """Switch off the DROPS_PER_STAGE[stage] lowest-weighted ops of every edge (stage is
+    0-based); after the last stage `none` is always among them (paper Sec. 3.2)."""
+    last = stage == NUM_STAGES - 1
+    return (prune_switches(switches_normal, probs_normal, DROPS_PER_STAGE[stage], drop_none=last),
+            prune_switches(switches_reduce, probs_reduce, DROPS_PER_STAGE[stage], drop_none=last))
+
+
+def softmax_rows(alphas: Sequence[Sequence[float]]) -> torch.Tensor:
+    """Softmax weights of saved alpha rows, in float32 as in the search, so a
+    re-derivation ranks exactly as the search did."""
+    return F.softmax(torch.tensor(alphas, dtype=torch.float32), dim=-1)
+
+
+def replay_stages(stages: Sequence[dict], source: str = "arch state") -> list[tuple[Switches, Switches]]:
+    """The switches each stage ran with, recomputed from the raw alphas of all stages,
+    starting with all ops on and pruning after each stage as the search does."""
+    if not isinstance(stages, list) or len(stages) != NUM_STAGES:
+        raise UserError(f"{source}: 'stages' must be a list of {NUM_STAGES} objects")
+    sw_n, sw_r = all_on_switches(), all_on_switches()
+    result = []
+    for s, stage in enumerate(stages):
+        for key in ("alphas_normal", "alphas_reduce"):
+            rows = stage.get(key) if isinstance(stage, dict) else None
+            ok = (isinstance(rows, list) and len(rows) == NUM_EDGES
+                  and all(isinstance(r, list) and len(r) == OPS_PER_STAGE[s]
+                          and all(isinstance(v, (int, float)) for v in r) for r in rows))
+            if not ok:
+                raise UserError(f"{source}: stage {s + 1} needs '{key}' as {NUM_EDGES} rows of "
+                                f"{OPS_PER_STAGE[s]} numbers (one column per op on, PRIMITIVES order)")
+            if not all(math.isfinite(v) for r in rows for v in r):
+                raise UserError(f"{source}: stage {s + 1} '{key}' holds non-finite values (NaN or "
+                                "infinity): the search diverged, and no cell can be derived from it")
+        result.append((sw_n, sw_r))
+        sw_n, sw_r = prune_after_stage(s, sw_n, sw_r, softmax_rows(stage["alphas_normal"]),
+                                       softmax_rows(stage["alphas_reduce"]))
+    return result
+
+
+def final_cells(sw_n: Switches, sw_r: Switches, probs_n, probs_r, max_skip: int
+                ) -> tuple[Genotype, Genotype, int, list[tuple[int, Genotype]]]:
+    """(chosen cell at max_skip, unrestricted cell, its skip-connect count, the cell for
+    every budget from 8 down that the unrestricted cell exceeds).
+
+    Faithful to the release: the skip-connect budget restricts the normal cell only."""
+    unrestricted = derive_genotype(sw_n, sw_r, probs_n, probs_r, None)
+    num_skips = count_skips(derive_cell_switches(sw_n, probs_n, None))
+    budgets = skip_budget_genotypes(sw_n, sw_r, probs_n, probs_r)
+    chosen = unrestricted if max_skip < 0 else derive_genotype(sw_n, sw_r, probs_n, probs_r, max_skip)
+    return chosen, unrestricted, num_skips, budgets
+
+
+# ---------------------------------------------------------------------------------------
+# Collapse diagnostics: how parameter-free a derived normal cell is
+# ---------------------------------------------------------------------------------------
+
+# Ops without weights. `none` never survives the derivation but is counted for cells
+# read from elsewhere. In a normal cell every skip_connect is the identity (a stride-2
+# skip, FactorizedReduce, exists only in reduction cells).
+PARAM_FREE_OPS = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect")
+# "Mostly parameter-free": more than this fraction of the cell's edges.
+COLLAPSE_FRACTION = 0.5
+
+
+def param_free_ops(pairs: Sequence[tuple[str, int]]) -> Counter:
+    """How many edges of a cell (its (op, input) pairs) use each parameter-free op."""
+    return Counter(op for op, _ in pairs if op in PARAM_FREE_OPS)
+
+
+def is_collapsed(num_param_free: int, num_edges: int) -> bool:
+    return num_param_free > COLLAPSE_FRACTION * num_edges
+
+
+class CollapseMonitor:
+    """The collapse diagnostics. Differentiable searches tend to "collapse" into cells made
+    mostly of parameter-free ops, skip-connects above all (paper Sec. 3.3: they dominate as
+    the search network deepens, and such cells train badly). Each epoch after the warm-up
+    the normal cell is derived from the current alphas with the final rule (no skip
+    budget) and its parameter-free edges are counted; the counts go to metrics.jsonl
+    (``normal_param_free``, ``normal_skip_connects``, ``collapse``), drawn by plots.py.
+
+    One per stage: ``check`` each epoch, with the stage's switches and the current
+    softmax weights of the normal cell; it logs the counts after the warm-up, warns the
+    first time the cell is mostly parameter-free, and returns the metrics.jsonl fields
+    (None during the warm-up, when the alphas have not been trained yet)."""
+
+    def __init__(self, stage: int, warmup_epochs: int, is_main: bool = True) -> None:
+        self.stage = stage              # 1-based, as in the logs and metrics.jsonl
+        self.warmup_epochs = warmup_epochs
+        self.warned = not is_main       # under torchrun only rank 0 warns
+
+    def check(self, epoch: int, switches_normal: Switches, probs_normal) -> dict:
+        if epoch < self.warmup_epochs:
+            return {"normal_param_free": None, "normal_skip_connects": None, "collapse": None}
+        pairs = switches_to_pairs(derive_cell_switches(switches_normal, probs_normal, None))
+        counts = param_free_ops(pairs)
+        free, skips = sum(counts.values()), counts["skip_connect"]
+        collapsed = is_collapsed(free, len(pairs))
+        detail = ", ".join(f"{n} {op}" for op, n in sorted(counts.items())) or "none"
+        logger.info("stage %d epoch %d: derived normal cell has %d of %d edges parameter-free "
+                    "(%s)", self.stage, epoch, free, len(pairs), detail)
+        if collapsed and not self.warned:
+            self.warned = True
+            logger.warning(
+                "WARNING stage %d epoch %d: the derived normal cell is mostly parameter-free, "
+                "%d of %d edges (%s; %d skip-connects): the collapse of differentiable search. "
+                "Skip-connect dropout (--dropout_rate) and the final --max_skip budget work "
+                "against it; a cell that stays this way trains poorly (warned once per stage)",
+                self.stage, epoch, free, len(pairs), detail, skips)
+        return {"normal_param_free": free, "normal_skip_connects": skips, "collapse": collapsed}

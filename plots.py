@@ -21,10 +21,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from collapse import COLLAPSE_FRACTION
 from errors import UserError
 from genotypes import OP_COLORS, PRIMITIVES
-from model_search import NUM_EDGES, STEPS, ops_on
+from model_search import COLLAPSE_FRACTION, NUM_EDGES, STEPS, ops_on
 from runs import (
     SEARCH,
     RunFolderError,

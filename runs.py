@@ -10,6 +10,7 @@ training ``checkpoint.pt``); it finished when its checkpoint counts all ``--epoc
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import logging
@@ -20,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 try:
@@ -30,7 +31,7 @@ except ImportError:  # Windows: run folders are not locked
 
 import torch
 
-from checkpoint import load_file
+from checkpoint import describe_checkpoint, load_file
 from distributed import broadcast_object, cleanup_distributed, is_collective_failure
 from errors import (
     ONE_LINE_ERRORS,
@@ -45,8 +46,8 @@ from errors import (
     write_json_atomic,
 )
 from flags import available_cpus
-from genotypes import PRIMITIVES, genotype_from_dict
-from model_search import all_on_switches
+from genotypes import PRIMITIVES, format_genotype, genotype_from_dict, load_genotype_file
+from model_search import NUM_STAGES, all_on_switches, prune_after_stage, softmax_rows
 from utils import LOGGER_NAME, logger
 
 METRICS = "metrics.jsonl"
@@ -417,6 +418,67 @@ def _report_error(message: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------
+# Resuming a search (train_search.py --resume); a training run's is engine.load_resume
+# ---------------------------------------------------------------------------------------
+
+# What a resume needs in a search checkpoint.
+SEARCH_CHECKPOINT_KEYS = ("args", "stage", "epoch", "world_size", "switches_normal",
+                          "switches_reduce", "model", "w_opt", "a_opt", "rng", "stages_done")
+
+
+
+def load_search_resume(args: argparse.Namespace, runtime_flags: Sequence[str],
+                       defaults: dict) -> tuple[argparse.Namespace, dict]:
+    """``train_search.py --resume``: the run's checkpoint and its settings, with the
+    ``runtime_flags`` of this command (``defaults``: the flags' defaults, the values of
+    a flag the saved run predates)."""
+    path = os.path.join(args.resume, CHECKPOINT)
+    if not os.path.isdir(args.resume):
+        raise UserError(f"--resume: no run folder {args.resume}")
+    if not os.path.isfile(path):
+        raise UserError(f"--resume: {args.resume} has no {CHECKPOINT}: the run stopped before "
+                        "its first epoch ended, so there is nothing to resume; start it again")
+    ckpt = load_file(path)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "pdarts-search":
+        raise CheckpointError(f"{path} is {describe_checkpoint(ckpt)}; --resume of "
+                              "train_search.py expects the folder of a search run")
+    missing = [k for k in SEARCH_CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is a search checkpoint without {', '.join(missing)} "
+                              "(damaged or written by another version); it cannot be resumed")
+    saved = dict(ckpt["args"])
+    # Deviation: the release has no resume. As train_cifar.py does, a recipe flag that
+    # differs from the run's own is refused, not silently ignored; save/note only name
+    # the folder of a new run.
+    refuse_changed_flags(getattr(args, "resume_given", {}), saved,
+                         set(runtime_flags) | {"save", "note"}, defaults)
+    overrides = set(getattr(args, "resume_overrides", [])) | {"resume", "stop_after_epochs", "derive"}
+    for key in overrides:
+        saved[key] = getattr(args, key)
+    saved["resume_overrides"] = sorted(overrides)
+    return argparse.Namespace(**saved), ckpt
+
+
+def search_complete(run_dir: str, ckpt: dict, epochs: int) -> bool:
+    """The checkpoint is the last epoch of the last stage and the final cell was written."""
+    return (ckpt["stage"] == NUM_STAGES - 1 and ckpt["epoch"] >= epochs
+            and os.path.isfile(os.path.join(run_dir, GENOTYPE)))
+
+
+def report_complete(run_dir: str, is_main: bool) -> int:
+    """``--resume`` of a finished search: say so and print its cell; nothing is re-run,
+    re-derived or appended."""
+    path = os.path.join(run_dir, GENOTYPE)
+    genotype = load_genotype_file(path)
+    if is_main:
+        print(f"the search in {os.path.abspath(run_dir)} is complete (all {NUM_STAGES} stages): "
+              f"nothing to resume. Its cell ({path}; re-derive at another skip budget with "
+              f"--derive {os.path.join(run_dir, ARCH_STATE)} --max_skip M):", flush=True)
+        print(format_genotype(genotype), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
 # Reading run folders back (plots.py, report.py)
 # ---------------------------------------------------------------------------------------
 
@@ -494,11 +556,6 @@ def search_stage_switches(arch_state: dict | None, num_stages: int) -> list[tupl
     """The (normal, reduce) switches each of the first ``num_stages`` stages ran with:
     stored in arch_state.json for the finished stages; a stage still running starts from
     the previous stage's switches pruned as the search prunes them."""
-    from train_search import prune_after_stage  # here: train_search imports plots, plots runs
-
-    def probs(rows):   # float32, as the search ranks them
-        return torch.softmax(torch.tensor(rows, dtype=torch.float32), dim=-1)
-
     done = (arch_state or {}).get("stages", [])
     result = []
     for s in range(num_stages):
@@ -508,8 +565,9 @@ def search_stage_switches(arch_state: dict | None, num_stages: int) -> list[tupl
             result.append((all_on_switches(), all_on_switches()))
         elif s - 1 < len(done):
             prev = done[s - 1]
-            result.append(prune_after_stage(s - 1, prev["switches_normal"], prev["switches_reduce"],
-                                            probs(prev["alphas_normal"]), probs(prev["alphas_reduce"])))
+            result.append(prune_after_stage(
+                s - 1, prev["switches_normal"], prev["switches_reduce"],
+                softmax_rows(prev["alphas_normal"]), softmax_rows(prev["alphas_reduce"])))
         else:
             raise RunFolderError(f"arch_state.json lacks stage {s} although metrics.jsonl has "
                                  f"epochs of stage {s + 1}")

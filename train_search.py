@@ -14,6 +14,12 @@ half of the training split) and one weight step (on the weight half). After the 
 the lowest-weighted ops of every edge are switched off. After the last stage the cell
 keeps the 2 strongest non-``none`` edges per node, and the normal cell is refined to at
 most ``--max_skip`` skip-connects. The last line on stdout is the ``Genotype(...)`` line.
+
+The file reads top-down as the algorithm: schedules, the search step, an epoch, a stage
+(warm-up, alpha steps, validation, pruning), the final derivation and refinement, main.
+The flags and their paper defaults are in search_flags.py, the data halves in data.py,
+the network and the derivation rules in model_search.py, the run folder in runs.py
+(docs/layout.md lists every module).
 """
 from __future__ import annotations
 
@@ -32,12 +38,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from checkpoint import CheckpointError, describe_checkpoint, load_file, save_atomic
-from collapse import CollapseMonitor
+from checkpoint import save_atomic
 from data import SearchData, build_search_data, describe_split, search_split
 from distributed import (
     DistInfo,
-    add_dist_timeout_arg,
     average_gradients,
     barrier,
     broadcast_model,
@@ -46,67 +50,55 @@ from distributed import (
     sync_buffers,
 )
 from errors import UserError, write_json_atomic
-from flags import (
-    DEFAULT_DATA_DIR,
-    HelpFormatter,
-    count_or_fraction,
-    default_workers,
-    fraction,
-    int_at_least,
-    int_between,
-    momentum,
-    nonneg_float,
-    nonneg_int,
-    positive_float,
-    positive_int,
-    prob,
-    workers_help,
-)
 from genotypes import (
     GENOTYPE_FILE,
     PRIMITIVES,
     Genotype,
     format_genotype,
     genotype_to_dict,
-    load_genotype_file,
 )
 from memory import plan_memory, report_out_of_memory
 from model_search import (
-    NUM_EDGES,
+    DROPS_PER_STAGE,
+    NUM_STAGES,
+    OPS_PER_STAGE,
     STEM_REDUCTION,
-    STEMS,
+    CollapseMonitor,
     Network,
     Switches,
     all_on_switches,
-    count_skips,
-    derive_cell_switches,
     derive_genotype,
+    final_cells,
     ops_on,
-    prune_switches,
-    skip_budget_genotypes,
+    prune_after_stage,
+    replay_stages,
+    softmax_rows,
 )
-from plots import add_plot_args, plot_run_safely
+from plots import plot_run_safely
 from runs import (
+    BUDGETS,
+    CHECKPOINT,
+    METRICS,
     MetricsWriter,
+    load_search_resume,
     log_run_start,
     open_run_dir,
-    refuse_changed_flags,
     register_run,
     release_run_locks,
+    report_complete,
     run_main,
+    search_complete,
     setup_logging,
     truncate_metrics,
     write_arch_state,
 )
-from speed import (
-    add_speed_args,
-    autocast,
-    check_amp,
-    grad_scaler,
-    loss_precision,
-    prepare_input,
-    prepare_model,
+from search_flags import (  # the flags: search_flags.py
+    RUNTIME_FLAGS,
+    build_parser,
+    parse_args,
+    search_stem,
 )
+from speed import autocast, check_amp, grad_scaler, loss_precision, prepare_input, prepare_model
 from utils import (
     LR_SCHEDULE,
     AverageMeter,
@@ -124,51 +116,18 @@ from utils import (
     seed_for,
     set_rng_state,
 )
+from visualize import draw_safely
 
 # ---------------------------------------------------------------------------------------
 # The algorithm's constants (paper Sec. 4.1.1)
 # ---------------------------------------------------------------------------------------
 
-NUM_STAGES = 3
-# Candidate ops per edge in stages 1, 2, 3 ("the size of operation space is set to be
-# 8, 5 and 3"), and how many of the lowest-weighted ones each stage switches off: after
-# the last stage one op per edge is left, and `none` is always among those dropped.
-OPS_PER_STAGE = (8, 5, 3)
-DROPS_PER_STAGE = (3, 2, 2)
-assert all(k - d == nxt for k, d, nxt in zip(OPS_PER_STAGE, DROPS_PER_STAGE, OPS_PER_STAGE[1:] + (1,)))
+# The stages' op counts (NUM_STAGES, OPS_PER_STAGE: 8, 5, 3 ops per edge; DROPS_PER_STAGE)
+# live in model_search.py with the pruning that uses them.
 # Faithful to the release: the alpha half is validated when `epochs - epoch < 5`, i.e. in
 # the last 4 epochs of a stage (21-24 of 25).
 VALID_LAST_EPOCHS = 4
 DROPOUT_DECAY = 0.2         # p = rate * exp(-(e - W) * 0.2) after the warm-up
-# Skip-connect dropout rates per stage (paper Sec. 4.1.1); other datasets use CIFAR-10's.
-PAPER_DROPOUT_RATES = {"cifar10": (0.0, 0.4, 0.7), "cifar100": (0.1, 0.2, 0.3)}
-
-CHECKPOINT = "checkpoint.pt"
-# What a resume needs in a search checkpoint.
-SEARCH_CHECKPOINT_KEYS = ("args", "stage", "epoch", "world_size", "switches_normal",
-                          "switches_reduce", "model", "w_opt", "a_opt", "rng", "stages_done")
-ARCH_STATE = "arch_state.json"
-BUDGETS_FILE = "genotypes_by_skip_budget.json"
-METRICS_FILE = "metrics.jsonl"
-
-RELEASE_WORKERS = 2         # the release's loader processes; never more than the CPU cores
-MIN_IMAGE_SIZE = 8          # the smallest --image_size the two reduction cells can halve twice
-AUTO_IMAGENET_STEM = 64     # --stem auto picks the stride-8 stem from this image size on
-
-# Flags whose default depends on --demo (None on the command line = not given).
-PAPER_DEFAULTS = dict(dataset="cifar10", epochs=25, arch_warmup_epochs=10, batch_size=96,
-                      init_channels=16, layers=5, add_layers=[0, 6, 12],
-                      workers=default_workers(RELEASE_WORKERS),
-                      report_freq=50, note="try", image_size=32, threads=0, channels_last=False)
-# The demo: the full three-stage algorithm, scaled down to run on a 2-core CPU in a few
-# minutes. channels_last: the CPU's depthwise convolutions are much faster in NHWC.
-DEMO_DEFAULTS = dict(dataset="demo", epochs=5, arch_warmup_epochs=2, batch_size=50,
-                     init_channels=4, layers=3, add_layers=[0, 1, 2], workers=0,
-                     report_freq=5, note="demo", image_size=16, threads=1, channels_last=True)
-# On --resume these come from the new command line; everything else from the run itself.
-RUNTIME_FLAGS = ("resume", "workers", "report_freq", "device", "tmp_data_dir", "download",
-                 "stop_after_epochs", "derive", "threads", "host_data", "channels_last", "compile",
-                 "dist_timeout", "plot_format", "checkpoint_cells")
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,221 +153,6 @@ def skip_dropout_rate(epoch: int, epochs: int, rate: float, warmup: int) -> floa
 def is_validation_epoch(epoch: int, epochs: int) -> bool:
     """Validation accuracy is reported in the last VALID_LAST_EPOCHS (4) epochs of a stage."""
     return epoch >= epochs - VALID_LAST_EPOCHS
-
-
-def resolve_stem(stem: str, image_size: int) -> tuple[str, str]:
-    """The search network's stem for ``--stem`` at ``--image_size`` and why (for the log).
-    A ValueError when the stride-8 stem would leave the last cells under 2x2 pixels."""
-    if stem == "auto":
-        stem = "imagenet" if image_size >= AUTO_IMAGENET_STEM else "cifar"
-        reason = (f"--stem auto: {stem} since --image_size {image_size} is "
-                  f"{'at least' if stem == 'imagenet' else 'under'} {AUTO_IMAGENET_STEM}")
-    else:
-        reason = f"--stem {stem}"
-    smallest = 2 * 4 * STEM_REDUCTION[stem]     # the stem, then two reduction cells
-    if image_size < smallest:
-        raise ValueError(f"--stem {stem} shrinks the image by {STEM_REDUCTION[stem]} before the "
-                         f"first cell and by {4 * STEM_REDUCTION[stem]} by the last: --image_size "
-                         f"{image_size} leaves the last cells under 2x2 pixels; use --image_size "
-                         f"{smallest} or more, or --stem cifar")
-    return stem, reason
-
-
-def stage_values(given: Sequence | None, flag: str, default: Sequence,
-                 implicit_first: bool) -> list:
-    """The three per-stage values of a repeated flag.
-
-    ``implicit_first``: the release's ``--add_layers``/``--add_width`` lists start with an
-    implicit 0 for stage 1, so two flags (``--add_layers 6 --add_layers 12``) mean 0, 6, 12;
-    three flags are taken as given.
-    """
-    if given is None:
-        return list(default)
-    values = list(given)
-    if implicit_first and len(values) == NUM_STAGES - 1:
-        return [type(values[0])(0)] + values
-    if len(values) == NUM_STAGES:
-        return values
-    # Deviation: the release silently falls back to its defaults here.
-    forms = "2 (stage 1 is then 0) or 3" if implicit_first else "3"
-    raise ValueError(f"{flag} was given {len(values)} time(s); give it {forms} times, one "
-                     f"value per stage (got {values})")
-
-
-# ---------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="P-DARTS progressive architecture search (3 stages of 5/11/17 cells). "
-                    "First try: python train_search.py --demo",
-        formatter_class=HelpFormatter)
-    d = DEMO_DEFAULTS
-    g = p.add_argument_group("data")
-    g.add_argument("--tmp_data_dir", "--data", default=DEFAULT_DATA_DIR,
-                   help="folder holding cifar-10-batches-py / cifar-100-python; for "
-                        "--dataset folder, the ImageFolder tree itself (class subfolders)")
-    g.add_argument("--dataset", choices=["cifar10", "cifar100", "folder", "demo"], default=None,
-                   help="cifar10 (default), cifar100, folder (your own ImageFolder tree, "
-                        "normalised with its own mean/std), demo (built-in generated "
-                        "10-class task; the default with --demo)")
-    g.add_argument("--cifar100", action="store_true", help="same as --dataset cifar100")
-    g.add_argument("--download", action="store_true",
-                   help="download CIFAR into --tmp_data_dir if it is missing")
-    g.add_argument("--image_size", type=int_at_least(MIN_IMAGE_SIZE), default=None,
-                   help="image side; --dataset folder: resized and centre-cropped to it; "
-                        "CIFAR/demo: resized to it when not 32 (default 32, demo 16)")
-    g.add_argument("--train_portion", type=fraction, default=0.5,
-                   help="part of the training split that trains the weights, the rest trains "
-                        "the alphas: the first part for CIFAR and demo (the release's rule), a "
-                        "stratified draw seeded with --seed for an image folder")
-    g.add_argument("--subset_per_class", nargs=2, type=count_or_fraction, default=None,
-                   metavar=("W", "A"),
-                   help="search on a sample: from every class, a seeded draw of W images for "
-                        "the weight half and A others for the alpha half (counts, or fractions "
-                        "of the class such as 0.1 0.025); --train_portion is then not used")
-    g.add_argument("--skip_bad_images", action="store_true",
-                   help="--dataset folder: decode every image once at the start and leave out "
-                        "the unreadable ones (counted in the log) instead of stopping at the "
-                        "first with its path")
-    g.add_argument("--workers", type=nonneg_int, default=None,
-                   help=workers_help(RELEASE_WORKERS) + f"; demo {d['workers']}")
-    # Faithful to the release: its search takes --cutout/--cutout_length (Cutout on the
-    # images of both halves, off by default) and --drop_path_prob (parsed, never used).
-    g.add_argument("--cutout", action="store_true",
-                   help="Cutout (after normalisation) on the images of both halves, as the "
-                        "release's --cutout (off by default)")
-    g.add_argument("--cutout_length", type=positive_int, default=16, help="Cutout square side")
-    g.add_argument("--drop_path_prob", type=prob, default=0.3,
-                   help="accepted for the release's command lines; the search network has no "
-                        "drop path, so the value is not used (default 0.3, the release's)")
-
-    g = p.add_argument_group("search")
-    g.add_argument("--epochs", type=positive_int, default=None,
-                   help=f"epochs per stage (default {PAPER_DEFAULTS['epochs']}, demo {d['epochs']})")
-    g.add_argument("--arch_warmup_epochs", type=nonneg_int, default=None,
-                   help="epochs per stage that train only the weights "
-                        f"(default {PAPER_DEFAULTS['arch_warmup_epochs']}, demo {d['arch_warmup_epochs']})")
-    g.add_argument("--batch_size", type=positive_int, default=None,
-                   help="batch of each half per step, over all processes together "
-                        f"(default {PAPER_DEFAULTS['batch_size']}, demo {d['batch_size']})")
-    g.add_argument("--learning_rate", type=positive_float, default=0.025, help="initial weight learning rate")
-    g.add_argument("--learning_rate_min", type=nonneg_float, default=0.0, help="cosine schedule floor")
-    g.add_argument("--momentum", type=momentum, default=0.9, help="SGD momentum")
-    g.add_argument("--weight_decay", type=nonneg_float, default=3e-4, help="SGD weight decay")
-    g.add_argument("--grad_clip", type=positive_float, default=5.0,
-                   help="gradient norm clip for the weights and for the alphas")
-    g.add_argument("--arch_learning_rate", type=positive_float, default=6e-4, help="Adam lr of the alphas")
-    g.add_argument("--arch_weight_decay", type=nonneg_float, default=1e-3,
-                   help="Adam weight decay of the alphas")
-    g.add_argument("--init_channels", type=positive_int, default=None,
-                   help=f"C of stage 1 (default {PAPER_DEFAULTS['init_channels']}, "
-                        f"demo {d['init_channels']})")
-    g.add_argument("--stem", choices=("auto",) + STEMS, default="auto",
-                   help="the search network's stem: cifar (the release's, full resolution) or "
-                        "imagenet (the mobile network's stride-8 stem: a 224-pixel search costs "
-                        f"about what a 28-pixel one does); auto = imagenet when --image_size is "
-                        f"{AUTO_IMAGENET_STEM} or more, else cifar")
-    g.add_argument("--layers", type=positive_int, default=None,
-                   help=f"cells in stage 1 (default {PAPER_DEFAULTS['layers']}, demo {d['layers']})")
-    g.add_argument("--add_layers", type=nonneg_int, action="append", default=None,
-                   help="cells added per stage; repeat: twice means 0, A, B (the release's "
-                        "form), three times gives all three (default 0, 6, 12 -> 5/11/17 cells; "
-                        "demo 0, 1, 2)")
-    g.add_argument("--add_width", type=nonneg_int, action="append", default=None,
-                   help="channels added to C per stage; repeat like --add_layers (default 0, 0, 0)")
-    g.add_argument("--dropout_rate", type=prob, action="append", default=None,
-                   help="skip-connect dropout rate per stage; give it 3 times. Default: the "
-                        "paper's rates, CIFAR-10 (and demo/folder) 0.0 0.4 0.7, CIFAR-100 0.1 0.2 0.3 "
-                        "(the authors' README example: 0.1 0.4 0.7)")
-    # Deviation: the budget M is a flag (the paper's M = 2 is the default).
-    g.add_argument("--max_skip", type=int_between(-1, 8), default=2,
-                   help="at most this many skip-connects in the final normal cell (paper: 2); "
-                        "-1 = no restriction")
-
-    g = p.add_argument_group("run")
-    # Deviation: the default folder is runs/ (ignored by git).
-    g.add_argument("--save", default="runs/",
-                   help="run folder prefix: the run goes to {save}search-{note}-{timestamp}")
-    g.add_argument("--note", default=None, help="name part of the run folder (default try, demo demo)")
-    g.add_argument("--seed", type=nonneg_int, default=2, help="seeds everything (the release's default)")
-    g.add_argument("--deterministic", action="store_true",
-                   help="deterministic algorithms (slower); with it a resumed CPU run equals "
-                        "an uninterrupted one")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto = CUDA when available")
-    add_dist_timeout_arg(g)
-    g.add_argument("--threads", type=nonneg_int, default=None,
-                   help="CPU threads for PyTorch; 0 = PyTorch's default (all cores). The demo "
-                        "uses 1: its tensors are too small to gain from more, and on a busy "
-                        "machine several threads per tiny op slow it down many times")
-    g.add_argument("--report_freq", type=positive_int, default=None,
-                   help=f"steps between progress lines (default {PAPER_DEFAULTS['report_freq']}, "
-                        f"demo {d['report_freq']})")
-    g.add_argument("--demo", action="store_true",
-                   help="run the whole algorithm on the built-in demo data at a tiny size "
-                        "(flags given with it override its presets)")
-    g.add_argument("--resume", metavar="RUN_DIR", default=None,
-                   help="continue the run in RUN_DIR from its last completed epoch")
-    g.add_argument("--derive", metavar="FILE", default=None,
-                   help="no training: re-derive the final cell from saved alphas (arch_state.json) "
-                        "at --max_skip and print it")
-    g.add_argument("--host_data", action="store_true",
-                   help="on CUDA, keep the CIFAR/demo augmentation in DataLoader workers on the "
-                        "CPU instead of the default GPU pipeline (same distribution, other draws)")
-    add_speed_args(p, channels_last_default=None)   # the demo turns it on
-    add_plot_args(g)
-    # For tests of resume: stop (as if killed) after this many epochs of this process.
-    g.add_argument("--stop_after_epochs", type=positive_int, default=None, help=argparse.SUPPRESS)
-    return p
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    given: list[str] = []
-    if args.resume:
-        # A resumed run keeps its own settings; only run-time flags given here change.
-        probe = build_parser()
-        for action in probe._actions:
-            action.default = argparse.SUPPRESS
-        given = sorted(vars(probe.parse_args(argv)))
-        args.resume_overrides = [k for k in given if k in RUNTIME_FLAGS]
-    if args.cifar100:
-        if args.dataset not in (None, "cifar100"):
-            parser.error(f"--cifar100 contradicts --dataset {args.dataset}")
-        args.dataset = "cifar100"
-    presets = DEMO_DEFAULTS if args.demo else PAPER_DEFAULTS
-    for key, value in presets.items():
-        if getattr(args, key) is None:
-            setattr(args, key, list(value) if isinstance(value, list) else value)
-    try:
-        args.add_layers = stage_values(args.add_layers, "--add_layers", presets["add_layers"], True)
-        args.add_width = stage_values(args.add_width, "--add_width", [0, 0, 0], True)
-        # Deviation: no --dropout_rate means the paper's rates, not the release's fallback.
-        rates = PAPER_DROPOUT_RATES.get(args.dataset, PAPER_DROPOUT_RATES["cifar10"])
-        args.dropout_rate = stage_values(args.dropout_rate, "--dropout_rate", rates, False)
-    except ValueError as e:
-        parser.error(str(e))
-    if args.resume and args.stem == "auto":
-        given = [k for k in given if k != "stem"]   # the run keeps the stem it chose
-    if not args.resume:
-        try:
-            args.stem, args.stem_reason = resolve_stem(args.stem, args.image_size)
-        except ValueError as e:
-            parser.error(str(e))
-    if args.resume:
-        # The other flags given, as resolved here (--add_layers 6 --add_layers 12 is
-        # [0, 6, 12], --cifar100 is --dataset cifar100), to compare with the run's own.
-        keys = {"dataset" if k == "cifar100" else k for k in given}
-        args.resume_given = {k: getattr(args, k) for k in sorted(keys)
-                             if k not in RUNTIME_FLAGS}
-    elif args.arch_warmup_epochs >= args.epochs:
-        parser.error(f"--arch_warmup_epochs {args.arch_warmup_epochs} >= --epochs {args.epochs}: "
-                     "no alpha would ever be updated and the cell would come from the random "
-                     "initial alphas; use fewer warm-up epochs or more epochs")
-    return args
 
 
 # ---------------------------------------------------------------------------------------
@@ -582,60 +326,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: st
 
 
 # ---------------------------------------------------------------------------------------
-# Derivation from saved alphas (--derive) and reporting of cells
+# Re-derivation from saved alphas (--derive) and reporting of cells
 # ---------------------------------------------------------------------------------------
-
-def prune_after_stage(stage: int, switches_normal: Switches, switches_reduce: Switches,
-                      probs_normal, probs_reduce) -> tuple[Switches, Switches]:
-    """Switch off the DROPS_PER_STAGE[stage] lowest-weighted ops of every edge (stage is
-    0-based); after the last stage `none` is always among them (paper Sec. 3.2)."""
-    last = stage == NUM_STAGES - 1
-    return (prune_switches(switches_normal, probs_normal, DROPS_PER_STAGE[stage], drop_none=last),
-            prune_switches(switches_reduce, probs_reduce, DROPS_PER_STAGE[stage], drop_none=last))
-
-
-def _softmax_rows(alphas: Sequence[Sequence[float]]) -> torch.Tensor:
-    # float32, as in the search, so a re-derivation ranks exactly as the search did.
-    return F.softmax(torch.tensor(alphas, dtype=torch.float32), dim=-1)
-
-
-def replay_stages(stages: Sequence[dict], source: str = "arch state") -> list[tuple[Switches, Switches]]:
-    """The switches each stage ran with, recomputed from the raw alphas of all stages,
-    starting with all ops on and pruning after each stage as the search does."""
-    if not isinstance(stages, list) or len(stages) != NUM_STAGES:
-        raise UserError(f"{source}: 'stages' must be a list of {NUM_STAGES} objects")
-    sw_n, sw_r = all_on_switches(), all_on_switches()
-    result = []
-    for s, stage in enumerate(stages):
-        for key in ("alphas_normal", "alphas_reduce"):
-            rows = stage.get(key) if isinstance(stage, dict) else None
-            ok = (isinstance(rows, list) and len(rows) == NUM_EDGES
-                  and all(isinstance(r, list) and len(r) == OPS_PER_STAGE[s]
-                          and all(isinstance(v, (int, float)) for v in r) for r in rows))
-            if not ok:
-                raise UserError(f"{source}: stage {s + 1} needs '{key}' as {NUM_EDGES} rows of "
-                                f"{OPS_PER_STAGE[s]} numbers (one column per op on, PRIMITIVES order)")
-            if not all(math.isfinite(v) for r in rows for v in r):
-                raise UserError(f"{source}: stage {s + 1} '{key}' holds non-finite values (NaN or "
-                                "infinity): the search diverged, and no cell can be derived from it")
-        result.append((sw_n, sw_r))
-        sw_n, sw_r = prune_after_stage(s, sw_n, sw_r, _softmax_rows(stage["alphas_normal"]),
-                                       _softmax_rows(stage["alphas_reduce"]))
-    return result
-
-
-def final_cells(sw_n: Switches, sw_r: Switches, probs_n, probs_r, max_skip: int
-                ) -> tuple[Genotype, Genotype, int, list[tuple[int, Genotype]]]:
-    """(chosen cell at max_skip, unrestricted cell, its skip-connect count, the cell for
-    every budget from 8 down that the unrestricted cell exceeds).
-
-    Faithful to the release: the skip-connect budget restricts the normal cell only."""
-    unrestricted = derive_genotype(sw_n, sw_r, probs_n, probs_r, None)
-    num_skips = count_skips(derive_cell_switches(sw_n, probs_n, None))
-    budgets = skip_budget_genotypes(sw_n, sw_r, probs_n, probs_r)
-    chosen = unrestricted if max_skip < 0 else derive_genotype(sw_n, sw_r, probs_n, probs_r, max_skip)
-    return chosen, unrestricted, num_skips, budgets
-
 
 def run_derive(args: argparse.Namespace) -> int:
     """``--derive FILE``: print the cell for every skip budget, then the chosen one last."""
@@ -658,7 +350,7 @@ def run_derive(args: argparse.Namespace) -> int:
     sw_n, sw_r = switches[-1]
     last = state["stages"][-1]
     chosen, unrestricted, num_skips, budgets = final_cells(
-        sw_n, sw_r, _softmax_rows(last["alphas_normal"]), _softmax_rows(last["alphas_reduce"]),
+        sw_n, sw_r, softmax_rows(last["alphas_normal"]), softmax_rows(last["alphas_reduce"]),
         args.max_skip)
     print(f"unrestricted cell ({num_skips} skip-connects in the normal cell): "
           f"{format_genotype(unrestricted)}")
@@ -677,77 +369,6 @@ def _log_switches(stage: int, sw_n: Switches, sw_r: Switches) -> None:
         logger.info("stage %d %s cell, ops kept per edge:", stage, kind)
         for e, row in enumerate(sw):
             logger.info("  edge %2d: %s", e, _names(row))
-
-
-def _draw(genotype: Genotype, out_dir: str, prefix: str) -> None:
-    from visualize import draw_genotype, graphviz_available
-
-    if not graphviz_available():
-        logger.info("graphviz not installed: no diagram %s*.pdf", prefix)
-        return
-    try:
-        paths = draw_genotype(genotype, out_dir, "pdf", prefix)
-        logger.info("diagrams: %s", ", ".join(os.path.basename(p) for p in paths))
-    except Exception as e:  # noqa: BLE001 - a drawing failure must not lose the search
-        logger.warning("could not draw %s cells: %s", prefix or "final", e)
-
-
-# ---------------------------------------------------------------------------------------
-# Run folder, resume, checkpoints
-# ---------------------------------------------------------------------------------------
-
-def _load_resume(args: argparse.Namespace) -> tuple[argparse.Namespace, dict]:
-    """The run's checkpoint and its settings, with the run-time flags of this command."""
-    path = os.path.join(args.resume, CHECKPOINT)
-    if not os.path.isdir(args.resume):
-        raise UserError(f"--resume: no run folder {args.resume}")
-    if not os.path.isfile(path):
-        raise UserError(f"--resume: {args.resume} has no {CHECKPOINT}: the run stopped before "
-                        "its first epoch ended, so there is nothing to resume; start it again")
-    ckpt = load_file(path)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "pdarts-search":
-        raise CheckpointError(f"{path} is {describe_checkpoint(ckpt)}; --resume of "
-                              "train_search.py expects the folder of a search run")
-    missing = [k for k in SEARCH_CHECKPOINT_KEYS if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} is a search checkpoint without {', '.join(missing)} "
-                              "(damaged or written by another version); it cannot be resumed")
-    saved = dict(ckpt["args"])
-    # Deviation: the release has no resume. As train_cifar.py does, a recipe flag that
-    # differs from the run's own is refused, not silently ignored; save/note only name
-    # the folder of a new run.
-    refuse_changed_flags(getattr(args, "resume_given", {}), saved,
-                         set(RUNTIME_FLAGS) | {"save", "note"}, vars(build_parser().parse_args([])))
-    overrides = set(getattr(args, "resume_overrides", [])) | {"resume", "stop_after_epochs", "derive"}
-    for key in overrides:
-        saved[key] = getattr(args, key)
-    saved["resume_overrides"] = sorted(overrides)
-    return argparse.Namespace(**saved), ckpt
-
-
-def search_stem(args: argparse.Namespace) -> str:
-    """The run's stem; runs saved before --stem existed used the release's."""
-    stem = getattr(args, "stem", "cifar")
-    return "cifar" if stem == "auto" else stem
-
-
-def search_complete(run_dir: str, ckpt: dict, epochs: int) -> bool:
-    """The checkpoint is the last epoch of the last stage and the final cell was written."""
-    return (ckpt["stage"] == NUM_STAGES - 1 and ckpt["epoch"] >= epochs
-            and os.path.isfile(os.path.join(run_dir, GENOTYPE_FILE)))
-
-
-def report_complete(run_dir: str, env: DistInfo) -> int:
-    """``--resume`` of a finished search: say so and print its cell; nothing is re-run,
-    re-derived or appended."""
-    path = os.path.join(run_dir, GENOTYPE_FILE)
-    genotype = load_genotype_file(path)
-    if env.is_main:
-        print(f"the search in {os.path.abspath(run_dir)} is complete (all {NUM_STAGES} stages): "
-              f"nothing to resume. Its cell ({path}; re-derive at another skip budget with "
-              f"--derive {os.path.join(run_dir, ARCH_STATE)} --max_skip M):", flush=True)
-        print(format_genotype(genotype), flush=True)
-    return 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -914,7 +535,7 @@ def end_stage(run: SearchRun, stage: int, model: Network, switches_n: Switches,
     _log_switches(stage + 1, new_n, new_r)
     if env.is_main:
         write_arch_state(run.run_dir, run.stages_done)
-        _draw(stage_cell, run.run_dir, f"stage{stage + 1}_")
+        draw_safely(stage_cell, run.run_dir, f"stage{stage + 1}_")
     return new_n, new_r
 
 
@@ -951,10 +572,10 @@ def finish_search(run: SearchRun, model: Network, switches_n: Switches,
         write_json_atomic(cell, os.path.join(run.run_dir, GENOTYPE_FILE))
         write_json_atomic({"num_skip_connects": num_skips, "unrestricted": genotype_to_dict(unrestricted),
                      "by_max_skip": {str(m): genotype_to_dict(g) for m, g in budgets}},
-                    os.path.join(run.run_dir, BUDGETS_FILE))
+                    os.path.join(run.run_dir, BUDGETS))
         write_arch_state(run.run_dir, run.stages_done,
                          {"max_skip": args.max_skip, "genotype": cell, "stem": search_stem(args)})
-        _draw(chosen, run.run_dir, "")
+        draw_safely(chosen, run.run_dir, "")
     return chosen
 
 
@@ -974,9 +595,9 @@ def _main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     ckpt = None
     if args.resume:
-        args, ckpt = _load_resume(args)
+        args, ckpt = load_search_resume(args, RUNTIME_FLAGS, vars(build_parser().parse_args([])))
         if search_complete(args.resume, ckpt, args.epochs):
-            return report_complete(args.resume, env)
+            return report_complete(args.resume, env.is_main)
         if ckpt["world_size"] != env.world_size:
             logger.warning("resuming a %d-process run with %d processes: the data order and "
                            "random streams differ from the original run", ckpt["world_size"],
@@ -1018,7 +639,7 @@ def _main(args: argparse.Namespace) -> int:
                     "differs from the default float32 path)", args.amp, args.channels_last,
                     args.compile)
     run = SearchRun(args, env, data, num_classes, run_dir,
-                    MetricsWriter(os.path.join(run_dir, METRICS_FILE) if env.is_main else None),
+                    MetricsWriter(os.path.join(run_dir, METRICS) if env.is_main else None),
                     split.digest)
 
     switches_n, switches_r = all_on_switches(), all_on_switches()
@@ -1034,7 +655,7 @@ def _main(args: argparse.Namespace) -> int:
                            "schedule it began with (cos(pi*e/E))")
         logger.info("resuming %s at stage %d after epoch %d", run_dir, start_stage + 1, ckpt["epoch"])
         if env.is_main:
-            truncate_metrics(os.path.join(run_dir, METRICS_FILE), ckpt["epoch"], start_stage)
+            truncate_metrics(os.path.join(run_dir, METRICS), ckpt["epoch"], start_stage)
 
     search_start = time.time()
     for stage in range(start_stage, NUM_STAGES):

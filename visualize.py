@@ -17,6 +17,7 @@ import sys
 
 from flags import HelpFormatter
 from genotypes import GENOTYPE_FILE, OP_COLORS, Genotype, GenotypeError, get_genotype, known_genotypes
+from utils import logger
 
 FORMATS = ("pdf", "png", "svg")
 DOT_MISSING = ("the graphviz 'dot' program is not installed; install it "
@@ -75,6 +76,19 @@ def draw_genotype(genotype: Genotype, out_dir: str, fmt: str = "pdf",
         plot_cell(genotype.reduce, genotype.reduce_concat,
                   os.path.join(out_dir, f"{prefix}reduction"), fmt),
     ]
+
+
+def draw_safely(genotype: Genotype, out_dir: str, prefix: str) -> None:
+    """The search's diagrams (``{prefix}normal.pdf``, ``{prefix}reduction.pdf``): skipped
+    without graphviz, and a failure is a warning, never the end of the search."""
+    if not graphviz_available():
+        logger.info("graphviz not installed: no diagram %s*.pdf", prefix)
+        return
+    try:
+        paths = draw_genotype(genotype, out_dir, "pdf", prefix)
+        logger.info("diagrams: %s", ", ".join(os.path.basename(p) for p in paths))
+    except Exception as e:  # noqa: BLE001 - a drawing failure must not lose the search
+        logger.warning("could not draw %s cells: %s", prefix or "final", e)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

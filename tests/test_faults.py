@@ -34,6 +34,7 @@ import train_search as ts
 import utils
 from data import DataError, load_cifar_arrays
 from genotypes import PDARTS
+from model_search import OPS_PER_STAGE
 
 TRAIN_TINY = ["--epochs", "2", "--layers", "2", "--init_channels", "4", "--batch_size", "8",
               "--workers", "0", "--report_freq", "5", "--device", "cpu"]
@@ -532,7 +533,7 @@ def test_check_finite_state_names_the_tensor():
 
 def test_derive_refuses_non_finite_alphas(tmp_path, capsys):
     stages = [{"alphas_normal": [[0.1] * k for _ in range(14)],
-               "alphas_reduce": [[0.1] * k for _ in range(14)]} for k in ts.OPS_PER_STAGE]
+               "alphas_reduce": [[0.1] * k for _ in range(14)]} for k in OPS_PER_STAGE]
     stages[2]["alphas_normal"][3][1] = float("nan")
     path = tmp_path / "arch_state.json"
     path.write_text(json.dumps({"stages": stages}))   # json writes NaN, as a diverged run would

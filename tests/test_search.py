@@ -9,8 +9,9 @@ import torch
 import train_search as ts
 from data import DataError, EpochSampler, build_search_data, folder_transforms
 from genotypes import PRIMITIVES, format_genotype
-from model_search import NUM_EDGES, all_on_switches, ops_on
+from model_search import NUM_EDGES, all_on_switches, ops_on, prune_after_stage, replay_stages
 from runs import run_main
+from search_flags import DEMO_DEFAULTS
 
 I = {name: k for k, name in enumerate(PRIMITIVES)}  # noqa: E741
 
@@ -97,7 +98,7 @@ def test_bad_flag_counts_are_errors(argv, capsys):
 
 def test_demo_presets_and_overrides():
     d = ts.parse_args(["--demo"])
-    assert d.dataset == "demo" and d.epochs < 25 and d.add_layers == ts.DEMO_DEFAULTS["add_layers"]
+    assert d.dataset == "demo" and d.epochs < 25 and d.add_layers == DEMO_DEFAULTS["add_layers"]
     o = ts.parse_args(["--demo", "--epochs", "3", "--add_layers", "1", "--add_layers", "2"])
     assert o.epochs == 3 and o.add_layers == [0, 1, 2] and o.dataset == "demo"
 
@@ -114,22 +115,22 @@ def test_pruning_keeps_5_then_3_then_1_and_forces_none_out_last():
     sw = all_on_switches()
     # none is the strongest op everywhere in every stage.
     p1 = _probs([[0.30, 0.02, 0.05, 0.15, 0.20, 0.10, 0.08, 0.10]] * NUM_EDGES)
-    sw2, _ = ts.prune_after_stage(0, sw, sw, p1, p1)
+    sw2, _ = prune_after_stage(0, sw, sw, p1, p1)
     # The 3 lowest (max_pool .02, avg_pool .05, dil3 .08) go; none stays (not the last stage).
     assert all(ops_on(r) == [I["none"], I["skip_connect"], I["sep_conv_3x3"], I["sep_conv_5x5"],
                              I["dil_conv_5x5"]] for r in sw2)
     p2 = _probs([[0.40, 0.25, 0.20, 0.05, 0.10]] * NUM_EDGES)
-    sw3, _ = ts.prune_after_stage(1, sw2, sw2, p2, p2)
+    sw3, _ = prune_after_stage(1, sw2, sw2, p2, p2)
     assert all(ops_on(r) == [I["none"], I["skip_connect"], I["sep_conv_3x3"]] for r in sw3)
     # Last stage: none goes first although it is the strongest, then the lowest other.
     p3 = _probs([[0.60, 0.15, 0.25]] * 7 + [[0.60, 0.25, 0.15]] * 7)
-    final, _ = ts.prune_after_stage(2, sw3, sw3, p3, p3)
+    final, _ = prune_after_stage(2, sw3, sw3, p3, p3)
     assert [ops_on(r) for r in final] == [[I["sep_conv_3x3"]]] * 7 + [[I["skip_connect"]]] * 7
 
 
 def test_replay_recomputes_the_switches_of_every_stage():
     stages = _hand_made_stages()
-    (s1n, s1r), (s2n, s2r), (s3n, s3r) = ts.replay_stages(stages)
+    (s1n, s1r), (s2n, s2r), (s3n, s3r) = replay_stages(stages)
     assert s1n == all_on_switches() and s1r == all_on_switches()
     assert all(ops_on(r) == [I["none"], I["skip_connect"], I["sep_conv_3x3"], I["sep_conv_5x5"],
                              I["dil_conv_3x3"]] for r in s2n + s2r)
@@ -298,7 +299,7 @@ def test_image_folder_data(image_folder):
 def test_demo_data_and_resize():
     data, classes, _ = build_search_data(_data_args(["--demo"]))
     assert classes == 10 and len(data) == 1000
-    size = ts.DEMO_DEFAULTS["image_size"]
+    size = DEMO_DEFAULTS["image_size"]
     assert data[0][0].shape == (3, size, size)
 
 

@@ -13,6 +13,7 @@ import torch
 import train_search as ts
 from data import build_search_data
 from genotypes import format_genotype, load_genotype_file
+from model_search import OPS_PER_STAGE
 from runs import close_logging, run_main
 from visualize import graphviz_available
 
@@ -85,7 +86,7 @@ def test_search_writes_every_output(cifar10_dir, tmp_path, capsys):
         assert (r["arch_loss"] is None) == (r["epoch"] < 1)
         for key in ("train_acc", "train_loss", "epoch_time_s", "images_per_s", "peak_memory_mb"):
             assert isinstance(r[key], (int, float)), key
-        cols = ts.OPS_PER_STAGE[r["stage"] - 1]
+        cols = OPS_PER_STAGE[r["stage"] - 1]
         assert len(r["alphas_normal_softmax"]) == 14 and len(r["alphas_normal_softmax"][0]) == cols
         assert sum(r["alphas_reduce_softmax"][5]) == pytest.approx(1.0, abs=1e-5)
 
@@ -94,8 +95,8 @@ def test_search_writes_every_output(cifar10_dir, tmp_path, capsys):
         state = json.load(f)
     assert [s["layers"] for s in state["stages"]] == [3, 4, 5]
     for s, stage in enumerate(state["stages"]):
-        assert len(stage["alphas_normal"]) == 14 and len(stage["alphas_reduce"][0]) == ts.OPS_PER_STAGE[s]
-        assert all(sum(row) == ts.OPS_PER_STAGE[s] for row in stage["switches_normal"])
+        assert len(stage["alphas_normal"]) == 14 and len(stage["alphas_reduce"][0]) == OPS_PER_STAGE[s]
+        assert all(sum(row) == OPS_PER_STAGE[s] for row in stage["switches_normal"])
     assert state["genotype"] == json.load(open(os.path.join(run_dir, "genotype.json")))
 
     with open(os.path.join(run_dir, "genotypes_by_skip_budget.json")) as f:
