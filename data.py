@@ -347,6 +347,48 @@ def split_indices(labels: Sequence[int], portion: float, seed: int, rule: str) -
     return Split(sorted(first), [i for i in range(n) if i not in chosen], rule)
 
 
+SUBSET_RULE = "per-class subset"
+
+
+def per_class_take(amount: int | float, size: int) -> int:
+    """Images of a class of ``size`` that ``amount`` asks for: a count as given, a
+    fraction of the class rounded to the nearest count (at least 1)."""
+    if isinstance(amount, float):
+        return max(1, int(math.floor(amount * size + 0.5)))
+    return int(amount)
+
+
+def subset_indices(labels: Sequence[int], weights: int | float, alphas: int | float, seed: int,
+                   class_names: Sequence[str] | None = None) -> Split:
+    """``--subset_per_class W A``: from every class, a seeded random draw of W images for
+    the weight half and A other images for the alpha half (counts, or fractions of the
+    class); a function of (labels, W, A, seed) only. A DataError when a class has fewer
+    than the two take together."""
+    g = torch.Generator().manual_seed(int(seed))
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(int(y), []).append(i)
+    first: list[int] = []
+    second: list[int] = []
+    short = []
+    for c in sorted(by_class):
+        idx = by_class[c]
+        w, a = per_class_take(weights, len(idx)), per_class_take(alphas, len(idx))
+        if w + a > len(idx):
+            name = class_names[c] if class_names is not None else str(c)
+            short.append(f"{name} ({len(idx)} images, {w}+{a} asked)")
+            continue
+        perm = torch.randperm(len(idx), generator=g).tolist()
+        first.extend(idx[j] for j in perm[:w])
+        second.extend(idx[j] for j in perm[w:w + a])
+    if short:
+        shown = ", ".join(short[:COUNTS_SHOWN]) + (" ..." if len(short) > COUNTS_SHOWN else "")
+        raise DataError(f"--subset_per_class {weights} {alphas} asks for more images than "
+                        f"{len(short)} class(es) hold: {shown}; ask for fewer (or fractions "
+                        "such as 0.1 0.025)")
+    return Split(sorted(first), sorted(second), SUBSET_RULE)
+
+
 def class_counts(labels: Sequence[int], indices: Sequence[int], num_classes: int) -> list[int]:
     counts = [0] * num_classes
     for i in indices:
@@ -432,15 +474,26 @@ def scaled_cutout(length: int, image_size: int) -> int:
     return max(1, round(length * image_size / 32))
 
 
-def imagenet_transforms(train: bool):
-    """The release's ImageNet augmentation (train) and resize 256 / centre crop 224 (eval)."""
-    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+def imagenet_transforms(train: bool, image_size: int = 224, mean=IMAGENET_MEAN,
+                        std=IMAGENET_STD):
+    """The release's ImageNet augmentation (train) and resize 256 / centre crop 224 (eval);
+    at another ``image_size`` the eval resize keeps the ratio 256/224."""
+    normalize = T.Normalize(mean, std)
     if train:
         return T.Compose([
-            T.RandomResizedCrop(224), T.RandomHorizontalFlip(),
+            T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(),
             T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2),
             T.ToTensor(), normalize])
-    return T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalize])
+    resize = round(image_size * 256 / 224)
+    return T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), normalize])
+
+
+def own_transforms(augment: str, train: bool, image_size: int, mean, std, cutout_length: int = 0):
+    """An image folder's transforms: ``augment`` 'cifar' (train_cifar.py's, see
+    ``folder_transforms``) or 'imagenet' (train_imagenet.py's, with the folder's mean/std)."""
+    if augment == "imagenet":
+        return imagenet_transforms(train, image_size, mean, std)
+    return folder_transforms(train, image_size, mean, std, cutout_length)
 
 
 # ---------------------------------------------------------------------------------------
@@ -879,7 +932,13 @@ def search_split(dataset: Dataset, args: argparse.Namespace, ckpt: dict | None =
     either half is refused. On resume the division must equal the run's (``ckpt``)."""
     labels = dataset.targets
     names = getattr(dataset, "classes", None) or [str(c) for c in range(max(labels) + 1)]
-    split = split_indices(labels, args.train_portion, args.seed, split_rule(args.dataset))
+    subset = getattr(args, "subset_per_class", None)   # absent in older runs
+    if subset:
+        # Deviation (asked for): a per-class sample of the data, as PC-DARTS searches
+        # ImageNet on 10% / 2.5% of each class; --train_portion is then not used.
+        split = subset_indices(labels, subset[0], subset[1], args.seed, names)
+    else:
+        split = split_indices(labels, args.train_portion, args.seed, split_rule(args.dataset))
     split.names = sample_names(dataset)
     if not split.first or not split.second:
         raise DataError(f"{len(labels)} training images cannot be split into a weight and an "

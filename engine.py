@@ -43,7 +43,25 @@ from checkpoint import (
     load_weights,
     save_atomic,
 )
-from data import ArrayDataset, DeviceLoader, normalization, num_classes_of
+from data import (
+    ArrayDataset,
+    DataError,
+    DeviceLoader,
+    check_split,
+    compare_classes,
+    describe_counts,
+    describe_stats,
+    drop_unreadable,
+    folder_tree,
+    normalization,
+    num_classes_of,
+    open_training_folder,
+    own_transforms,
+    sample_names,
+    scaled_cutout,
+    scan_folder,
+    split_indices,
+)
 from distributed import DistInfo, add_dist_timeout_arg, barrier, sync_buffers
 from errors import UserError, write_json_atomic
 from flags import (
@@ -259,6 +277,72 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+# ---------------------------------------------------------------------------------------
+# A user's image folder (train_cifar.py and train_imagenet.py --dataset folder)
+# ---------------------------------------------------------------------------------------
+
+def folder_data(args: argparse.Namespace, cutout: int, resume: dict | None, augment: str = "cifar"):
+    """Training and evaluation sets of an image folder, the checkpoint's "data" entry, the
+    run-folder files (split.json for a held-out split) and lines for the log.
+
+    Classes come from the training folder; the evaluation folder (val/, else test/) must
+    have the same ones. Without one, ``--val_portion`` is held out by the shared seeded,
+    stratified split. The mean and std come from the training images (kept by a resume).
+    ``augment``: the training scripts' transforms, 'cifar' (train_cifar.py) or 'imagenet'
+    (train_imagenet.py), kept in the "data" entry for test.py."""
+    size = args.image_size
+    saved = (resume or {}).get("data") or {}
+    train_dir, val_dir, test_dir = folder_tree(args.tmp_data_dir)
+    data, stats = open_training_folder(train_dir, size, args.seed, args.skip_bad_images,
+                                       args.workers, saved.get("stats"), "training image folder")
+    if len(data.classes) < 2:
+        raise DataError(f"{train_dir} has {len(data.classes)} class folder(s); 2 or more are needed")
+    if saved:
+        compare_classes(saved["classes"], data.classes, "the run being resumed", train_dir)
+    info = {"dataset": "folder", "root": os.path.abspath(args.tmp_data_dir), "classes": data.classes,
+            "image_size": size, "stats": stats, "split_digest": None, "eval": None,
+            "augment": augment}
+    lines = [f"{len(data.classes)} classes from {train_dir}, images resized and centre-cropped "
+             f"to {size}x{size}, normalised with {describe_stats(stats)}"]
+    files = {}
+    eval_dir = val_dir or test_dir
+    if eval_dir:
+        eval_set = scan_folder(eval_dir, "validation image folder")
+        compare_classes(data.classes, eval_set.classes, train_dir, eval_dir)
+        if args.skip_bad_images:
+            eval_set, bad = drop_unreadable(eval_set, args.workers)
+            data.skipped += bad
+        train_set, info["eval"] = data, os.path.basename(eval_dir)
+        lines.append(f"{len(train_set)} training images, {len(eval_set)} evaluation images in "
+                     f"{eval_dir}")
+    else:
+        split = split_indices(data.targets, 1 - args.val_portion, args.seed, "stratified")
+        split.names = sample_names(data)
+        train_counts, eval_counts = check_split(
+            split, data.targets, data.classes, ("training part", "held-out part"),
+            "add images to them or change --val_portion")
+        if saved and saved.get("split_digest") != split.digest:
+            raise DataError(f"the images in {train_dir} are divided differently from the run "
+                            "being resumed: images were added, removed or renamed since it "
+                            "started; resume with the same data")
+        train_set, eval_set = data.subset(split.first), data.subset(split.second)
+        info["split_digest"], info["eval"] = split.digest, "held-out"
+        files[SPLIT_NAME] = {"root": os.path.abspath(train_dir), "seed": args.seed,
+                             "val_portion": args.val_portion, "classes": data.classes,
+                             "digest": split.digest, "held_out": [split.names[i] for i in split.second]}
+        lines.append(f"{len(train_set)} training images, {len(eval_set)} held out for evaluation "
+                     f"(--val_portion {args.val_portion}, stratified, seed {args.seed}; "
+                     f"{SPLIT_NAME}); images per class training/held-out: "
+                     + describe_counts(data.classes, train_counts, eval_counts))
+    lines += [f"left out: {reason}" for reason in data.skipped]
+    if data.skipped:
+        lines.append(f"{len(data.skipped)} unreadable image(s) left out (--skip_bad_images)")
+    train_set.transform = own_transforms(augment, True, size, stats["mean"], stats["std"],
+                                         scaled_cutout(cutout, size) if cutout else 0)
+    eval_set.transform = own_transforms(augment, False, size, stats["mean"], stats["std"])
+    return train_set, eval_set, info, files, lines
 
 
 def make_loader(dataset: Dataset, batch_size: int, env: DistInfo, *, train: bool,
@@ -629,6 +713,8 @@ def resolve_trained_network(model_path: str, *, dataset: str | None = None, cifa
     if cifar100 and dataset != "cifar100":
         raise UserError(f"--cifar100 contradicts --dataset {dataset}")
     kind = "imagenet" if dataset == "imagenet" else "cifar"
+    if dataset == "folder" and saved.get("kind") == "imagenet":   # train_imagenet.py's run
+        kind = "imagenet"
     C_default, layers_default, _ = RELEASE_DEFAULTS[kind]
     data_info = obj.get("data") if ours else None
     if kind == "imagenet":
@@ -636,8 +722,9 @@ def resolve_trained_network(model_path: str, *, dataset: str | None = None, cifa
         num_classes = num_classes or num_classes_of("imagenet")
     elif dataset == "folder":
         if not data_info or data_info.get("dataset") != "folder":
-            raise UserError("--dataset folder needs a checkpoint of train_cifar.py --dataset "
-                            "folder (it holds the classes, image size and normalisation)")
+            raise UserError("--dataset folder needs a checkpoint of train_cifar.py or "
+                            "train_imagenet.py --dataset folder (it holds the classes, image "
+                            "size and normalisation)")
         num_classes = len(data_info["classes"])
     else:
         num_classes = num_classes_of(dataset)

@@ -93,6 +93,20 @@ def run_note(text: str) -> str:
     return text
 
 
+def count_or_fraction(text: str) -> int | float:
+    """A count of images (an integer >= 1) or a fraction of them in (0, 1)."""
+    value = _number(float, text)
+    if 0.0 < value < 1.0:
+        return value
+    if value >= 1 and value == int(value):
+        return int(value)
+    raise argparse.ArgumentTypeError(f"must be a count (an integer >= 1) or a fraction in "
+                                     f"(0, 1), got {text}")
+
+
+count_or_fraction.__name__ = "count or fraction"
+
+
 def available_cpus() -> int:
     """CPU cores this process may use (its affinity mask where the OS has one)."""
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from genotypes import Genotype
 from memory import run_cell
@@ -89,15 +90,26 @@ class AuxiliaryHeadCIFAR(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
+class _AuxPool(nn.AvgPool2d):
+    """The ImageNet auxiliary head's average pool 5 stride 2, which makes 2x2 of the 7x7
+    map of 224-pixel images (and of 8x8). Deviation (other image sizes only): any other
+    map is averaged to 2x2 adaptively, so the head fits any --image_size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] in ((7, 7), (8, 8)):
+            return super().forward(x)
+        return F.adaptive_avg_pool2d(x, 2)
+
+
 class AuxiliaryHeadImageNet(nn.Module):
-    """Auxiliary classifier on the 14x14 feature map (the authors' checkpoint has the
-    BatchNorm after the 768-channel conv)."""
+    """Auxiliary classifier on the map after the second reduction cell, 7x7 at 224 pixels
+    (the authors' checkpoint has the BatchNorm after the 768-channel conv)."""
 
     def __init__(self, C: int, num_classes: int) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.ReLU(inplace=True),
-            nn.AvgPool2d(5, stride=2, padding=0, count_include_pad=False),
+            _AuxPool(5, stride=2, padding=0, count_include_pad=False),
             nn.Conv2d(C, 128, 1, bias=False),
             nn.BatchNorm2d(128),
             nn.ReLU(inplace=True),
@@ -228,7 +240,11 @@ class NetworkImageNet(_EvalNetwork):
         s0 = self.stem0(x)
         s1 = self.stem1(s0)
         out, logits_aux = self._cells_forward(s0, s1)
-        logits = self.classifier(self.global_pooling(out).flatten(1))
+        # Deviation (other image sizes only): the release's 7x7 pooling needs 224 pixels;
+        # any other final map is averaged adaptively (not bitwise the same at 7x7).
+        pooled = (self.global_pooling(out) if out.shape[-2:] == (7, 7)
+                  else F.adaptive_avg_pool2d(out, 1))
+        logits = self.classifier(pooled.flatten(1))
         return logits, logits_aux
 
 

@@ -472,6 +472,28 @@ def _mix(w: torch.Tensor, y: torch.Tensor, C: int) -> torch.Tensor:
     return out.view(N, H, W, rows, C).permute(0, 3, 4, 1, 2)
 
 
+STEMS = ("cifar", "imagenet")
+STEM_REDUCTION = {"cifar": 1, "imagenet": 8}   # how much the stem shrinks the image
+
+
+def imagenet_stem(C: int) -> tuple[nn.Sequential, nn.Sequential]:
+    """stem0 (3x3 conv stride 2 to C/2, BN, ReLU, 3x3 conv stride 2 to C, BN) and stem1
+    (ReLU, 3x3 conv stride 2, BN): the mobile network's stem, as in model.NetworkImageNet."""
+    stem0 = nn.Sequential(
+        nn.Conv2d(3, C // 2, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(C // 2),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(C // 2, C, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(C),
+    )
+    stem1 = nn.Sequential(
+        nn.ReLU(inplace=True),
+        nn.Conv2d(C, C, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(C),
+    )
+    return stem0, stem1
+
+
 class Network(nn.Module):
     """The search network: stem, ``layers`` cells (reduction at 1/3 and 2/3 of the
     depth), global pooling, classifier. Normal cells share ``alphas_normal``, reduction
@@ -481,17 +503,24 @@ class Network(nn.Module):
     plain path); both have the same state-dict layout and, for the same random state,
     the same initial weights. ``skip_zero=False`` (plain cells only) computes `none`.
     ``checkpoint_cells``: recompute each cell's activations in the backward pass instead
-    of keeping them (memory.run_cell; same results)."""
+    of keeping them (memory.run_cell; same results).
+
+    ``stem="cifar"`` (the release's) keeps the image's resolution; ``stem="imagenet"``
+    (for large images) is the mobile network's stride-8 stem (``stem0``, ``stem1``), so
+    the cells of a 224-pixel search see 28x28 maps."""
 
     checkpoint_cells = False
 
     def __init__(self, C: int, num_classes: int, layers: int, switches_normal: Switches,
                  switches_reduce: Switches, drop_rate: float = 0.0, steps: int = STEPS,
                  multiplier: int = 4, stem_multiplier: int = 3, skip_zero: bool = True,
-                 batched: bool = True) -> None:
+                 batched: bool = True, stem: str = "cifar") -> None:
         super().__init__()
         if batched and not skip_zero:
             raise ValueError("skip_zero=False (compute `none`) needs batched=False")
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
+        self.stem_kind = stem
         self.batched = batched
         self._C = C
         self._num_classes = num_classes
@@ -503,14 +532,22 @@ class Network(nn.Module):
         num_normal = _ops_per_edge(self.switches_normal, "switches_normal")
         num_reduce = _ops_per_edge(self.switches_reduce, "switches_reduce")
 
-        C_curr = stem_multiplier * C
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, C_curr, 3, padding=1, bias=False),
-            nn.BatchNorm2d(C_curr),
-        )
-        C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
+        if stem == "cifar":   # the release's: full resolution, 3C channels
+            C_curr = stem_multiplier * C
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, C_curr, 3, padding=1, bias=False),
+                nn.BatchNorm2d(C_curr),
+            )
+            C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
+            reduction_prev = False
+        else:
+            # The mobile evaluation network's stem (model.NetworkImageNet, SPEC sec. 4):
+            # the image shrinks by 8 before the first cell, which treats its inputs as
+            # coming after a reduction (s0 at 1/4, s1 at 1/8 of the image).
+            self.stem0, self.stem1 = imagenet_stem(C)
+            C_prev_prev, C_prev, C_curr = C, C, C
+            reduction_prev = True
         self.cells = nn.ModuleList()
-        reduction_prev = False
         for i in range(layers):
             reduction = i in (layers // 3, 2 * layers // 3)
             if reduction:
@@ -549,7 +586,11 @@ class Network(nn.Module):
                                             self._level_widths["normal"], batch)
             weights_reduce = mixing_weights(weights_reduce, self.mixing_index_reduce,
                                             self._level_widths["reduce"], batch)
-        s0 = s1 = self.stem(x)
+        if self.stem_kind == "cifar":
+            s0 = s1 = self.stem(x)
+        else:
+            s0 = self.stem0(x)
+            s1 = self.stem1(s0)
         for cell in self.cells:
             weights = weights_reduce if cell.reduction else weights_normal
             s0, s1 = s1, run_cell(cell, s0, s1, weights, checkpointed=self.checkpoint_cells)

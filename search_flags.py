@@ -12,6 +12,7 @@ from flags import (
     DEFAULT_DATA_DIR,
     ArgumentParser,
     HelpFormatter,
+    count_or_fraction,
     default_workers,
     fraction,
     int_at_least,
@@ -26,7 +27,7 @@ from flags import (
     seed_int,
     workers_help,
 )
-from model_search import NUM_STAGES
+from model_search import NUM_STAGES, STEM_REDUCTION, STEMS
 from plots import add_plot_args
 from speed import add_speed_args
 
@@ -36,6 +37,7 @@ PAPER_DROPOUT_RATES = {"cifar10": (0.0, 0.4, 0.7), "cifar100": (0.1, 0.2, 0.3)}
 
 RELEASE_WORKERS = 2         # the release's loader processes; never more than the CPU cores
 MIN_IMAGE_SIZE = 8          # the smallest --image_size the two reduction cells can halve twice
+AUTO_IMAGENET_STEM = 64     # --stem auto picks the stride-8 stem from this image size on
 
 # Flags whose default depends on --demo (None on the command line = not given).
 PAPER_DEFAULTS = dict(dataset="cifar10", epochs=25, arch_warmup_epochs=10, batch_size=96,
@@ -51,6 +53,30 @@ DEMO_DEFAULTS = dict(dataset="demo", epochs=5, arch_warmup_epochs=2, batch_size=
 RUNTIME_FLAGS = ("resume", "workers", "report_freq", "device", "tmp_data_dir", "download",
                  "stop_after_epochs", "derive", "threads", "host_data", "channels_last", "compile",
                  "dist_timeout", "plot_format", "checkpoint_cells")
+
+
+def resolve_stem(stem: str, image_size: int) -> tuple[str, str]:
+    """The search network's stem for ``--stem`` at ``--image_size`` and why (for the log).
+    A ValueError when the stride-8 stem would leave the last cells under 2x2 pixels."""
+    if stem == "auto":
+        stem = "imagenet" if image_size >= AUTO_IMAGENET_STEM else "cifar"
+        reason = (f"--stem auto: {stem} since --image_size {image_size} is "
+                  f"{'at least' if stem == 'imagenet' else 'under'} {AUTO_IMAGENET_STEM}")
+    else:
+        reason = f"--stem {stem}"
+    smallest = 2 * 4 * STEM_REDUCTION[stem]     # the stem, then two reduction cells
+    if image_size < smallest:
+        raise ValueError(f"--stem {stem} shrinks the image by {STEM_REDUCTION[stem]} before the "
+                         f"first cell and by {4 * STEM_REDUCTION[stem]} by the last: --image_size "
+                         f"{image_size} leaves the last cells under 2x2 pixels; use --image_size "
+                         f"{smallest} or more, or --stem cifar")
+    return stem, reason
+
+
+def search_stem(args: argparse.Namespace) -> str:
+    """The run's stem; runs saved before --stem existed used the release's."""
+    stem = getattr(args, "stem", "cifar")
+    return "cifar" if stem == "auto" else stem
 
 
 def stage_values(given: Sequence | None, flag: str, default: Sequence,
@@ -99,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="part of the training split that trains the weights, the rest trains "
                         "the alphas: the first part for CIFAR and demo (the release's rule), a "
                         "stratified draw seeded with --seed for an image folder")
+    g.add_argument("--subset_per_class", nargs=2, type=count_or_fraction, default=None,
+                   metavar=("W", "A"),
+                   help="search on a sample: from every class, a seeded draw of W images for "
+                        "the weight half and A others for the alpha half (counts, or fractions "
+                        "of the class such as 0.1 0.025); --train_portion is then not used")
     g.add_argument("--skip_bad_images", action="store_true",
                    help="--dataset folder: decode every image once at the start and leave out "
                         "the unreadable ones (counted in the log) instead of stopping at the "
@@ -136,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init_channels", type=positive_int, default=None,
                    help=f"C of stage 1 (default {PAPER_DEFAULTS['init_channels']}, "
                         f"demo {d['init_channels']})")
+    g.add_argument("--stem", choices=("auto",) + STEMS, default="auto",
+                   help="the search network's stem: cifar (the release's, full resolution) or "
+                        "imagenet (the mobile network's stride-8 stem: a 224-pixel search costs "
+                        f"about what a 28-pixel one does); auto = imagenet when --image_size is "
+                        f"{AUTO_IMAGENET_STEM} or more, else cifar")
     g.add_argument("--layers", type=positive_int, default=None,
                    help=f"cells in stage 1 (default {PAPER_DEFAULTS['layers']}, demo {d['layers']})")
     g.add_argument("--add_layers", type=nonneg_int, action="append", default=None,
@@ -218,6 +254,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.dropout_rate = stage_values(args.dropout_rate, "--dropout_rate", rates, False)
     except ValueError as e:
         parser.error(str(e))
+    if args.resume and args.stem == "auto":
+        given = [k for k in given if k != "stem"]   # the run keeps the stem it chose
+    if not args.resume:
+        try:
+            args.stem, args.stem_reason = resolve_stem(args.stem, args.image_size)
+        except ValueError as e:
+            parser.error(str(e))
     if args.resume:
         # The other flags given, as resolved here (--add_layers 6 --add_layers 12 is
         # [0, 6, 12], --cifar100 is --dataset cifar100), to compare with the run's own.

@@ -9,9 +9,10 @@ one JSON line for machines:
     python test.py --model_path RUN_DIR --data DATA
         # this project's checkpoint.pt: genotype and sizes come from it; flags still override
     python test.py --model_path RUN_DIR [--data TREE]
-        # a run of train_cifar.py --dataset folder: its classes, image size, normalisation
-        # and held-out split (split.json) come from the run; TREE/test (else TREE/val), the
-        # stored held-out images, or every image of a folder of class folders
+        # a run of train_cifar.py or train_imagenet.py --dataset folder: its classes, image
+        # size, normalisation and held-out split (split.json) come from the run; TREE/test
+        # (else TREE/val), the stored held-out images, or every image of a folder of class
+        # folders
 
 ``--model_path`` may be a plain state dict (the authors' CIFAR checkpoints, our
 weights.pt), one whose keys start with ``module.``, one wrapped as ``{'state_dict': ...}``
@@ -35,10 +36,10 @@ from data import (
     compare_classes,
     drop_unreadable,
     files_dataset,
-    folder_transforms,
     get_dataset,
     get_image_folder,
     imagenet_transforms,
+    own_transforms,
     scan_folder,
 )
 from distributed import add_dist_timeout_arg, init_distributed
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None,
                    help="default: the checkpoint's (ImageNet for an ImageNet network, CIFAR-100 "
                         "for 100 classes), else cifar100 with --cifar100, else cifar10; folder "
-                        "needs a checkpoint of train_cifar.py --dataset folder")
+                        "needs a checkpoint of train_cifar.py or train_imagenet.py --dataset "
+                        "folder")
     p.add_argument("--skip_bad_images", action="store_true",
                    help="--dataset folder: leave out unreadable images (counted) instead of "
                         "stopping at the first with its path")
@@ -133,7 +135,8 @@ def folder_test_set(data_info: dict | None, root: str | None, checkpoint_path: s
     split.json when ``root`` is the folder it was trained on; otherwise every image of
     ``root`` (a separate folder of class folders). Classes must equal the run's."""
     if not data_info or data_info.get("dataset") != "folder":
-        raise UserError("--dataset folder needs a checkpoint of train_cifar.py --dataset folder "
+        raise UserError("--dataset folder needs a checkpoint of train_cifar.py or train_imagenet.py "
+                        "--dataset folder "
                         "(it holds the classes, image size and normalisation)")
     root = root or data_info["root"]
     classes, size, stats = data_info["classes"], data_info["image_size"], data_info["stats"]
@@ -160,7 +163,8 @@ def folder_test_set(data_info: dict | None, root: str | None, checkpoint_path: s
         for reason in bad:
             logger.warning("left out: %s", reason)
         what += f", {len(bad)} unreadable image(s) left out"
-    test_set.transform = folder_transforms(False, size, stats["mean"], stats["std"])
+    test_set.transform = own_transforms(data_info.get("augment", "cifar"), False, size,
+                                        stats["mean"], stats["std"])
     return test_set, what
 
 

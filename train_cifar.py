@@ -21,40 +21,26 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from functools import partial
 
 import torch.nn as nn
 
 from data import (
-    DataError,
-    check_split,
     cifar_transforms,
-    compare_classes,
-    describe_counts,
-    describe_stats,
-    drop_unreadable,
-    folder_transforms,
-    folder_tree,
     get_dataset,
     normalization,
     num_classes_of,
-    open_training_folder,
-    sample_names,
-    scaled_cutout,
-    scan_folder,
-    split_indices,
 )
 from distributed import barrier, init_distributed
 from engine import (
-    SPLIT_NAME,
     RunSpec,
     add_training_args,
     check_sizes,
     checkpoint_genotype,
     cosine_lr,
     fit,
+    folder_data,
     load_resume,
     network_info,
 )
@@ -129,65 +115,6 @@ def auxiliary_fits(image_size: int) -> bool:
     2x2 pooled map: its input, after two stride-2 reductions, must be 8 to 10 pixels."""
     side = math.ceil(math.ceil(image_size / 2) / 2)
     return side >= AUX_POOL and (side - AUX_POOL) // AUX_STRIDE + 1 == 2
-
-
-def folder_data(args: argparse.Namespace, cutout: int, resume: dict | None):
-    """Training and evaluation sets of an image folder, the checkpoint's "data" entry, the
-    run-folder files (split.json for a held-out split) and lines for the log.
-
-    Classes come from the training folder; the evaluation folder (val/, else test/) must
-    have the same ones. Without one, ``--val_portion`` is held out by the shared seeded,
-    stratified split. The mean and std come from the training images (kept by a resume)."""
-    size = args.image_size
-    saved = (resume or {}).get("data") or {}
-    train_dir, val_dir, test_dir = folder_tree(args.tmp_data_dir)
-    data, stats = open_training_folder(train_dir, size, args.seed, args.skip_bad_images,
-                                       args.workers, saved.get("stats"), "training image folder")
-    if len(data.classes) < 2:
-        raise DataError(f"{train_dir} has {len(data.classes)} class folder(s); 2 or more are needed")
-    if saved:
-        compare_classes(saved["classes"], data.classes, "the run being resumed", train_dir)
-    info = {"dataset": "folder", "root": os.path.abspath(args.tmp_data_dir), "classes": data.classes,
-            "image_size": size, "stats": stats, "split_digest": None, "eval": None}
-    lines = [f"{len(data.classes)} classes from {train_dir}, images resized and centre-cropped "
-             f"to {size}x{size}, normalised with {describe_stats(stats)}"]
-    files = {}
-    eval_dir = val_dir or test_dir
-    if eval_dir:
-        eval_set = scan_folder(eval_dir, "validation image folder")
-        compare_classes(data.classes, eval_set.classes, train_dir, eval_dir)
-        if args.skip_bad_images:
-            eval_set, bad = drop_unreadable(eval_set, args.workers)
-            data.skipped += bad
-        train_set, info["eval"] = data, os.path.basename(eval_dir)
-        lines.append(f"{len(train_set)} training images, {len(eval_set)} evaluation images in "
-                     f"{eval_dir}")
-    else:
-        split = split_indices(data.targets, 1 - args.val_portion, args.seed, "stratified")
-        split.names = sample_names(data)
-        train_counts, eval_counts = check_split(
-            split, data.targets, data.classes, ("training part", "held-out part"),
-            "add images to them or change --val_portion")
-        if saved and saved.get("split_digest") != split.digest:
-            raise DataError(f"the images in {train_dir} are divided differently from the run "
-                            "being resumed: images were added, removed or renamed since it "
-                            "started; resume with the same data")
-        train_set, eval_set = data.subset(split.first), data.subset(split.second)
-        info["split_digest"], info["eval"] = split.digest, "held-out"
-        files[SPLIT_NAME] = {"root": os.path.abspath(train_dir), "seed": args.seed,
-                             "val_portion": args.val_portion, "classes": data.classes,
-                             "digest": split.digest, "held_out": [split.names[i] for i in split.second]}
-        lines.append(f"{len(train_set)} training images, {len(eval_set)} held out for evaluation "
-                     f"(--val_portion {args.val_portion}, stratified, seed {args.seed}; "
-                     f"{SPLIT_NAME}); images per class training/held-out: "
-                     + describe_counts(data.classes, train_counts, eval_counts))
-    lines += [f"left out: {reason}" for reason in data.skipped]
-    if data.skipped:
-        lines.append(f"{len(data.skipped)} unreadable image(s) left out (--skip_bad_images)")
-    train_set.transform = folder_transforms(True, size, stats["mean"], stats["std"],
-                                            scaled_cutout(cutout, size) if cutout else 0)
-    eval_set.transform = folder_transforms(False, size, stats["mean"], stats["std"])
-    return train_set, eval_set, info, files, lines
 
 
 def main(args: argparse.Namespace) -> int:

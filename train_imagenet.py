@@ -7,6 +7,9 @@ gradient clip 5, no drop path, 14 cells, C = 48; ``--auxiliary`` (weight 0.4) as
 release's command line. Data: ``--tmp_data_dir/imagenet/{train,val}`` class folders::
 
     python train_imagenet.py --tmp_data_dir DATA --save LOG --auxiliary --note NOTE
+    python train_imagenet.py --dataset folder --tmp_data_dir TREE --arch RUN/genotype.json
+        # your own large images: TREE/train + TREE/val (or test), or class folders (10% held
+        # out, split.json); any class count, the folder's own mean/std, --image_size 224
     torchrun --nproc_per_node 8 train_imagenet.py --tmp_data_dir DATA --auxiliary   # the paper's 8 GPUs
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
         train_imagenet.py ...        # --batch_size and --learning_rate stay global
@@ -32,17 +35,20 @@ from engine import (
     checkpoint_genotype,
     cosine_lr,
     fit,
+    folder_data,
     load_resume,
     network_info,
 )
 from errors import UserError
-from flags import ArgumentParser, HelpFormatter, prob
+from flags import ArgumentParser, HelpFormatter, fraction, int_at_least, prob
 from genotypes import get_genotype
 from runs import run_main
 
 WARMUP_EPOCHS = 5       # warm-up (Goyal et al.) when the global batch is over WARMUP_BATCH
 WARMUP_BATCH = 256
 LINEAR_TAIL_EPOCHS = 5  # the release's linear schedule changes slope for the last 5 epochs
+IMAGE_SIZE = 224        # the mobile setting's
+MIN_IMAGE_SIZE = 32     # the network shrinks images by 32: smaller leaves no pixel to pool
 
 
 def imagenet_lr(lr0: float, epoch: int, epochs: int, scheduler: str = "linear",
@@ -76,6 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label_smooth", type=prob, default=0.1, help="label smoothing epsilon")
     p.add_argument("--lr_scheduler", choices=["linear", "cosine"], default="linear",
                    help="linear: the release's schedule; cosine: cosine annealing to 0")
+    p.add_argument("--dataset", choices=["imagenet", "folder"], default="imagenet",
+                   help="imagenet: --tmp_data_dir/imagenet/{train,val}; folder: your own images "
+                        "in --tmp_data_dir (train/ and val/ or test/ class folders, or class "
+                        "folders at the top with --val_portion held out), any number of "
+                        "classes, normalised with their own mean and std")
+    p.add_argument("--image_size", type=int_at_least(MIN_IMAGE_SIZE), default=IMAGE_SIZE,
+                   help="--dataset folder: training crops of this side (RandomResizedCrop); "
+                        "evaluation resizes to 256/224 of it and centre-crops")
+    p.add_argument("--val_portion", type=fraction, default=0.1,
+                   help="--dataset folder with class folders at the top: part held out for "
+                        "evaluation (stratified, seeded with --seed, saved in split.json)")
+    p.add_argument("--skip_bad_images", action="store_true",
+                   help="--dataset folder: leave out unreadable images (counted in the log) "
+                        "instead of stopping at the first with its path")
     return p
 
 
@@ -101,18 +121,31 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"the release's linear schedule needs --epochs > {LINEAR_TAIL_EPOCHS}; "
                         "use --lr_scheduler cosine for shorter runs")
 
-    train_set = imagenet_split(args.tmp_data_dir, "train", True)
-    test_set = imagenet_split(args.tmp_data_dir, "val", False)
-    if train_set.classes != test_set.classes:
-        raise DataError(f"imagenet/train has {len(train_set.classes)} classes and imagenet/val "
-                        f"{len(test_set.classes)}; the class folders must be the same")
+    dataset = getattr(args, "dataset", "imagenet")   # runs saved before --dataset existed
+    image_size = getattr(args, "image_size", IMAGE_SIZE)
+    data_info, run_files, data_lines = None, {}, []
+    if dataset == "folder":
+        # The folder path of train_cifar.py, with this script's augmentation.
+        train_set, test_set, data_info, run_files, data_lines = folder_data(
+            args, 0, resume, augment="imagenet")
+        classes = data_info["classes"]
+    else:
+        if image_size != IMAGE_SIZE:
+            raise UserError(f"--image_size is for --dataset folder (ImageNet trains at "
+                            f"{IMAGE_SIZE}x{IMAGE_SIZE})")
+        train_set = imagenet_split(args.tmp_data_dir, "train", True)
+        test_set = imagenet_split(args.tmp_data_dir, "val", False)
+        if train_set.classes != test_set.classes:
+            raise DataError(f"imagenet/train has {len(train_set.classes)} classes and imagenet/val "
+                            f"{len(test_set.classes)}; the class folders must be the same")
+        classes = train_set.classes
 
     spec = RunSpec(
         genotype=genotype,
         # Deviation: the number of classes comes from the folders (the release fixes 1000),
         # so a subset of ImageNet or a small ImageFolder trains as well.
-        network=network_info("imagenet", "imagenet", args.init_channels, args.layers,
-                             len(train_set.classes), args.auxiliary),
+        network=network_info("imagenet", dataset, args.init_channels, args.layers,
+                             len(classes), args.auxiliary),
         train_set=train_set, test_set=test_set,
         lr_at=partial(imagenet_lr, args.learning_rate, epochs=args.epochs,
                       scheduler=args.lr_scheduler, batch_size=args.batch_size),
@@ -121,7 +154,8 @@ def main(args: argparse.Namespace) -> int:
         # The auxiliary loss uses it too; the test loss does not.
         train_criterion=nn.CrossEntropyLoss(label_smoothing=args.label_smooth),
         eval_criterion=nn.CrossEntropyLoss(),
-        input_size=(1, 3, 224, 224),
+        input_size=(1, 3, image_size, image_size),
+        data_info=data_info, run_files=run_files, data_lines=data_lines,
     )
     return fit(args, env, spec, resume)
 

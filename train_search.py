@@ -56,13 +56,13 @@ from genotypes import (
     Genotype,
     format_genotype,
     genotype_to_dict,
-    save_genotype,
 )
 from memory import plan_memory, report_out_of_memory
 from model_search import (
     DROPS_PER_STAGE,
     NUM_STAGES,
     OPS_PER_STAGE,
+    STEM_REDUCTION,
     CollapseMonitor,
     Network,
     Switches,
@@ -94,7 +94,12 @@ from runs import (
     truncate_metrics,
     write_arch_state,
 )
-from search_flags import RUNTIME_FLAGS, build_parser, parse_args  # the flags: search_flags.py
+from search_flags import (  # the flags: search_flags.py
+    RUNTIME_FLAGS,
+    build_parser,
+    parse_args,
+    search_stem,
+)
 from speed import autocast, check_amp, grad_scaler, loss_precision, prepare_input, prepare_model
 from utils import (
     LR_SCHEDULE,
@@ -339,6 +344,10 @@ def run_derive(args: argparse.Namespace) -> int:
         raise UserError(f"{args.derive} is not valid JSON ({e})") from None
     if not isinstance(state, dict) or "stages" not in state:
         raise UserError(f"{args.derive}: expected a JSON object with a top-level 'stages' list")
+    if state.get("stem", "cifar") != "cifar":
+        # The cell does not depend on the stem; where it was found does (train it with
+        # train_imagenet.py, whose network has the same stem).
+        print(f"searched with the {state['stem']} stem (train the cell with train_imagenet.py)")
     switches = replay_stages(state["stages"], args.derive)
     sw_n, sw_r = switches[-1]
     last = state["stages"][-1]
@@ -404,7 +413,8 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
     # switches carry over (paper Sec. 3.2).
     # Deviation: seeded per stage (the release seeds once) so a resume rebuilds it.
     torch.manual_seed(seed_for(args.seed, stage))
-    model = Network(C, run.num_classes, layers, switches_n, switches_r, drop_rate=rate).to(env.device)
+    model = Network(C, run.num_classes, layers, switches_n, switches_r, drop_rate=rate,
+                    stem=search_stem(args)).to(env.device)
     if env.distributed:
         broadcast_model(model)
         if env.rank > 0:  # different dropout masks and augmentations per rank
@@ -492,7 +502,8 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
             "kind": "pdarts-search", "version": 1, "args": vars(args),
             "stage": stage, "epoch": epoch + 1, "world_size": env.world_size,
             "switches_normal": switches_n, "switches_reduce": switches_r,
-            "model_args": {"C": C, "num_classes": run.num_classes, "layers": layers},
+            "model_args": {"C": C, "num_classes": run.num_classes, "layers": layers,
+                           "stem": search_stem(args)},
             "model": model.state_dict(), "w_opt": w_opt.state_dict(), "a_opt": a_opt.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "lr": lr, "skip_dropout": drop, "stages_done": run.stages_done,
@@ -570,13 +581,16 @@ def finish_search(run: SearchRun, model: Network, switches_n: Switches,
         raise RuntimeError(f"ranks derived different cells: {lines}")
     if env.distributed:
         logger.info("all %d processes derived this same cell", env.world_size)
+    # How the cell was found; training scripts ignore it (the cell is the same either way).
+    cell = {**genotype_to_dict(chosen), "metadata": {
+        "stem": search_stem(args), "image_size": args.image_size, "dataset": args.dataset}}
     if env.is_main:
-        save_genotype(chosen, os.path.join(run.run_dir, GENOTYPE_FILE))
+        write_json_atomic(cell, os.path.join(run.run_dir, GENOTYPE_FILE))
         write_json_atomic({"num_skip_connects": num_skips, "unrestricted": genotype_to_dict(unrestricted),
                      "by_max_skip": {str(m): genotype_to_dict(g) for m, g in budgets}},
                     os.path.join(run.run_dir, BUDGETS))
         write_arch_state(run.run_dir, run.stages_done,
-                         {"max_skip": args.max_skip, "genotype": genotype_to_dict(chosen)})
+                         {"max_skip": args.max_skip, "genotype": cell, "stem": search_stem(args)})
         draw_safely(chosen, run.run_dir, "")
     return chosen
 
@@ -624,6 +638,10 @@ def _main(args: argparse.Namespace) -> int:
     log_run_start(args, env.device)
     if env.device.type == "cpu":    # the sums' order depends on it: a resume must match
         logger.info("CPU threads: %d", torch.get_num_threads())
+    stem = search_stem(args)
+    cells_at = args.image_size // STEM_REDUCTION[stem]
+    logger.info("stem: %s (%s); the first cells see %dx%d maps",
+                stem, getattr(args, "stem_reason", "the run's"), cells_at, cells_at)
     if env.distributed:
         logger.info("data-parallel over %d processes: batch %d = %d x %d per process (gradients "
                     "averaged, as one process with batch %d); batch-norm statistics are per "
@@ -634,7 +652,7 @@ def _main(args: argparse.Namespace) -> int:
     for reason in getattr(dataset, "skipped", []):
         logger.warning("left out: %s", reason)
     logger.info("split %s%s, images per class weight/alpha half: %s", split.rule,
-                f" with seed {args.seed}" if split.rule == "stratified" else "",
+                f" with seed {args.seed}" if split.rule != "in order" else "",
                 describe_split(dataset, split))
     if data.on_device:
         logger.info("input pipeline: images on the GPU as uint8, augmented there in batches")

@@ -10,8 +10,10 @@ left out), counted at batches of 2 and 8 images, checked to grow linearly, and s
 the paper's batch: 96 per search step (C=16; 5/11/17 cells with 8/5/3 ops per edge, the
 patterns of bench_search.py), 128 for CIFAR training (C=36, 20 cells, auxiliary head)
 and 128 per process for ImageNet (1024 over 8 GPUs; C=48, 14 cells, auxiliary head,
-224x224). "checkpointed" is what is held at the end of the forward pass plus the largest
-cell's activations, which the backward pass brings back one cell at a time.
+224x224). "stage N @224": the same search stage on 224-pixel images with the
+reduction stem (--stem imagenet: the cells see 28x28 maps). "checkpointed" is what is
+held at the end of the forward pass plus the largest cell's activations, which the
+backward pass brings back one cell at a time.
 ``needed`` is memory.MemoryEstimate.needed: parameters, gradients, optimizer state and
 activations, times the estimate's headroom; "fits in" lists the usual GPU sizes it fits.
 
@@ -42,7 +44,9 @@ GPU_SIZES_GB = (8, 11, 12, 16, 24, 32, 40, 48, 80)   # memory of common GPUs, in
 COUNT_BATCHES = (2, 8)
 # name -> (paper batch per process, image side, CPU timing batch)
 NETWORKS = {"stage 1": (96, 32, 8), "stage 2": (96, 32, 8), "stage 3": (96, 32, 8),
-            "cifar": (128, 32, 16), "imagenet": (128, 224, 4)}
+            "cifar": (128, 32, 16), "imagenet": (128, 224, 4),
+            "stage 1 @224": (96, 224, 8), "stage 2 @224": (96, 224, 8), "stage 3 @224": (96, 224, 8)}
+FITS_GB = 16   # the largest batch that fits a GPU of this size is listed per network
 
 
 def build(name: str, device: torch.device, C: int | None = None, layers: int | None = None):
@@ -51,9 +55,11 @@ def build(name: str, device: torch.device, C: int | None = None, layers: int | N
     the stage's cells."""
     torch.manual_seed(0)
     if name.startswith("stage"):
-        spec = STAGES[int(name[-1])]
+        spec = STAGES[int(name.split()[1])]
         sw = [[op in spec["ops"] for op in PRIMITIVES] for _ in range(14)]
-        net = Network(C or 16, 10, layers or spec["layers"], sw, sw, drop_rate=spec["drop"]).to(device)
+        stem = "imagenet" if name.endswith("@224") else "cifar"
+        net = Network(C or 16, 10, layers or spec["layers"], sw, sw, drop_rate=spec["drop"],
+                      stem=stem).to(device)
         w = torch.optim.SGD(net.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4, foreach=True)
         a = torch.optim.Adam(net.arch_parameters(), lr=6e-4, betas=(0.5, 0.999), weight_decay=1e-3,
                              foreach=True)
@@ -84,7 +90,8 @@ def count_bytes(name: str, device: torch.device) -> dict:
     ratio = COUNT_BATCHES[1] / COUNT_BATCHES[0]
     linearity = max(abs(large[k] / (ratio * small[k]) - 1) for k in small)
     est = memory.estimate_memory(net, opts, (3, image, image), batch)
-    return {"batch": batch, "est": est, "linearity": linearity}
+    return {"batch": batch, "est": est, "linearity": linearity,
+            "per_image": large["plain"] / COUNT_BATCHES[1]}
 
 
 def gib(n: float) -> str:
@@ -137,7 +144,7 @@ def main() -> None:
     names = args.networks.split(",")
     print(environment(device))
 
-    ratios = {}
+    ratios, results = {}, {}
     if not args.no_bytes:
         print(f"\nsaved activations per step (GiB), counted at batches {COUNT_BATCHES} and scaled; "
               f"needed = x{memory.SAFETY} (parameters + gradients + optimizer state + activations)")
@@ -145,13 +152,25 @@ def main() -> None:
               "| fits in | fits in, checkpointed | linear within |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for name in names:
-            r = count_bytes(name, device)
+            r = results[name] = count_bytes(name, device)
             est = r["est"]
             ratios[name] = est.activations / est.activations_checkpointed
             print(f"| {name} | {r['batch']} | {gib(est.activations)} | "
                   f"{gib(est.activations_checkpointed)} | {ratios[name]:.1f}x | "
                   f"{gib(est.needed(False))} | {gib(est.needed(True))} | {fits_in(est.needed(False))} | "
                   f"{fits_in(est.needed(True))} | {100 * r['linearity']:.2f}% |")
+        print(f"\nper image, and the largest batch per process whose 'needed' fits {FITS_GB} GB")
+        print("| network | image | saved per image (MiB) | largest batch | largest batch, checkpointed |")
+        print("|---|---|---|---|---|")
+        for name, r in results.items():
+            est = r["est"]
+            print(f"| {name} | {NETWORKS[name][1]} | {r['per_image'] / 2 ** 20:.1f} | "
+                  f"{est.batch_that_fits(int(FITS_GB * 1e9), False)} | "
+                  f"{est.batch_that_fits(int(FITS_GB * 1e9), True)} |")
+        if "stage 1" in results and "stage 1 @224" in results:
+            print(f"stage 1: saved bytes per image at 224 pixels with the reduction stem "
+                  f"{results['stage 1 @224']['per_image'] / results['stage 1']['per_image']:.2f}x "
+                  "those at 32 pixels with the CIFAR stem")
 
     if args.no_timing:
         return

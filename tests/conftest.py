@@ -105,10 +105,11 @@ COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40)]
 
 
 def write_colour_folder(root: str, num_classes: int = 4, per_class: int = 12, seed: int = 0,
-                        modes: bool = False) -> str:
+                        modes: bool = False, large: bool = False) -> str:
     """A learnable image folder as users keep one, class by class: each class a flat colour
-    under strong noise, odd sizes (12-20 x 14-20), PNG files. ``modes``: the first image of
-    class 0 is stored grayscale and the first of class 1 as RGBA."""
+    under strong noise, odd sizes (12-20 x 14-20; ``large``: 96-128 x 100-128), PNG files.
+    ``modes``: the first image of class 0 is stored grayscale, the first of class 1 as
+    RGBA and (``large``) the first of class 2 as a palette image."""
     import numpy as np
     from PIL import Image
 
@@ -118,10 +119,12 @@ def write_colour_folder(root: str, num_classes: int = 4, per_class: int = 12, se
         os.makedirs(d, exist_ok=True)
         for i in range(per_class):
             h, w = 12 + (i % 3) * 4, 14 + (i % 2) * 6
+            if large:
+                h, w = 96 + (i % 3) * 16, 100 + (i % 2) * 28
             img = np.clip(np.array(COLOURS[c])[None, None] + rng.normal(0, 40, (h, w, 3)), 0, 255)
             img = Image.fromarray(img.astype(np.uint8))
-            if modes and i == 0 and c < 2:
-                img = img.convert("L" if c == 0 else "RGBA")
+            if modes and i == 0 and c < (3 if large else 2):
+                img = img.convert(("L", "RGBA", "P")[c])
             img.save(os.path.join(d, f"{i:03d}.png"))
     return root
 
