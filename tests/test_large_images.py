@@ -131,8 +131,9 @@ def test_bad_values_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         ts.parse_args(["--stem", "imagenet", "--image_size", "32"])
     assert info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err, hint = capsys.readouterr().err.strip().splitlines()   # the error, then a --help hint
     assert "--stem imagenet" in err and "--image_size 32" in err and "64 or more" in err
+    assert "--help" in hint
     assert ts.parse_args([]).stem == "cifar"                        # the paper's setting
     assert ts.parse_args(["--image_size", "224"]).stem == "imagenet"
 

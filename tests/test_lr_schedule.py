@@ -70,9 +70,9 @@ def test_the_old_schedule_is_one_epoch_behind():
             pytest.approx(cosine_lr(0.025, e, 25))
 
 
-TINY_SEARCH = ["--init_channels", "4", "--layers", "3", "--add_layers", "1", "--add_layers", "2",
+TINY_SEARCH = ["--init_channels", "4", "--layers", "1", "--add_layers", "1", "--add_layers", "1",
                "--epochs", "3", "--arch_warmup_epochs", "1", "--batch_size", "10",
-               "--image_size", "16", "--workers", "0", "--report_freq", "2", "--seed", "3",
+               "--image_size", "8", "--workers", "0", "--report_freq", "2", "--seed", "3",
                "--device", "cpu"]
 
 
