@@ -67,6 +67,7 @@ from errors import UserError, write_json_atomic
 from flags import (
     DEFAULT_DATA_DIR,
     default_workers,
+    fraction,
     int_at_least,
     momentum,
     nonneg_float,
@@ -169,6 +170,20 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 # ---------------------------------------------------------------------------------------
 # Flags both training scripts share
 # ---------------------------------------------------------------------------------------
+
+def add_folder_args(parser: argparse.ArgumentParser, *, image_size: int, min_image_size: int,
+                    image_help: str) -> None:
+    """The flags of ``--dataset folder`` both training scripts share."""
+    parser.add_argument("--image_size", type=int_at_least(min_image_size), default=image_size,
+                        help=image_help)
+    parser.add_argument("--val_portion", type=fraction, default=0.1,
+                        help="--dataset folder with class folders at the top: part held out for "
+                             "evaluation (stratified, seeded with --seed, saved in split.json)")
+    parser.add_argument("--skip_bad_images", action="store_true",
+                        help="--dataset folder: decode every image once at the start and leave "
+                             "out the unreadable ones (counted in the log) instead of stopping at "
+                             "the first with its path")
+
 
 def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int,
                       learning_rate: float, weight_decay: float | None, init_channels: int,

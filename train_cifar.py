@@ -35,6 +35,7 @@ from data import (
 from distributed import barrier, init_distributed
 from engine import (
     RunSpec,
+    add_folder_args,
     add_training_args,
     check_sizes,
     checkpoint_genotype,
@@ -68,16 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cifar10 unless --cifar100; demo: generated data, no download; folder: "
                         "your own images in --tmp_data_dir (train/ and val/ or test/ class "
                         "folders, or class folders at the top with --val_portion held out)")
-    p.add_argument("--image_size", type=int, default=32,
-                   help="--dataset folder: images are resized (shorter side) and centre-cropped "
-                        "to this size")
-    p.add_argument("--val_portion", type=float, default=0.1,
-                   help="--dataset folder with class folders at the top: part held out for "
-                        "evaluation (stratified, seeded with --seed, saved in split.json)")
-    p.add_argument("--skip_bad_images", action="store_true",
-                   help="--dataset folder: decode every image once at the start and leave out "
-                        "the unreadable ones (counted in the log) instead of stopping at the "
-                        "first with its path")
+    add_folder_args(p, image_size=IMAGE_SIZE, min_image_size=MIN_IMAGE_SIZE,
+                    image_help="--dataset folder: images are resized (shorter side) and "
+                               "centre-cropped to this size")
     p.add_argument("--download", action="store_true",
                    help="download CIFAR into --tmp_data_dir if it is not there")
     return p
@@ -100,10 +94,6 @@ def resolve_dataset(args: argparse.Namespace) -> None:
     if args.dataset != "folder" and args.image_size != IMAGE_SIZE:
         raise UserError(f"--image_size is for --dataset folder (CIFAR and demo images are "
                         f"{IMAGE_SIZE}x{IMAGE_SIZE})")
-    if args.image_size < MIN_IMAGE_SIZE:
-        raise UserError(f"--image_size must be at least {MIN_IMAGE_SIZE} (got {args.image_size})")
-    if not 0 < args.val_portion < 1:
-        raise UserError(f"--val_portion must be between 0 and 1 (got {args.val_portion})")
     if args.auxiliary and not auxiliary_fits(args.image_size):
         raise UserError(f"--auxiliary does not fit --image_size {args.image_size}: the CIFAR "
                         "auxiliary head needs the 8x8 to 10x10 maps of 29- to 40-pixel images; "

@@ -30,6 +30,7 @@ from data import DataError, get_image_folder, imagenet_transforms
 from distributed import init_distributed
 from engine import (
     RunSpec,
+    add_folder_args,
     add_training_args,
     check_sizes,
     checkpoint_genotype,
@@ -40,7 +41,7 @@ from engine import (
     network_info,
 )
 from errors import UserError
-from flags import ArgumentParser, HelpFormatter, fraction, int_at_least, prob
+from flags import ArgumentParser, HelpFormatter, prob
 from genotypes import get_genotype
 from runs import run_main
 
@@ -87,15 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "in --tmp_data_dir (train/ and val/ or test/ class folders, or class "
                         "folders at the top with --val_portion held out), any number of "
                         "classes, normalised with their own mean and std")
-    p.add_argument("--image_size", type=int_at_least(MIN_IMAGE_SIZE), default=IMAGE_SIZE,
-                   help="--dataset folder: training crops of this side (RandomResizedCrop); "
-                        "evaluation resizes to 256/224 of it and centre-crops")
-    p.add_argument("--val_portion", type=fraction, default=0.1,
-                   help="--dataset folder with class folders at the top: part held out for "
-                        "evaluation (stratified, seeded with --seed, saved in split.json)")
-    p.add_argument("--skip_bad_images", action="store_true",
-                   help="--dataset folder: leave out unreadable images (counted in the log) "
-                        "instead of stopping at the first with its path")
+    add_folder_args(p, image_size=IMAGE_SIZE, min_image_size=MIN_IMAGE_SIZE,
+                    image_help="--dataset folder: training crops of this side "
+                               "(RandomResizedCrop); evaluation resizes to 256/224 of it and "
+                               "centre-crops")
     return p
 
 

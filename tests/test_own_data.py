@@ -19,6 +19,7 @@ from train_helpers import (  # noqa: F401 - one_thread is an autouse fixture
 )
 
 import train_cifar
+import train_imagenet
 import train_search as ts
 from runs import close_logging, run_main
 
@@ -218,14 +219,23 @@ def test_imagenet_style_folders_name_a_bad_file(tmp_path):
     (["--dataset", "folder", "--image_size", "64", "--auxiliary"], "does not fit --image_size 64"),
     (["--dataset", "folder", "--image_size", "12", "--auxiliary"], "does not fit --image_size 12"),
     (["--image_size", "64"], "--image_size is for --dataset folder"),
-    (["--dataset", "folder", "--val_portion", "1.0"], "--val_portion must be between 0 and 1"),
-    (["--dataset", "folder", "--image_size", "4"], "--image_size must be at least 8"),
 ])
 def test_folder_flags_are_checked(argv, message):
     from errors import UserError
 
     with pytest.raises(UserError, match=message):
         train_cifar.resolve_dataset(train_cifar.parse_args(argv))
+
+
+@pytest.mark.parametrize("script", [train_cifar, train_imagenet])
+@pytest.mark.parametrize("flag, value", [("--image_size", "4"), ("--val_portion", "1.0")])
+def test_folder_flags_are_checked_when_parsed(script, flag, value, capsys):
+    """Both training scripts share the folder flags: too small an --image_size or a
+    --val_portion outside (0, 1) stops at parse time with one line (and the --help hint)."""
+    with pytest.raises(SystemExit) as info:
+        script.parse_args(["--dataset", "folder", flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and flag in err[0] and value in err[0] and len(err) == 2
 
 
 def test_auxiliary_sizes_are_those_that_build():
