@@ -435,17 +435,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("sig", ["SIGSTOP", "SIGKILL"])
-def test_a_stopped_or_killed_rank_ends_the_others_within_the_timeout(sig, tmp_path):
+def _start_ranks(tmp_path, script_args: list[str], **extra_env: str) -> list[subprocess.Popen]:
+    """RANK_SCRIPT as the two processes of a torchrun job (gloo on a free local port)."""
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     port = _free_port()
     procs = []
     for rank in (0, 1):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(script), ROOT, "3", sig], env=env,
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", **extra_env)
+        procs.append(subprocess.Popen([sys.executable, str(script), ROOT, *script_args], env=env,
                                       stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+@pytest.mark.parametrize("sig", ["SIGSTOP", "SIGKILL"])
+def test_a_stopped_or_killed_rank_ends_the_others_within_the_timeout(sig, tmp_path):
+    procs = _start_ranks(tmp_path, ["3", sig])
     try:
         _, err = procs[0].communicate(timeout=120)    # start-up is slow on a busy machine
         assert procs[0].returncode == 2, err
@@ -716,16 +722,7 @@ def test_sigterm_mid_run_says_how_to_resume_and_releases_the_lock(script, cifar1
 
 
 def test_sigterm_ends_every_torchrun_process_with_the_message(tmp_path):
-    script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT)
-    port = _free_port()
-    procs = []
-    for rank in (0, 1):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   EVERY_RANK="1")
-        procs.append(subprocess.Popen([sys.executable, str(script), ROOT, "30", "SIGTERM"], env=env,
-                                      stderr=subprocess.PIPE, text=True))
+    procs = _start_ranks(tmp_path, ["30", "SIGTERM"], EVERY_RANK="1")
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 143, err

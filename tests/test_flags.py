@@ -174,54 +174,48 @@ def test_every_script_reads_the_same_default_data_folder():
     assert train_imagenet.parse_args([]).tmp_data_dir == flags.DEFAULT_DATA_DIR
 
 
-def test_an_epoch_shorter_than_report_freq_still_prints_a_line(monkeypatch):
-    """Not on a terminal (a log, CI): an epoch of 3 steps with --report_freq 50 prints
-    one line at its end; longer epochs print every report_freq steps."""
+@pytest.fixture
+def log_records():
+    """The project logger's records at INFO and above, while the test runs."""
     records = []
     handler = logging.Handler()
     handler.emit = records.append
     utils.logger.addHandler(handler)
     old_level = utils.logger.level
     utils.logger.setLevel(logging.INFO)
-    try:
-        monkeypatch.setattr("sys.stdout.isatty", lambda: False, raising=False)
-        for total, freq in ((3, 50), (120, 50)):
-            records.clear()
-            progress = utils.Progress(total, "train 0", freq)
-            progress.tty = False
-            for step in range(1, total + 1):
-                progress.update(step, {"loss": utils.AverageMeter()})
-            lines = [r.getMessage() for r in records]
-            expected = ["train 0 step 003/3"] if total == 3 else ["step 050/120", "step 100/120"]
-            assert len(lines) == len(expected) and all(e in ln for e, ln in zip(expected, lines))
-    finally:
-        utils.logger.removeHandler(handler)
-        utils.logger.setLevel(old_level)
+    yield records
+    utils.logger.removeHandler(handler)
+    utils.logger.setLevel(old_level)
 
 
-def test_a_slow_epoch_off_a_terminal_prints_at_least_every_30_s(monkeypatch):
+def test_an_epoch_shorter_than_report_freq_still_prints_a_line(monkeypatch, log_records):
+    """Not on a terminal (a log, CI): an epoch of 3 steps with --report_freq 50 prints
+    one line at its end; longer epochs print every report_freq steps."""
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False, raising=False)
+    for total, freq in ((3, 50), (120, 50)):
+        log_records.clear()
+        progress = utils.Progress(total, "train 0", freq)
+        progress.tty = False
+        for step in range(1, total + 1):
+            progress.update(step, {"loss": utils.AverageMeter()})
+        lines = [r.getMessage() for r in log_records]
+        expected = ["train 0 step 003/3"] if total == 3 else ["step 050/120", "step 100/120"]
+        assert len(lines) == len(expected) and all(e in ln for e, ln in zip(expected, lines))
+
+
+def test_a_slow_epoch_off_a_terminal_prints_at_least_every_30_s(monkeypatch, log_records):
     """An 85 s epoch of 10 steps with --report_freq 50 is not silent until its end: a
     line whenever 30 s have passed since the last one (a fake clock: 8.5 s a step)."""
     import types
     clock = {"now": 1000.0}
     monkeypatch.setattr(utils, "time", types.SimpleNamespace(time=lambda: clock["now"]))
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    utils.logger.addHandler(handler)
-    old_level = utils.logger.level
-    utils.logger.setLevel(logging.INFO)
-    try:
-        progress = utils.Progress(10, "train 0", 50)
-        progress.tty = False
-        for step in range(1, 11):
-            clock["now"] += 8.5
-            progress.update(step, {"loss": utils.AverageMeter()})
-        steps = [r.getMessage().split()[3] for r in records]
-        assert steps == ["004/10", "008/10", "010/10"]    # 34 s, 34 s, then the epoch's end
-    finally:
-        utils.logger.removeHandler(handler)
-        utils.logger.setLevel(old_level)
+    progress = utils.Progress(10, "train 0", 50)
+    progress.tty = False
+    for step in range(1, 11):
+        clock["now"] += 8.5
+        progress.update(step, {"loss": utils.AverageMeter()})
+    steps = [r.getMessage().split()[3] for r in log_records]
+    assert steps == ["004/10", "008/10", "010/10"]    # 34 s, 34 s, then the epoch's end
 
 
 def test_every_script_puts_its_run_folders_in_runs(tmp_path, monkeypatch):
