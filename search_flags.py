@@ -41,14 +41,22 @@ AUTO_IMAGENET_STEM = 64     # --stem auto picks the stride-8 stem from this imag
 
 # Flags whose default depends on --demo (None on the command line = not given).
 PAPER_DEFAULTS = dict(dataset="cifar10", epochs=25, arch_warmup_epochs=10, batch_size=96,
-                      init_channels=16, layers=5, add_layers=[0, 6, 12],
-                      workers=default_workers(RELEASE_WORKERS),
+                      learning_rate=0.025, arch_learning_rate=6e-4, init_channels=16, layers=5,
+                      add_layers=[0, 6, 12], workers=default_workers(RELEASE_WORKERS),
                       report_freq=50, note="try", image_size=32, threads=0, channels_last=False)
 # The demo: the full three-stage algorithm, scaled down to run on a 2-core CPU in a few
 # minutes. channels_last: the CPU's depthwise convolutions are much faster in NHWC.
+# The rates: a demo stage has 50 weight steps and 30 alpha steps, the paper's ~6,500 and
+# ~3,900. At the paper's 0.025 the convolutions learn too little to be preferred over
+# pooling, and at its 6e-4 the alphas (Adam moves each by at most about its rate per step)
+# end within 2% of uniform, so near-ties pick the cell; the demo's rates let the weights
+# learn and the alphas decide. add_layers: 3/5/7 cells (the paper's +6 per stage scaled to
+# +2), so that stage 2 has a normal cell between its reductions (4 cells are N R R N).
+# Measurements: benchmarks/RESULTS.md (2026-12-05).
 DEMO_DEFAULTS = dict(dataset="demo", epochs=5, arch_warmup_epochs=2, batch_size=50,
-                     init_channels=4, layers=3, add_layers=[0, 1, 2], workers=0,
-                     report_freq=5, note="demo", image_size=16, threads=1, channels_last=True)
+                     learning_rate=0.1, arch_learning_rate=0.02, init_channels=4, layers=3,
+                     add_layers=[0, 2, 4], workers=0, report_freq=5, note="demo",
+                     image_size=16, threads=1, channels_last=True)
 # On --resume these come from the new command line; everything else from the run itself.
 RUNTIME_FLAGS = ("resume", "workers", "report_freq", "device", "tmp_data_dir", "download",
                  "stop_after_epochs", "derive", "threads", "host_data", "channels_last", "compile",
@@ -155,13 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=positive_int, default=None,
                    help="batch of each half per step, over all processes together "
                         f"(default {PAPER_DEFAULTS['batch_size']}, demo {d['batch_size']})")
-    g.add_argument("--learning_rate", type=positive_float, default=0.025, help="initial weight learning rate")
+    g.add_argument("--learning_rate", type=positive_float, default=None,
+                   help=f"initial weight learning rate (default {PAPER_DEFAULTS['learning_rate']}, "
+                        f"demo {d['learning_rate']})")
     g.add_argument("--learning_rate_min", type=nonneg_float, default=0.0, help="cosine schedule floor")
     g.add_argument("--momentum", type=momentum, default=0.9, help="SGD momentum")
     g.add_argument("--weight_decay", type=nonneg_float, default=3e-4, help="SGD weight decay")
     g.add_argument("--grad_clip", type=positive_float, default=5.0,
                    help="gradient norm clip for the weights and for the alphas")
-    g.add_argument("--arch_learning_rate", type=positive_float, default=6e-4, help="Adam lr of the alphas")
+    g.add_argument("--arch_learning_rate", type=positive_float, default=None,
+                   help=f"Adam lr of the alphas (default {PAPER_DEFAULTS['arch_learning_rate']}, "
+                        f"demo {d['arch_learning_rate']})")
     g.add_argument("--arch_weight_decay", type=nonneg_float, default=1e-3,
                    help="Adam weight decay of the alphas")
     g.add_argument("--init_channels", type=positive_int, default=None,
@@ -177,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--add_layers", type=nonneg_int, action="append", default=None,
                    help="cells added per stage; repeat: twice means 0, A, B (the release's "
                         "form), three times gives all three (default 0, 6, 12 -> 5/11/17 cells; "
-                        "demo 0, 1, 2)")
+                        "demo 0, 2, 4 -> 3/5/7 cells)")
     g.add_argument("--add_width", type=nonneg_int, action="append", default=None,
                    help="channels added to C per stage; repeat like --add_layers (default 0, 0, 0)")
     g.add_argument("--dropout_rate", type=prob, action="append", default=None,

@@ -101,6 +101,13 @@ def test_demo_presets_and_overrides():
     assert d.dataset == "demo" and d.epochs < 25 and d.add_layers == DEMO_DEFAULTS["add_layers"]
     o = ts.parse_args(["--demo", "--epochs", "3", "--add_layers", "1", "--add_layers", "2"])
     assert o.epochs == 3 and o.add_layers == [0, 1, 2] and o.dataset == "demo"
+    # The rates: the paper's unless --demo (its stages have ~100x fewer steps).
+    paper = ts.parse_args([])
+    assert (paper.learning_rate, paper.arch_learning_rate) == (0.025, 6e-4)
+    assert d.learning_rate == DEMO_DEFAULTS["learning_rate"] > 0.025
+    assert d.arch_learning_rate == DEMO_DEFAULTS["arch_learning_rate"] > 6e-4
+    o = ts.parse_args(["--demo", "--learning_rate", "0.05", "--arch_learning_rate", "1e-3"])
+    assert (o.learning_rate, o.arch_learning_rate) == (0.05, 1e-3)
 
 
 # ---------------------------------------------------------------------------------------

@@ -190,7 +190,7 @@ def test_demo_resumed_with_the_printed_command_is_the_uninterrupted_run(tmp_path
     log = open(os.path.join(run_dir, "log.txt")).read()
     assert log.count("CPU threads: 1\n") == 2 and "channels_last True" in log
     keys = ("stage", "epoch", "lr", "train_loss", "train_acc", "arch_loss", "valid_loss",
-            "alphas_normal_softmax", "alphas_reduce_softmax")
+            "alphas_normal_softmax", "alphas_reduce_softmax", "normal_param_free", "collapse")
     ma, mb = read_metrics(only_run_dir(full)), read_metrics(run_dir)
     assert len(mb) == 6 and [[r[k] for k in keys] for r in ma] == [[r[k] for k in keys] for r in mb]
     a = json.load(open(os.path.join(only_run_dir(full), "arch_state.json")))
