@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import math
 import os
 import sys
 import time
@@ -30,7 +29,6 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -87,6 +85,16 @@ from genotypes import (
     genotype_to_dict,
     get_genotype,
 )
+from loop import (
+    averages,
+    check_finite,
+    check_finite_state,
+    evaluate,
+    new_meters,
+    stop_if_nonfinite,
+    to_device,
+    update_meters,
+)
 from memory import plan_memory, report_out_of_memory
 from model import NetworkCIFAR, NetworkImageNet, format_summary, model_summary
 from plots import add_plot_args, plot_run_safely
@@ -106,16 +114,11 @@ from speed import (
     check_amp,
     grad_scaler,
     loss_precision,
-    prepare_input,
     prepare_model,
 )
 from utils import (
     LR_SCHEDULE,
-    AverageMeter,
     Progress,
-    accuracy,
-    check_finite,
-    check_finite_state,
     cosine_lr,  # noqa: F401  (the training scripts take it from here)
     logger,
     peak_memory_mb,
@@ -439,39 +442,6 @@ def reference_train_step(model: nn.Module, images: torch.Tensor, target: torch.T
     return loss.item()
 
 
-def _stop_if_nonfinite(meter: AverageMeter, what: str, device: torch.device) -> None:
-    """Raise NonFiniteLossError if the running loss is not finite on any process (all of
-    them stop together under torchrun)."""
-    value = meter.avg
-    bad = not math.isfinite(value)
-    if dist.is_available() and dist.is_initialized():
-        flag = torch.tensor([1.0 if bad else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        bad = bool(flag.item())
-    if bad:
-        check_finite(value if not math.isfinite(value) else float("nan"), what)
-
-
-def _meters(topk: Sequence[int]) -> dict[str, AverageMeter]:
-    return {"loss": AverageMeter(), **{f"top{k}": AverageMeter() for k in topk}}
-
-
-def _update(meters: dict[str, AverageMeter], loss: torch.Tensor, logits: torch.Tensor,
-            target: torch.Tensor, topk: Sequence[int]) -> None:
-    n = target.size(0)
-    meters["loss"].update(loss, n)
-    for k, acc in zip(topk, accuracy(logits, target, topk)):
-        meters[f"top{k}"].update(acc, n)
-
-
-def _averages(meters: dict[str, AverageMeter]) -> dict[str, float]:
-    for m in meters.values():
-        m.all_reduce()
-    stats = {k: m.avg for k, m in meters.items()}
-    stats["count"] = meters["loss"].count
-    return stats
-
-
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
                     criterion: nn.Module, device: torch.device, *, auxiliary_weight: float = 0.0,
                     grad_clip: float = 0.0, topk: Sequence[int] = TOPK, report_freq: int = 50,
@@ -481,41 +451,19 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
     {'loss', 'top1', 'top5', 'count'}. Stops with NonFiniteLossError at a report point or
     at the end if the loss is not finite."""
     model.train()
-    meters = _meters(topk)
+    meters = new_meters(topk)
     progress = Progress(len(loader), desc, report_freq, enabled=show)
-    for step, (images, target) in enumerate(loader, 1):
-        images = prepare_input(images.to(device, non_blocking=True), channels_last)
-        target = target.to(device, non_blocking=True)
+    for step, batch in enumerate(loader, 1):
+        images, target = to_device(batch, device, channels_last)
         loss, logits = train_step(model, images, target, optimizer, criterion,
                                   auxiliary_weight, grad_clip, amp, scaler)
-        _update(meters, loss, logits, target, topk)
+        update_meters(meters, loss, logits, target, topk)
         progress.update(step, meters)
         if step % report_freq == 0:
-            _stop_if_nonfinite(meters["loss"], "training loss", device)
-    stats = _averages(meters)
+            stop_if_nonfinite(meters["loss"], "training loss")
+    stats = averages(meters)
     check_finite(stats["loss"], "training loss")
     return stats
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, criterion: nn.Module, device: torch.device, *,
-             topk: Sequence[int] = TOPK, report_freq: int = 50, desc: str = "test",
-             show: bool = True, amp: str = "none", channels_last: bool = False) -> dict[str, float]:
-    """Loss and top-k accuracy (percent) over ``loader`` in eval mode, summed over all
-    processes: {'loss', 'top1', 'top5', 'count'}. Pass the bare model, not the DDP
-    wrapper: shards may differ in length, so no collective may run per batch."""
-    model.eval()
-    meters = _meters(topk)
-    progress = Progress(len(loader), desc, report_freq, enabled=show)
-    for step, (images, target) in enumerate(loader, 1):
-        images = prepare_input(images.to(device, non_blocking=True), channels_last)
-        target = target.to(device, non_blocking=True)
-        with autocast(device, amp):
-            logits, _ = model(images)
-        logits = loss_precision(logits)
-        _update(meters, criterion(logits, target), logits, target, topk)
-        progress.update(step, meters)
-    return _averages(meters)
 
 
 # ---------------------------------------------------------------------------------------

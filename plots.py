@@ -21,10 +21,10 @@ import os
 import sys
 from collections.abc import Sequence
 
+from derivation import COLLAPSE_FRACTION, NUM_EDGES, STEPS, ops_on
 from errors import TMP_INFIX, UserError, storage_error
 from flags import ArgumentParser
 from genotypes import OP_COLORS, PRIMITIVES
-from model_search import COLLAPSE_FRACTION, NUM_EDGES, STEPS, ops_on
 from runs import (
     METRICS,
     SEARCH,

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
+from derivation import NUM_EDGES, STEPS
 from engine import RESUME_FREE_FLAGS, build_network
 from errors import UserError, storage_error
 from flags import ArgumentParser
@@ -41,7 +42,6 @@ from genotypes import (
     genotype_to_dict,
 )
 from model import model_summary
-from model_search import NUM_EDGES, STEPS
 from plots import PLOT_FORMATS, accuracy_figure, matplotlib_available, op_frequency_figure, save_figure
 from runs import (
     BUDGETS,

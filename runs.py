@@ -33,6 +33,7 @@ except ImportError:  # Windows: run folders are not locked
 import torch
 
 from checkpoint import describe_checkpoint, load_file
+from derivation import NUM_EDGES, NUM_STAGES, all_on_switches, prune_after_stage, softmax_rows
 from distributed import broadcast_object, cleanup_distributed, is_collective_failure
 from errors import (
     ONE_LINE_ERRORS,
@@ -49,7 +50,6 @@ from errors import (
 )
 from flags import available_cpus
 from genotypes import PRIMITIVES, format_genotype, genotype_from_dict, load_genotype_file
-from model_search import NUM_EDGES, NUM_STAGES, all_on_switches, prune_after_stage, softmax_rows
 from utils import LOGGER_NAME, logger
 
 METRICS = "metrics.jsonl"

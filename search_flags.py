@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from derivation import NUM_STAGES
 from distributed import add_dist_timeout_arg
 from flags import (
     DEFAULT_DATA_DIR,
@@ -27,7 +28,7 @@ from flags import (
     seed_int,
     workers_help,
 )
-from model_search import NUM_STAGES, STEM_REDUCTION, STEMS
+from model_search import STEM_REDUCTION, STEMS
 from plots import add_plot_args
 from speed import add_speed_args
 

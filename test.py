@@ -46,7 +46,6 @@ from distributed import add_dist_timeout_arg, init_distributed
 from engine import (
     RELEASE_DEFAULTS,
     SPLIT_NAME,
-    evaluate,
     load_trained_network,
     make_loader,
     per_process_batch,
@@ -66,6 +65,7 @@ from flags import (
     workers_help,
 )
 from genotypes import format_genotype
+from loop import evaluate
 from model import format_summary, model_summary
 from runs import run_main, setup_logging
 from utils import logger

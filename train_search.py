@@ -33,13 +33,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from checkpoint import save_atomic
 from data import SearchData, build_search_data, check_search_batch, describe_split, search_split
+from derivation import (
+    DROPS_PER_STAGE,
+    NUM_STAGES,
+    OPS_PER_STAGE,
+    CollapseMonitor,
+    Switches,
+    all_on_switches,
+    derive_genotype,
+    final_cells,
+    ops_on,
+    prune_after_stage,
+    replay_stages,
+    softmax_rows,
+)
 from distributed import (
     DistInfo,
     average_gradients,
@@ -57,25 +69,17 @@ from genotypes import (
     format_genotype,
     genotype_to_dict,
 )
-from memory import plan_memory, report_out_of_memory
-from model_search import (
-    DROPS_PER_STAGE,
-    NUM_STAGES,
-    OPS_PER_STAGE,
-    STEM_REDUCTION,
-    CollapseMonitor,
-    Network,
-    Switches,
-    all_on_switches,
+from loop import (
     batch_norm_updates,
-    derive_genotype,
-    final_cells,
-    ops_on,
-    prune_after_stage,
-    replay_stages,
-    softmax_rows,
+    check_finite,
+    check_finite_state,
+    evaluate,
+    stop_if_nonfinite,
+    to_device,
     validation_warning,
 )
+from memory import plan_memory, report_out_of_memory
+from model_search import STEM_REDUCTION, Network
 from plots import plot_run_safely
 from runs import (
     BUDGETS,
@@ -100,14 +104,12 @@ from search_flags import (  # the flags: search_flags.py
     parse_args,
     search_stem,
 )
-from speed import autocast, check_amp, grad_scaler, loss_precision, prepare_input, prepare_model
+from speed import autocast, check_amp, grad_scaler, loss_precision, prepare_model
 from utils import (
     LR_SCHEDULE,
     AverageMeter,
     Progress,
     accuracy,
-    check_finite,
-    check_finite_state,
     cosine_lr,
     get_rng_state,
     logger,
@@ -254,23 +256,6 @@ def _plain_update(model: Network, batch: tuple[torch.Tensor, torch.Tensor],
     return loss.item()
 
 
-def _to(batch, device: torch.device, channels_last: bool = False):
-    x, y = batch
-    return prepare_input(x.to(device, non_blocking=True), channels_last), y.to(device, non_blocking=True)
-
-
-def _stop_if_nonfinite(meter: AverageMeter, what: str, device: torch.device, world_size: int) -> None:
-    """Raise NonFiniteLossError on every rank at once if any rank's running loss is not
-    finite (one host sync; called at report points and at the end of an epoch)."""
-    value = meter.avg
-    if world_size > 1:
-        t = torch.tensor([value], dtype=torch.float64,
-                         device=device if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(t)
-        value = float(t.item())
-    check_finite(value, what)
-
-
 def train_epoch(model: Network, data: SearchData, w_opt: torch.optim.Optimizer,
                 a_opt: torch.optim.Optimizer, args: argparse.Namespace, update_arch: bool,
                 env: DistInfo, desc: str = "train", forward: nn.Module | None = None,
@@ -283,8 +268,8 @@ def train_epoch(model: Network, data: SearchData, w_opt: torch.optim.Optimizer,
     progress = Progress(len(data.weights), desc, args.report_freq, enabled=env.is_main)
     images = 0
     for step, batch in enumerate(data.weights, 1):
-        batch_w = _to(batch, env.device, args.channels_last)
-        batch_a = _to(next(alpha_batches), env.device, args.channels_last) if update_arch else None
+        batch_w = to_device(batch, env.device, args.channels_last)
+        batch_a = to_device(next(alpha_batches), env.device, args.channels_last) if update_arch else None
         logits, loss_w, loss_a = search_step(model, batch_w, batch_a, w_opt, a_opt,
                                              args.grad_clip, update_arch, env.world_size,
                                              forward, args.amp, scaler)
@@ -296,7 +281,7 @@ def train_epoch(model: Network, data: SearchData, w_opt: torch.optim.Optimizer,
             meters["arch_loss"].update(loss_a, batch_a[1].shape[0])
             images += batch_a[1].shape[0]
         if step % args.report_freq == 0:
-            _stop_if_nonfinite(meters["loss"], "training loss", env.device, env.world_size)
+            stop_if_nonfinite(meters["loss"], "training loss")
         progress.update(step, {"loss": meters["loss"], "acc": meters["acc"]})
     for m in meters.values():
         m.all_reduce()
@@ -306,25 +291,6 @@ def train_epoch(model: Network, data: SearchData, w_opt: torch.optim.Optimizer,
     return {"train_loss": meters["loss"].avg, "train_acc": meters["acc"].avg,
             "arch_loss": meters["arch_loss"].avg if update_arch else None,
             "images": images * env.world_size}
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: str = "none",
-             channels_last: bool = False) -> dict[str, float]:
-    """Loss and top-1 accuracy in eval mode (averaged over all ranks). ``model`` may be
-    a torch.compile wrapper."""
-    model.eval()
-    loss, acc = AverageMeter(), AverageMeter()
-    for batch in loader:
-        x, y = _to(batch, device, channels_last)
-        with autocast(device, amp):
-            logits = loss_precision(model(x))
-        loss.update(F.cross_entropy(logits, y), y.shape[0])
-        acc.update(accuracy(logits, y)[0], y.shape[0])
-    loss.all_reduce()
-    acc.all_reduce()
-    model.train()
-    return {"valid_loss": loss.avg, "valid_acc": acc.avg}
 
 
 # ---------------------------------------------------------------------------------------
@@ -474,7 +440,9 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
                 # Every process validates with rank 0's batch-norm statistics, so the figures
                 # do not depend on how the batches were split over the processes.
                 sync_buffers(model)
-                valid = evaluate(forward, run.data.valid, env.device, args.amp, args.channels_last)
+                stats_v = evaluate(forward, run.data.valid, nn.CrossEntropyLoss(), env.device,
+                                   show=False, amp=args.amp, channels_last=args.channels_last)
+                valid = {"valid_loss": stats_v["loss"], "valid_acc": stats_v["top1"]}
                 check_finite(valid["valid_loss"], "validation loss")
                 warning = validation_warning(
                     stage + 1, epoch, epoch == args.epochs - 1, valid["valid_acc"],

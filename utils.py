@@ -1,6 +1,6 @@
 """Shared by every script, as in the release's utils: meters and accuracy, progress
-output, seeding and random states, the non-finite guards, device memory figures, and the
-project's logger.
+output, the learning-rate schedule, seeding and random states, device memory figures, and
+the project's logger.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 
 from distributed import dist_device
-from errors import NonFiniteLossError
 
 LOGGER_NAME = "pdarts"
 logger = logging.getLogger(LOGGER_NAME)
@@ -68,34 +67,6 @@ def accuracy(output: torch.Tensor, target: torch.Tensor, topk=(1,)) -> list[torc
     _, pred = output.topk(maxk, 1, True, True)
     correct = pred.eq(target.view(-1, 1))
     return [correct[:, :min(k, maxk)].any(dim=1).float().mean() * 100.0 for k in topk]
-
-
-# run_main adds what the run folder holds and what to do (runs._nonfinite_advice).
-NONFINITE_ADVICE = "stopping before this epoch is saved"
-
-
-def check_finite(value: float, what: str = "loss") -> None:
-    if not math.isfinite(value):
-        raise NonFiniteLossError(f"the {what} became {value}; {NONFINITE_ADVICE}")
-
-
-def check_finite_state(model: torch.nn.Module) -> None:
-    """Before saving an epoch: every floating-point parameter and buffer (batch-norm
-    running statistics, alphas) must be finite (one host sync)."""
-    tensors = [(k, t) for k, t in model.state_dict().items() if t.is_floating_point()]
-    if not tensors:
-        return
-    ok = torch.stack([t.detach().isfinite().all() for _, t in tensors])
-    if dist.is_available() and dist.is_initialized():  # every process stops together
-        bad = (~ok.all()).to(dist_device(), torch.float32).reshape(1)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() and bool(ok.all()):
-            raise NonFiniteLossError(f"another process's network became non-finite; {NONFINITE_ADVICE}")
-    if not bool(ok.all()):
-        name = tensors[int((~ok).nonzero()[0])][0]
-        kind = ("batch-norm statistic" if name.endswith(("running_mean", "running_var"))
-                else "network value")
-        raise NonFiniteLossError(f"the {kind} {name} became non-finite; {NONFINITE_ADVICE}")
 
 
 class Progress:

@@ -5,8 +5,7 @@ import copy
 import pytest
 import torch
 
-from genotypes import PRIMITIVES, Genotype
-from model_search import (
+from derivation import (
     all_on_switches,
     count_skips,
     derive_cell_switches,
@@ -19,6 +18,7 @@ from model_search import (
     switches_to_pairs,
     zero_none,
 )
+from genotypes import PRIMITIVES, Genotype
 
 I = {name: k for k, name in enumerate(PRIMITIVES)}  # noqa: E741
 

@@ -28,13 +28,14 @@ from train_helpers import load, only_run_dir, read_metrics, run_script, run_test
 import distributed
 import engine
 import errors
+import loop
 import runs
 import train_cifar
 import train_search as ts
 import utils
 from data import DataError, load_cifar_arrays
+from derivation import OPS_PER_STAGE
 from genotypes import PDARTS
-from model_search import OPS_PER_STAGE
 
 TRAIN_TINY = ["--epochs", "2", "--layers", "2", "--init_channels", "4", "--batch_size", "8",
               "--workers", "0", "--report_freq", "5", "--device", "cpu"]
@@ -569,10 +570,10 @@ def test_non_finite_values_stop_the_search_before_the_epoch_is_saved(fault, cifa
 
 def test_check_finite_state_names_the_tensor():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-    utils.check_finite_state(net)
+    loop.check_finite_state(net)
     net[1].running_mean[2] = float("nan")
     with pytest.raises(errors.NonFiniteLossError, match="batch-norm statistic 1.running_mean"):
-        utils.check_finite_state(net)
+        loop.check_finite_state(net)
 
 
 def test_derive_refuses_non_finite_alphas(tmp_path, capsys):

@@ -21,7 +21,8 @@ from train_helpers import (  # noqa: F401 - one_thread is an autouse fixture
 import train_imagenet
 import train_search as ts
 from data import DataError, subset_indices
-from model_search import Network, all_on_switches
+from derivation import all_on_switches
+from model_search import Network
 from runs import close_logging
 
 # 2/3/3 cells of C=4 on 64-pixel images (8x8 in the first cells), 2 epochs per stage.

@@ -3,16 +3,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from derivation import NUM_EDGES, all_on_switches, ops_on, prune_switches
 from genotypes import PRIMITIVES
-from model_search import (
-    NUM_EDGES,
-    MixedOp,
-    Network,
-    SkipDropout,
-    all_on_switches,
-    ops_on,
-    prune_switches,
-)
+from model_search import MixedOp, Network, SkipDropout
 from operations import DilConv, FactorizedReduce, Identity, SepConv, Zero
 
 

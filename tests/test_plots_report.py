@@ -19,9 +19,9 @@ import runs
 import train_cifar
 import train_search
 from checkpoint import save_atomic
+from derivation import NUM_EDGES, SKIP, CollapseMonitor, all_on_switches
 from engine import CHECKPOINT_FORMAT, network_info
 from genotypes import PDARTS, genotype_to_dict, load_genotype_file
-from model_search import NUM_EDGES, SKIP, CollapseMonitor, all_on_switches
 from runs import close_logging
 from utils import logger
 

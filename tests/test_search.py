@@ -8,8 +8,8 @@ import torch
 
 import train_search as ts
 from data import DataError, EpochSampler, build_search_data, folder_transforms
+from derivation import NUM_EDGES, all_on_switches, ops_on, prune_after_stage, replay_stages
 from genotypes import PRIMITIVES, format_genotype
-from model_search import NUM_EDGES, all_on_switches, ops_on, prune_after_stage, replay_stages
 from runs import run_main
 from search_flags import DEMO_DEFAULTS
 
@@ -330,7 +330,7 @@ def test_epoch_sampler_order_depends_only_on_seed_stage_epoch():
 def test_validation_at_chance_with_unsettled_batch_norm_is_warned():
     """A small image folder: few steps per stage leave the eval-mode batch-norm statistics
     near their start, and the alpha half validates at chance while training rises."""
-    from model_search import batch_norm_updates, validation_warning
+    from loop import batch_norm_updates, validation_warning
     said = validation_warning(2, 4, True, 25.0, 76.0, 4, 16)
     assert said.startswith("WARNING stage 2 epoch 4: validation accuracy 25.00% is at chance")
     assert "after 16 batch-norm updates" in said and "19% of their initial values" in said

@@ -12,8 +12,8 @@ import torch
 
 import train_search as ts
 from data import build_search_data
+from derivation import OPS_PER_STAGE
 from genotypes import format_genotype, load_genotype_file
-from model_search import OPS_PER_STAGE
 from runs import close_logging, run_main
 from visualize import graphviz_available
 
