@@ -1,24 +1,42 @@
-"""Checkpoint files: atomic saving, safe loading (``weights_only=True``) and one helper
-that loads weights into a network from any of the layouts in use:
+"""Checkpoints: where a run's checkpoint is written and how it is resumed, for the search
+and for training side by side, and the files underneath.
 
-- a plain state dict (the authors' CIFAR checkpoints, and our ``weights.pt``),
-- the same with every key prefixed ``module.`` (DataParallel / DDP),
-- a dict wrapping it under ``'state_dict'`` (the authors' ImageNet checkpoint) or
-  ``'model'`` (our full checkpoints).
-
-When keys or shapes do not fit, ``CheckpointError`` names a few of them and the setting
-that is most likely wrong.
+- The runs' checkpoints (``checkpoint.pt`` after every epoch): ``search_state`` /
+  ``save_search`` and ``resume_search`` / ``restore_search_stage`` for train_search.py,
+  ``training_state`` / ``save_training`` and ``resume_training`` / ``restore_training``
+  for train_cifar.py and train_imagenet.py. Their keys are written here only. One rule
+  for both says what a ``--resume`` may change (``resume_config``, with config.py's
+  RUNTIME_FLAGS) and which learning-rate schedule a resumed run continues on
+  (``schedule_marker``).
+- Files: atomic saving (a crash or a full disk never leaves a half-written checkpoint),
+  safe loading (``weights_only=True``: no code runs), and loading weights into a network
+  from any of the layouts in use: a plain state dict (the authors' CIFAR checkpoints, our
+  ``weights.pt``), the same with every key prefixed ``module.`` (DataParallel / DDP), a
+  dict wrapping it under ``'state_dict'`` (the authors' ImageNet checkpoint) or
+  ``'model'`` (our full checkpoints). When keys or shapes do not fit, ``CheckpointError``
+  names a few of them and the setting that is most likely wrong.
 """
 from __future__ import annotations
 
 import io
 import os
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn as nn
 
-from errors import CheckpointError, StorageError, write_bytes_atomic
+from config import CHANGES_THE_DRAWS, NEW_RUN_FLAGS, RUNTIME_FLAGS, RunConfig, SearchConfig, TrainConfig
+from distributed import DistInfo, gather
+from errors import CheckpointError, StorageError, UserError, write_bytes_atomic
+from genotypes import Genotype, genotype_from_dict, genotype_to_dict
+from run_files import CHECKPOINT, GENOTYPE, WEIGHTS
+from utils import get_rng_state, logger, set_rng_state
+
+C = TypeVar("C", bound=RunConfig)
+SEARCH_KIND = "pdarts-search"
+TRAIN_FORMAT = "pdarts-eval-checkpoint/1"
+# Stored in checkpoints since this project's schedule was corrected to the release's.
+LR_SCHEDULE = "stepped-before-epoch"
 
 
 def save_atomic(obj: Any, path: str, resume_hint: str | None = None,
@@ -48,9 +66,9 @@ def save_atomic(obj: Any, path: str, resume_hint: str | None = None,
 def describe_checkpoint(obj: Any) -> str:
     """What kind of file a loaded checkpoint is, for messages about the wrong kind."""
     if isinstance(obj, dict):
-        if obj.get("kind") == "pdarts-search":
+        if obj.get("kind") == SEARCH_KIND:
             return "a train_search.py checkpoint (a search, not a trained network)"
-        if str(obj.get("format", "")).startswith("pdarts-eval-checkpoint"):
+        if str(obj.get("format", "")).startswith(TRAIN_FORMAT.split("/")[0]):
             return "a train_cifar.py / train_imagenet.py checkpoint"
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return "a plain state dict (network weights only)"
@@ -224,3 +242,237 @@ def load_weights(model: nn.Module, obj: Any, source: str = "checkpoint") -> None
             f"{source} does not fit the network: {'; '.join(parts)}. "
             f"Check {_likely_cause(missing, unexpected, shapes, (_num_cells(state), _num_cells(own)))}.")
     model.load_state_dict(state, strict=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Both runs: the learning-rate schedule a run continues on, and what a resume may change
+# ---------------------------------------------------------------------------------------
+
+def schedule_marker(stepped_before_epoch: bool) -> str | None:
+    """What a checkpoint records of its run's learning-rate schedule: LR_SCHEDULE for the
+    release's (epoch e at cos(pi (e+1)/E)), nothing for a run begun before this project
+    corrected its schedule to it. Such a run keeps its old schedule (cos(pi e/E)) through
+    every resume, so every checkpoint it writes carries no marker either."""
+    return LR_SCHEDULE if stepped_before_epoch else None
+
+
+def stepped_before_epoch(ckpt: dict) -> bool:
+    """The schedule a checkpoint's run trains on (see ``schedule_marker``)."""
+    return ckpt.get("lr_schedule") == LR_SCHEDULE
+
+
+def warn_old_schedule(lr_at, epochs: int, start_epoch: int) -> None:
+    """Say that a resumed run continues on the schedule it began with, when that differs
+    from the release's for an epoch still to train. ``lr_at(epoch, stepped_before_epoch=)``."""
+    if any(lr_at(e, stepped_before_epoch=False) != lr_at(e, stepped_before_epoch=True)
+           for e in range(start_epoch, epochs)):
+        logger.warning("this run began before the learning-rate schedule was corrected to the "
+                       "release's (epoch e at cos(pi*(e+1)/E)); it continues on the schedule it "
+                       "began with (cos(pi*e/E))")
+
+
+def _shown(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def resume_config(request: C, saved: dict, ckpt: dict) -> C:
+    """The config of a resumed run: the run's own (``saved``, its checkpoint's ``args``),
+    with the run-time flags the command line gave (config.RUNTIME_FLAGS: where data is
+    read, how it is loaded and reported). Any other flag given must equal the run's
+    (whatever its default), else a UserError names each; ``--save``/``--note`` only name
+    a new run and are ignored. ``request`` is the command line's config."""
+    run = type(request).from_dict(saved, lr_stepped_before_epoch=stepped_before_epoch(ckpt))
+    given = {k for k in request.given if hasattr(run, k)}
+    recipe = sorted(given - RUNTIME_FLAGS - NEW_RUN_FLAGS)
+    # Deviation: the release has no resume; a recipe flag that differs from the run's own
+    # is refused, not silently ignored.
+    conflicts = [f"--{k} {_shown(getattr(request, k))} (the run's: {_shown(getattr(run, k))})"
+                 for k in recipe if getattr(request, k) != getattr(run, k)]
+    if conflicts:
+        raise UserError("--resume continues the saved run with its own settings; these flags "
+                        "differ from them: " + ", ".join(conflicts) + ". Drop them, or start a "
+                        "new run with the new settings")
+    changes = {k: getattr(request, k) for k in sorted(given & RUNTIME_FLAGS)}
+    for key, why in CHANGES_THE_DRAWS.items():
+        if key in changes and changes[key] != getattr(run, key):
+            logger.warning("--%s %s on resume, the run's was %s: %s, so from here on this run "
+                           "differs from one never interrupted", key, changes[key],
+                           getattr(run, key), why)
+    return run.replace(given=request.given, **changes)
+
+
+# ---------------------------------------------------------------------------------------
+# The search's checkpoint (train_search.py), written after every epoch
+# ---------------------------------------------------------------------------------------
+
+# What a resume needs in a search checkpoint.
+SEARCH_KEYS = ("args", "stage", "epoch", "world_size", "switches_normal", "switches_reduce",
+               "model", "w_opt", "a_opt", "rng", "stages_done")
+
+
+def search_state(cfg: SearchConfig, env: DistInfo, *, stage: int, epochs_done: int,
+                 switches_normal, switches_reduce, model_args: dict, model: nn.Module,
+                 w_opt: torch.optim.Optimizer, a_opt: torch.optim.Optimizer, scaler,
+                 lr: float, skip_dropout: float, stages_done: list[dict], split_digest: str,
+                 data_stats: dict | None) -> dict[str, Any]:
+    """Everything a search resumes from after ``epochs_done`` epochs of ``stage``
+    (0-based): the run's settings, where it is, the switches the stage runs with, the
+    network and both optimizers (the release's state-dict layout), the finished stages,
+    how the data was divided, and every process's random state (gathered: call on every
+    process)."""
+    return {
+        "kind": SEARCH_KIND, "version": 1, "args": cfg.to_dict(),
+        "stage": stage, "epoch": epochs_done, "world_size": env.world_size,
+        "switches_normal": switches_normal, "switches_reduce": switches_reduce,
+        "model_args": model_args,
+        "model": model.state_dict(), "w_opt": w_opt.state_dict(), "a_opt": a_opt.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "lr": lr, "skip_dropout": skip_dropout, "stages_done": stages_done,
+        "split_digest": split_digest, "data_stats": data_stats,
+        "lr_schedule": schedule_marker(cfg.lr_stepped_before_epoch),
+        "rng": gather(get_rng_state(), env),
+    }
+
+
+def save_search(run_dir: str, state: dict) -> None:
+    save_atomic(state, os.path.join(run_dir, CHECKPOINT), resume_hint=run_dir)
+
+
+def load_search(run_dir: str) -> dict:
+    """A search run folder's checkpoint, checked: one line names what is wrong."""
+    path = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.isdir(run_dir):
+        raise UserError(f"--resume: no run folder {run_dir}")
+    if not os.path.isfile(path):
+        raise UserError(f"--resume: {run_dir} has no {CHECKPOINT}: the run stopped before "
+                        "its first epoch ended, so there is nothing to resume; start it again")
+    ckpt = load_file(path)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != SEARCH_KIND:
+        raise CheckpointError(f"{path} is {describe_checkpoint(ckpt)}; --resume of "
+                              "train_search.py expects the folder of a search run")
+    missing = [k for k in SEARCH_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is a search checkpoint without {', '.join(missing)} "
+                              "(damaged or written by another version); it cannot be resumed")
+    return ckpt
+
+
+def resume_search(request: SearchConfig) -> tuple[SearchConfig, dict | None]:
+    """``train_search.py --resume RUN_DIR``: the run's config (``resume_config``) and its
+    checkpoint; (request, None) without --resume."""
+    if not request.resume:
+        return request, None
+    ckpt = load_search(request.resume)
+    return resume_config(request, ckpt["args"], ckpt), ckpt
+
+
+def search_complete(run_dir: str, ckpt: dict, cfg: SearchConfig) -> bool:
+    """The checkpoint is the last epoch of the last stage and the final cell was written."""
+    return (ckpt["stage"] == cfg.num_stages - 1 and ckpt["epoch"] >= cfg.epochs
+            and os.path.isfile(os.path.join(run_dir, GENOTYPE)))
+
+
+def restore_search_stage(ckpt: dict, model: nn.Module, w_opt: torch.optim.Optimizer,
+                         a_opt: torch.optim.Optimizer, scaler, env: DistInfo) -> int:
+    """Load the stage's network, optimizers, scaler and this process's random state from
+    ``ckpt``; returns the first epoch to run."""
+    model.load_state_dict(ckpt["model"])
+    w_opt.load_state_dict(ckpt["w_opt"])
+    a_opt.load_state_dict(ckpt["a_opt"])
+    rng = ckpt["rng"]
+    set_rng_state(rng[env.rank] if len(rng) == env.world_size else rng[0])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    return ckpt["epoch"]
+
+
+# ---------------------------------------------------------------------------------------
+# Training's checkpoint (train_cifar.py, train_imagenet.py; read by test.py, export.py)
+# ---------------------------------------------------------------------------------------
+
+# What a resume and test.py need in a training checkpoint.
+TRAIN_KEYS = ("model", "optimizer", "epoch", "args", "genotype", "network",
+              "best_acc_on_test", "best_epoch_on_test", "last_acc", "last_top5", "last_loss")
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+                   cfg: TrainConfig, genotype: Genotype, network: dict, best: dict,
+                   last: dict, data: dict | None = None) -> dict[str, Any]:
+    """The full checkpoint: plain types and tensors only, so ``torch.load(...,
+    weights_only=True)`` reads it. ``epoch`` counts the epochs completed. ``data``: what
+    an image folder run needs to be tested or resumed (classes, size, normalisation)."""
+    return {
+        "data": data,
+        "format": TRAIN_FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "args": cfg.to_dict(),
+        "genotype": genotype_to_dict(genotype),
+        "network": network,
+        "best_acc_on_test": best["acc"],        # chosen on the test set: optimistic
+        "best_epoch_on_test": best["epoch"],
+        "last_acc": last.get("top1"),            # the headline: the final epoch's
+        "last_top5": last.get("top5"),
+        "last_loss": last.get("loss"),
+        "lr_schedule": schedule_marker(cfg.lr_stepped_before_epoch),
+    }
+
+
+def save_training(run_dir: str, state: dict) -> None:
+    """``checkpoint.pt``, then ``weights.pt`` (its network's state dict alone).
+    Faithful to the release: weights.pt, a plain state dict, every epoch (the release's
+    train_cifar.py saves ``model.module``'s, so it has no 'module.' prefix either)."""
+    path = os.path.join(run_dir, CHECKPOINT)
+    save_atomic(state, path, resume_hint=run_dir)
+    save_atomic(state["model"], os.path.join(run_dir, WEIGHTS), resume_hint=run_dir,
+                resume_from=path)
+
+
+def is_training_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == TRAIN_FORMAT
+
+
+def check_training_checkpoint(obj: Any, path: str) -> None:
+    """A CheckpointError unless ``obj`` is a complete checkpoint.pt of a training run."""
+    if not is_training_checkpoint(obj):
+        raise CheckpointError(
+            f"{path} is {describe_checkpoint(obj)}; expected the {CHECKPOINT} of a "
+            f"train_cifar.py / train_imagenet.py run: give its run folder or its {CHECKPOINT}")
+    missing = [k for k in TRAIN_KEYS if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path} is a training checkpoint without {', '.join(missing)} "
+                              "(damaged or written by another version); expected all of "
+                              f"{', '.join(TRAIN_KEYS)}")
+
+
+def checkpoint_genotype(obj: dict, source: str) -> Genotype:
+    return genotype_from_dict(obj.get("genotype"), source=f"{source} (genotype)")
+
+
+def training_path(path: str) -> str:
+    """A training run folder's checkpoint.pt, or ``path`` itself when it is a file."""
+    return os.path.join(path, CHECKPOINT) if os.path.isdir(path) else path
+
+
+def resume_training(request: C) -> tuple[C, dict | None]:
+    """``--resume RUN_DIR_OR_CHECKPOINT`` of a training script: the run's config
+    (``resume_config``, ``resume`` naming its checkpoint.pt) and the checkpoint;
+    (request, None) without --resume."""
+    if not request.resume:
+        return request, None
+    path = training_path(request.resume)
+    ckpt = load_file(path)
+    check_training_checkpoint(ckpt, path)
+    return resume_config(request, ckpt["args"], ckpt).replace(resume=path), ckpt
+
+
+def restore_training(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimizer
+                     ) -> tuple[int, dict, dict]:
+    """Load the network and the optimizer; returns (first epoch to run, the best epoch so
+    far, the last epoch's test figures)."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    best = {"acc": ckpt["best_acc_on_test"], "epoch": ckpt["best_epoch_on_test"]}
+    last = {"top1": ckpt["last_acc"], "top5": ckpt["last_top5"], "loss": ckpt["last_loss"]}
+    return ckpt["epoch"], best, last

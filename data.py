@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
 import os
@@ -30,6 +29,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from config import SearchConfig
 from distributed import DistInfo
 from errors import BadImageError, DataError, UserError
 from utils import seed_for
@@ -854,40 +854,39 @@ def _resize_images(images, size: int):
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def search_cutout(args: argparse.Namespace) -> int:
-    """Cutout side for both halves: --cutout_length with --cutout, else 0 (off). Runs saved
-    before these flags existed have neither."""
-    return getattr(args, "cutout_length", 0) if getattr(args, "cutout", False) else 0
+def search_cutout(cfg: SearchConfig) -> int:
+    """Cutout side for both halves: --cutout_length with --cutout, else 0 (off)."""
+    return cfg.cutout_length if cfg.cutout else 0
 
 
-def build_search_data(args: argparse.Namespace, stats: dict | None = None
+def build_search_data(cfg: SearchConfig, stats: dict | None = None
                       ) -> tuple[Dataset, int, str]:
     """The training split with the training augmentation, its number of classes, and a
     line describing it. An image folder's normalisation is ``stats`` when given (a
     resumed run's), else computed from its images; it is left in ``dataset.stats``."""
-    size = args.image_size
-    cutout = search_cutout(args)
-    if args.dataset in CIFAR_FOLDERS:
-        folder = os.path.join(args.tmp_data_dir, CIFAR_FOLDERS[args.dataset][0])
-        data = get_dataset(args.dataset, args.tmp_data_dir, True,
-                           cifar_transforms(args.dataset, True, cutout, image_size=size),
-                           download=args.download)
-        num_classes = CIFAR_FOLDERS[args.dataset][4]
+    size = cfg.image_size
+    cutout = search_cutout(cfg)
+    if cfg.dataset in CIFAR_FOLDERS:
+        folder = os.path.join(cfg.tmp_data_dir, CIFAR_FOLDERS[cfg.dataset][0])
+        data = get_dataset(cfg.dataset, cfg.tmp_data_dir, True,
+                           cifar_transforms(cfg.dataset, True, cutout, image_size=size),
+                           download=cfg.download)
+        num_classes = CIFAR_FOLDERS[cfg.dataset][4]
         where = f"from {folder}"
-    elif args.dataset == "demo":
-        data = get_dataset("demo", args.tmp_data_dir, True,
+    elif cfg.dataset == "demo":
+        data = get_dataset("demo", cfg.tmp_data_dir, True,
                            cifar_transforms("demo", True, cutout, image_size=size))
         num_classes, where = 10, "(built-in, generated)"
-    elif args.dataset == "folder":
+    elif cfg.dataset == "folder":
         # The layouts training and test.py read: class folders at the top, or train/ with
         # val/ and/or test/. The search needs training images only: both halves come from
         # train/; the evaluation folder must hold the same classes, as training requires.
-        train_dir, val_dir, test_dir = folder_tree(args.tmp_data_dir)
+        train_dir, val_dir, test_dir = folder_tree(cfg.tmp_data_dir)
         # Deviation: normalised with the folder's own mean and std (computed once, kept in
         # the checkpoint), not a fixed dataset's.
         data, stats = open_training_folder(
-            train_dir, size, args.seed, getattr(args, "skip_bad_images", False),
-            args.workers, stats, "image folder (--dataset folder)")
+            train_dir, size, cfg.seed, cfg.skip_bad_images,
+            cfg.workers, stats, "image folder (--dataset folder)")
         data.transform = folder_transforms(True, size, stats["mean"], stats["std"], cutout)
         num_classes = len(data.classes)
         where = f"from {train_dir}, resized to {size}x{size}"
@@ -904,23 +903,23 @@ def build_search_data(args: argparse.Namespace, stats: dict | None = None
             where += f", {len(data.skipped)} unreadable image(s) left out (--skip_bad_images)"
         norm = describe_stats(stats)
     else:
-        raise UserError(f"unknown dataset {args.dataset!r}")
-    if args.dataset != "folder":
+        raise UserError(f"unknown dataset {cfg.dataset!r}")
+    if cfg.dataset != "folder":
         if size != data.data.shape[1]:
             # Deviation (CIFAR/demo only when asked): smaller images make the demo fast.
             data.data = _resize_images(data.data, size)
             where += f", resized to {size}x{size}"
-        mean, std = normalization(args.dataset)
+        mean, std = normalization(cfg.dataset)
         norm = f"mean {tuple(mean)} std {tuple(std)}"
         stats = None
-    text = (f"{args.dataset} {where}: {len(data)} training images, {num_classes} classes, "
+    text = (f"{cfg.dataset} {where}: {len(data)} training images, {num_classes} classes, "
             f"normalised with {norm}"
             + (f", cutout {cutout} on both halves" if cutout else ""))
     data.stats = stats
     return data, num_classes, text
 
 
-def search_split(dataset: Dataset, args: argparse.Namespace, ckpt: dict | None = None) -> Split:
+def search_split(dataset: Dataset, cfg: SearchConfig, saved_digest: str | None = None) -> Split:
     """The weight half and the alpha half of the training split (SPEC section 2).
 
     Faithful to the release for CIFAR: the first ``--train_portion`` of the training set
@@ -929,39 +928,39 @@ def search_split(dataset: Dataset, args: argparse.Namespace, ckpt: dict | None =
     by class, so an in-order split would train the weights and the alphas on different
     classes; it is divided by a stratified draw seeded with ``--seed`` instead (both
     halves hold every class in the same proportion). A class left without an image in
-    either half is refused. On resume the division must equal the run's (``ckpt``)."""
+    either half is refused. On resume the division must equal the run's (``saved_digest``)."""
     labels = dataset.targets
     names = getattr(dataset, "classes", None) or [str(c) for c in range(max(labels) + 1)]
-    subset = getattr(args, "subset_per_class", None)   # absent in older runs
+    subset = cfg.subset_per_class
     if subset:
         # Deviation (asked for): a per-class sample of the data, as PC-DARTS searches
         # ImageNet on 10% / 2.5% of each class; --train_portion is then not used.
-        split = subset_indices(labels, subset[0], subset[1], args.seed, names)
+        split = subset_indices(labels, subset[0], subset[1], cfg.seed, names)
     else:
-        split = split_indices(labels, args.train_portion, args.seed, split_rule(args.dataset))
+        split = split_indices(labels, cfg.train_portion, cfg.seed, split_rule(cfg.dataset))
     split.names = sample_names(dataset)
     if not split.first or not split.second:
         raise DataError(f"{len(labels)} training images cannot be split into a weight and an "
-                        f"alpha half at --train_portion {args.train_portion}")
+                        f"alpha half at --train_portion {cfg.train_portion}")
     check_split(split, labels, names, ("weight half", "alpha half"),
                 "add images to them or change --train_portion")
-    saved = (ckpt or {}).get("split_digest")
+    saved = saved_digest
     if saved is not None and saved != split.digest:
-        raise DataError(f"the data in {args.tmp_data_dir} is divided differently from the run "
+        raise DataError(f"the data in {cfg.tmp_data_dir} is divided differently from the run "
                         f"being resumed (split {split.digest}, the run's {saved}): images were "
                         "added, removed or renamed since it started; resume with the same data")
     return split
 
 
-def check_search_batch(args: argparse.Namespace, split: Split) -> None:
+def check_search_batch(cfg: SearchConfig, split: Split) -> None:
     """A batch larger than either half is refused (one line with the sizes).
     Deviation: the release runs it as one short batch per epoch, silently."""
     smaller = min(len(split.first), len(split.second))
-    if args.batch_size > smaller:
-        raise DataError(f"--batch_size {args.batch_size} is larger than a half of the search's "
+    if cfg.batch_size > smaller:
+        raise DataError(f"--batch_size {cfg.batch_size} is larger than a half of the search's "
                         f"{len(split.first) + len(split.second)} training images (weight half "
                         f"{len(split.first)}, alpha half {len(split.second)} at --train_portion "
-                        f"{args.train_portion}); use --batch_size {smaller} or less")
+                        f"{cfg.train_portion}); use --batch_size {smaller} or less")
 
 
 def describe_split(dataset: Dataset, split: Split) -> str:
@@ -987,33 +986,33 @@ class SearchData:
     augmentations of the same distribution.
     """
 
-    def __init__(self, dataset: Dataset, args: argparse.Namespace, env: DistInfo,
+    def __init__(self, dataset: Dataset, cfg: SearchConfig, env: DistInfo,
                  split: Split | None = None) -> None:
         if split is None:
-            split = search_split(dataset, args)
+            split = search_split(dataset, cfg)
         weight_idx, alpha_idx = split.first, split.second
         rank, world = env.rank, env.world_size
-        self.w_sampler = EpochSampler(weight_idx, args.seed, 0, rank, world)
-        self.a_sampler = EpochSampler(alpha_idx, args.seed, 1, rank, world,
+        self.w_sampler = EpochSampler(weight_idx, cfg.seed, 0, rank, world)
+        self.a_sampler = EpochSampler(alpha_idx, cfg.seed, 1, rank, world,
                                       num_samples=len(self.w_sampler))
-        self.v_sampler = EpochSampler(alpha_idx, args.seed, 2, rank, world, shuffle=False)
-        self.seed, self.rank = args.seed, rank
+        self.v_sampler = EpochSampler(alpha_idx, cfg.seed, 2, rank, world, shuffle=False)
+        self.seed, self.rank = cfg.seed, rank
         # --batch_size is global (as in the training scripts): each process takes its share.
-        batch = args.batch_size // world
-        self.on_device = (env.device.type == "cuda" and not args.host_data
+        batch = cfg.batch_size // world
+        self.on_device = (env.device.type == "cuda" and not cfg.host_data
                           and isinstance(dataset, ArrayDataset))
         if self.on_device:
             # Faithful to the release: every loader, validation included, augments.
-            mean, std = normalization(args.dataset)
+            mean, std = normalization(cfg.dataset)
             padding = dataset.data.shape[1] // 8
             self.weights, self.alphas, self.valid = (
                 DeviceLoader(dataset, batch, sampler, env.device, train=True, mean=mean,
-                             std=std, padding=padding, cutout_length=search_cutout(args))
+                             std=std, padding=padding, cutout_length=search_cutout(cfg))
                 for sampler in (self.w_sampler, self.a_sampler, self.v_sampler))
             self.generators = [loader.generator for loader in (self.weights, self.alphas, self.valid)]
         else:
             self.generators = [torch.Generator()]  # worker seeds
-            kw = dict(batch_size=batch, num_workers=args.workers,
+            kw = dict(batch_size=batch, num_workers=cfg.workers,
                       pin_memory=env.device.type == "cuda", generator=self.generators[0])
             self.weights = DataLoader(dataset, sampler=self.w_sampler, **kw)
             self.alphas = DataLoader(dataset, sampler=self.a_sampler, **kw)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from config import PAPER_KEEP, PAPER_OPS
 from errors import UserError
 from genotypes import PRIMITIVES, Genotype
 from utils import logger
@@ -188,13 +189,12 @@ def skip_budget_genotypes(switches_normal: Switches, switches_reduce: Switches, 
 # The progressive stages: pruning after a stage, replaying saved stages, the final cells
 # ---------------------------------------------------------------------------------------
 
-NUM_STAGES = 3
-# Candidate ops per edge in stages 1, 2, 3 ("the size of operation space is set to be
-# 8, 5 and 3"), and how many of the lowest-weighted ones each stage switches off: after
-# the last stage one op per edge is left, and `none` is always among those dropped.
-OPS_PER_STAGE = (8, 5, 3)
-DROPS_PER_STAGE = (3, 2, 2)
-assert all(k - d == nxt for k, d, nxt in zip(OPS_PER_STAGE, DROPS_PER_STAGE, OPS_PER_STAGE[1:] + (1,)))
+# The paper's stages (config.py's plan): 8, 5 and 3 candidate ops per edge, and how many
+# of the lowest-weighted ones each stage switches off: after the last stage one op per
+# edge is left, and `none` is always among those dropped.
+NUM_STAGES = len(PAPER_OPS)
+OPS_PER_STAGE = PAPER_OPS
+DROPS_PER_STAGE = tuple(ops - keep for ops, keep in zip(PAPER_OPS, PAPER_KEEP))
 
 
 def prune_after_stage(stage: int, switches_normal: Switches, switches_reduce: Switches,
@@ -212,10 +212,14 @@ def softmax_rows(alphas: Sequence[Sequence[float]]) -> torch.Tensor:
     return F.softmax(torch.tensor(alphas, dtype=torch.float32), dim=-1)
 
 
-def replay_stages(stages: Sequence[dict], source: str = "arch state") -> list[tuple[Switches, Switches]]:
-    """The switches each stage ran with, recomputed from the raw alphas of all stages,
-    starting with all ops on and pruning after each stage as the search does."""
-    if not isinstance(stages, list) or len(stages) != NUM_STAGES:
+def replay_stages(stages: Sequence[dict], source: str = "arch state", finished: bool = True
+                  ) -> list[tuple[Switches, Switches]]:
+    """The switches each stage ran with, recomputed from the raw alphas of the stages,
+    starting with all ops on and pruning after each stage as the search does. With
+    ``finished=False`` the stages may be the first ones of a search still running, and
+    one more entry follows: the switches the next stage runs with."""
+    if not isinstance(stages, list) or (len(stages) != NUM_STAGES if finished
+                                        else len(stages) > NUM_STAGES):
         raise UserError(f"{source}: 'stages' must be a list of {NUM_STAGES} objects")
     sw_n, sw_r = all_on_switches(), all_on_switches()
     result = []
@@ -232,8 +236,11 @@ def replay_stages(stages: Sequence[dict], source: str = "arch state") -> list[tu
                 raise UserError(f"{source}: stage {s + 1} '{key}' holds non-finite values (NaN or "
                                 "infinity): the search diverged, and no cell can be derived from it")
         result.append((sw_n, sw_r))
-        sw_n, sw_r = prune_after_stage(s, sw_n, sw_r, softmax_rows(stage["alphas_normal"]),
-                                       softmax_rows(stage["alphas_reduce"]))
+        if not finished or s < len(stages) - 1:
+            sw_n, sw_r = prune_after_stage(s, sw_n, sw_r, softmax_rows(stage["alphas_normal"]),
+                                           softmax_rows(stage["alphas_reduce"]))
+    if not finished and len(stages) < NUM_STAGES:
+        result.append((sw_n, sw_r))
     return result
 
 

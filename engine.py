@@ -18,14 +18,12 @@ every process reports the exact test-set figures.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -34,13 +32,21 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from checkpoint import (
     CheckpointError,
+    check_training_checkpoint,
+    checkpoint_genotype,
     describe_checkpoint,
     extract_state_dict,
     infer_network,
+    is_training_checkpoint,
     load_file,
     load_weights,
-    save_atomic,
+    restore_training,
+    save_training,
+    training_path,
+    training_state,
+    warn_old_schedule,
 )
+from config import TrainConfig
 from data import (
     ArrayDataset,
     DataError,
@@ -60,29 +66,11 @@ from data import (
     scan_folder,
     split_indices,
 )
-from distributed import DistInfo, add_dist_timeout_arg, barrier, sync_buffers
+from distributed import DistInfo, barrier, sync_buffers
 from errors import UserError, write_json_atomic
-from flags import (
-    DEFAULT_DATA_DIR,
-    default_workers,
-    fraction,
-    int_at_least,
-    momentum,
-    nonneg_float,
-    nonneg_int,
-    positive_float,
-    positive_int,
-    prob,
-    run_note,
-    seed_int,
-    workers_help,
-)
 from genotypes import (
-    GENOTYPE_FILE,
     Genotype,
     format_genotype,
-    genotype_from_dict,
-    genotype_to_dict,
     get_genotype,
 )
 from loop import (
@@ -97,19 +85,18 @@ from loop import (
 )
 from memory import plan_memory, report_out_of_memory
 from model import NetworkCIFAR, NetworkImageNet, format_summary, model_summary
-from plots import add_plot_args, plot_run_safely
+from plots import plot_run_safely
+from run_files import CHECKPOINT, GENOTYPE, METRICS, SPLIT, TRAIN_PREFIX
 from runs import (
     MetricsWriter,
     log_run_start,
     open_run_dir,
-    refuse_changed_flags,
     register_run,
     release_run_locks,
     setup_logging,
     truncate_metrics,
 )
 from speed import (
-    add_speed_args,
     autocast,
     check_amp,
     grad_scaler,
@@ -117,21 +104,14 @@ from speed import (
     prepare_model,
 )
 from utils import (
-    LR_SCHEDULE,
     Progress,
     cosine_lr,  # noqa: F401  (the training scripts take it from here)
     logger,
     peak_memory_mb,
     reset_peak_memory,
-    schedule_of_checkpoint,
     seed_everything,
 )
 
-WEIGHTS_NAME = "weights.pt"        # the release's name: a plain state dict
-CHECKPOINT_NAME = "checkpoint.pt"  # everything needed to resume or rebuild
-METRICS_NAME = "metrics.jsonl"
-SPLIT_NAME = "split.json"          # an image folder's held-out images (test.py, --resume)
-CHECKPOINT_FORMAT = "pdarts-eval-checkpoint/1"
 TOPK = (1, 5)
 
 
@@ -145,17 +125,6 @@ def top5_text(stats: dict) -> str:
     """' (top-5 X%)' for a log line, or nothing when top-5 is not reported."""
     return "" if stats.get("top5") is None else f" (top-5 {stats['top5']:.2f}%)"
 
-# Flags that may differ from the saved run on --resume: they change where things are
-# read and how often they are reported, not what is computed.
-RESUME_FREE_FLAGS = {"resume", "tmp_data_dir", "data", "workers", "report_freq", "device",
-                     "save", "note", "download", "deterministic", "host_data", "channels_last",
-                     "compile", "dist_timeout", "plot_format", "skip_bad_images",
-                     "checkpoint_cells"}
-# What load_resume and test.py need in a training checkpoint.
-CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "args", "genotype", "network",
-                   "best_acc_on_test", "best_epoch_on_test", "last_acc", "last_top5", "last_loss")
-
-
 # ---------------------------------------------------------------------------------------
 # Schedules (pure functions of the epoch)
 # ---------------------------------------------------------------------------------------
@@ -168,81 +137,6 @@ def drop_path_at(drop_path_prob: float, epoch: int, epochs: int) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-# ---------------------------------------------------------------------------------------
-# Flags both training scripts share
-# ---------------------------------------------------------------------------------------
-
-def add_folder_args(parser: argparse.ArgumentParser, *, image_size: int, min_image_size: int,
-                    image_help: str) -> None:
-    """The flags of ``--dataset folder`` both training scripts share."""
-    parser.add_argument("--image_size", type=int_at_least(min_image_size), default=image_size,
-                        help=image_help)
-    parser.add_argument("--val_portion", type=fraction, default=0.1,
-                        help="--dataset folder with class folders at the top: part held out for "
-                             "evaluation (stratified, seeded with --seed, saved in split.json)")
-    parser.add_argument("--skip_bad_images", action="store_true",
-                        help="--dataset folder: decode every image once at the start and leave "
-                             "out the unreadable ones (counted in the log) instead of stopping at "
-                             "the first with its path")
-
-
-def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int,
-                      learning_rate: float, weight_decay: float | None, init_channels: int,
-                      layers: int, drop_path_prob: float, report_freq: int, workers: int) -> None:
-    """The release's flags common to train_cifar.py and train_imagenet.py, with each
-    script's paper defaults."""
-    p = parser
-    p.add_argument("--tmp_data_dir", type=str, default=DEFAULT_DATA_DIR, help="data directory")
-    p.add_argument("--workers", type=nonneg_int, default=default_workers(workers),
-                   help=workers_help(workers, per_process=True))
-    p.add_argument("--batch_size", type=positive_int, default=batch_size,
-                   help="GLOBAL batch size: under torchrun each process takes batch_size / world_size")
-    p.add_argument("--learning_rate", "--lr", type=positive_float, default=learning_rate,
-                   help="GLOBAL initial learning rate (not rescaled with the number of processes)")
-    p.add_argument("--momentum", type=momentum, default=0.9, help="SGD momentum")
-    wd_help = ("SGD weight decay" if weight_decay is not None else
-               "SGD weight decay (default 3e-4, 5e-4 on CIFAR-100)")
-    p.add_argument("--weight_decay", type=nonneg_float, default=weight_decay, help=wd_help)
-    p.add_argument("--report_freq", type=positive_int, default=report_freq,
-                   help="steps between progress lines")
-    p.add_argument("--epochs", type=positive_int, default=epochs, help="training epochs")
-    p.add_argument("--init_channels", type=int_at_least(2), default=init_channels,
-                   help="C of the network")
-    p.add_argument("--layers", type=int_at_least(2), default=layers, help="number of cells")
-    p.add_argument("--auxiliary", action="store_true", default=False,
-                   help="use the auxiliary tower (off by default; the release's command line "
-                        "turns it on)")
-    p.add_argument("--auxiliary_weight", type=nonneg_float, default=0.4,
-                   help="weight of the auxiliary loss")
-    p.add_argument("--drop_path_prob", type=prob, default=drop_path_prob,
-                   help="final drop-path rate (grows linearly from 0)")
-    # Deviation: runs/ by default, where the search puts its runs (one place for report.py).
-    p.add_argument("--save", type=str, default="runs/",
-                   help="prefix of the run folder: {save}eval-{note}-{YYYYmmdd-HHMMSS}")
-    p.add_argument("--note", type=run_note, default="try", help="note in the run folder name")
-    p.add_argument("--seed", type=seed_int, default=0, help="seeds everything")
-    p.add_argument("--arch", type=str, default="PDARTS",
-                   help="a cell name from genotypes.py (any case), a genotype JSON file, or a "
-                        "search run folder (its genotype.json)")
-    p.add_argument("--grad_clip", type=nonneg_float, default=5.0,
-                   help="gradient norm clipping (0: off)")
-    p.add_argument("--resume", type=str, default=None, metavar="RUN_DIR_OR_CHECKPOINT",
-                   help="continue a run from its folder (or its checkpoint.pt) at the next epoch")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto = CUDA when available")
-    add_dist_timeout_arg(p)
-    p.add_argument("--sync_bn", action="store_true",
-                   help="synchronise batch-norm statistics across GPUs under torchrun "
-                        "(off by default, matching the release's DataParallel statistics)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="deterministic algorithms (slower; for tests and debugging)")
-    p.add_argument("--host_data", action="store_true",
-                   help="on CUDA, keep CIFAR augmentation in DataLoader workers on the CPU "
-                        "instead of the default GPU pipeline (same distribution, other draws)")
-    add_speed_args(p)
-    add_plot_args(p)
 
 
 def check_sizes(C: int, layers: int, kind: str) -> None:
@@ -301,7 +195,7 @@ class ShardSampler(Sampler[int]):
 # A user's image folder (train_cifar.py and train_imagenet.py --dataset folder)
 # ---------------------------------------------------------------------------------------
 
-def folder_data(args: argparse.Namespace, cutout: int, resume: dict | None, augment: str = "cifar"):
+def folder_data(cfg: TrainConfig, cutout: int, resume: dict | None, augment: str = "cifar"):
     """Training and evaluation sets of an image folder, the checkpoint's "data" entry, the
     run-folder files (split.json for a held-out split) and lines for the log.
 
@@ -310,16 +204,16 @@ def folder_data(args: argparse.Namespace, cutout: int, resume: dict | None, augm
     stratified split. The mean and std come from the training images (kept by a resume).
     ``augment``: the training scripts' transforms, 'cifar' (train_cifar.py) or 'imagenet'
     (train_imagenet.py), kept in the "data" entry for test.py."""
-    size = args.image_size
+    size = cfg.image_size
     saved = (resume or {}).get("data") or {}
-    train_dir, val_dir, test_dir = folder_tree(args.tmp_data_dir)
-    data, stats = open_training_folder(train_dir, size, args.seed, args.skip_bad_images,
-                                       args.workers, saved.get("stats"), "training image folder")
+    train_dir, val_dir, test_dir = folder_tree(cfg.tmp_data_dir)
+    data, stats = open_training_folder(train_dir, size, cfg.seed, cfg.skip_bad_images,
+                                       cfg.workers, saved.get("stats"), "training image folder")
     if len(data.classes) < 2:
         raise DataError(f"{train_dir} has {len(data.classes)} class folder(s); 2 or more are needed")
     if saved:
         compare_classes(saved["classes"], data.classes, "the run being resumed", train_dir)
-    info = {"dataset": "folder", "root": os.path.abspath(args.tmp_data_dir), "classes": data.classes,
+    info = {"dataset": "folder", "root": os.path.abspath(cfg.tmp_data_dir), "classes": data.classes,
             "image_size": size, "stats": stats, "split_digest": None, "eval": None,
             "augment": augment}
     lines = [f"{len(data.classes)} classes from {train_dir}, images resized and centre-cropped "
@@ -329,14 +223,14 @@ def folder_data(args: argparse.Namespace, cutout: int, resume: dict | None, augm
     if eval_dir:
         eval_set = scan_folder(eval_dir, "validation image folder")
         compare_classes(data.classes, eval_set.classes, train_dir, eval_dir)
-        if args.skip_bad_images:
-            eval_set, bad = drop_unreadable(eval_set, args.workers)
+        if cfg.skip_bad_images:
+            eval_set, bad = drop_unreadable(eval_set, cfg.workers)
             data.skipped += bad
         train_set, info["eval"] = data, os.path.basename(eval_dir)
         lines.append(f"{len(train_set)} training images, {len(eval_set)} evaluation images in "
                      f"{eval_dir}")
     else:
-        split = split_indices(data.targets, 1 - args.val_portion, args.seed, "stratified")
+        split = split_indices(data.targets, 1 - cfg.val_portion, cfg.seed, "stratified")
         split.names = sample_names(data)
         train_counts, eval_counts = check_split(
             split, data.targets, data.classes, ("training part", "held-out part"),
@@ -347,12 +241,12 @@ def folder_data(args: argparse.Namespace, cutout: int, resume: dict | None, augm
                             "started; resume with the same data")
         train_set, eval_set = data.subset(split.first), data.subset(split.second)
         info["split_digest"], info["eval"] = split.digest, "held-out"
-        files[SPLIT_NAME] = {"root": os.path.abspath(train_dir), "seed": args.seed,
-                             "val_portion": args.val_portion, "classes": data.classes,
+        files[SPLIT] = {"root": os.path.abspath(train_dir), "seed": cfg.seed,
+                             "val_portion": cfg.val_portion, "classes": data.classes,
                              "digest": split.digest, "held_out": [split.names[i] for i in split.second]}
         lines.append(f"{len(train_set)} training images, {len(eval_set)} held out for evaluation "
-                     f"(--val_portion {args.val_portion}, stratified, seed {args.seed}; "
-                     f"{SPLIT_NAME}); images per class training/held-out: "
+                     f"(--val_portion {cfg.val_portion}, stratified, seed {cfg.seed}; "
+                     f"{SPLIT}); images per class training/held-out: "
                      + describe_counts(data.classes, train_counts, eval_counts))
     lines += [f"left out: {reason}" for reason in data.skipped]
     if data.skipped:
@@ -424,24 +318,6 @@ def train_step(model: nn.Module, images: torch.Tensor, target: torch.Tensor,
     return loss.detach(), logits.detach()
 
 
-def reference_train_step(model: nn.Module, images: torch.Tensor, target: torch.Tensor,
-                         optimizer: torch.optim.Optimizer, criterion: nn.Module,
-                         auxiliary_weight: float = 0.0, grad_clip: float = 0.0) -> float:
-    """The plain path: the straightforward step with per-parameter clipping and the loss
-    read back every step (the release's meters). Benchmarks and equivalence tests compare
-    ``train_step`` with it; build its optimizer with ``foreach=False``."""
-    optimizer.zero_grad()
-    logits, logits_aux = model(images)
-    loss = criterion(logits, target)
-    if logits_aux is not None:
-        loss = loss + auxiliary_weight * criterion(logits_aux, target)
-    loss.backward()
-    if grad_clip > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=False)
-    optimizer.step()
-    return loss.item()
-
-
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
                     criterion: nn.Module, device: torch.device, *, auxiliary_weight: float = 0.0,
                     grad_clip: float = 0.0, topk: Sequence[int] = TOPK, report_freq: int = 50,
@@ -464,98 +340,6 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer,
     stats = averages(meters)
     check_finite(stats["loss"], "training loss")
     return stats
-
-
-# ---------------------------------------------------------------------------------------
-# Checkpoints and resume
-# ---------------------------------------------------------------------------------------
-
-def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                     args: argparse.Namespace, genotype: Genotype, network: dict,
-                     best: dict, last: dict, data: dict | None = None) -> dict[str, Any]:
-    """The full checkpoint: plain types and tensors only, so ``torch.load(...,
-    weights_only=True)`` reads it. ``epoch`` counts the epochs completed. ``data``: what
-    an image folder run needs to be tested or resumed (classes, size, normalisation)."""
-    return {
-        "data": data,
-        "format": CHECKPOINT_FORMAT,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "epoch": epoch,
-        "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
-        "genotype": genotype_to_dict(genotype),
-        "network": network,
-        "best_acc_on_test": best["acc"],        # chosen on the test set: optimistic
-        "best_epoch_on_test": best["epoch"],
-        "last_acc": last.get("top1"),            # the headline: the final epoch's
-        "last_top5": last.get("top5"),
-        "last_loss": last.get("loss"),
-        "lr_schedule": LR_SCHEDULE,
-    }
-
-
-def is_training_checkpoint(obj: Any) -> bool:
-    return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
-
-
-def check_training_checkpoint(obj: Any, path: str) -> None:
-    """A CheckpointError unless ``obj`` is a complete checkpoint.pt of a training run."""
-    if not is_training_checkpoint(obj):
-        raise CheckpointError(
-            f"{path} is {describe_checkpoint(obj)}; expected the {CHECKPOINT_NAME} of a "
-            f"train_cifar.py / train_imagenet.py run: give its run folder or its {CHECKPOINT_NAME}")
-    missing = [k for k in CHECKPOINT_KEYS if k not in obj]
-    if missing:
-        raise CheckpointError(f"{path} is a training checkpoint without {', '.join(missing)} "
-                              "(damaged or written by another version); expected all of "
-                              f"{', '.join(CHECKPOINT_KEYS)}")
-
-
-def checkpoint_genotype(obj: dict, source: str) -> Genotype:
-    return genotype_from_dict(obj.get("genotype"), source=f"{source} (genotype)")
-
-
-def resume_path(path: str) -> str:
-    return os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
-
-
-def load_resume(args: argparse.Namespace,
-                defaults: dict[str, Any]) -> tuple[argparse.Namespace, dict | None]:
-    """For ``--resume``: read the run's checkpoint and return its saved arguments (plus
-    the flags in RESUME_FREE_FLAGS from this command line) and the checkpoint. A recipe
-    flag given with a value other than the saved one is an error, so a resumed run
-    continues exactly the run it resumes. Without ``--resume``: (args, None)."""
-    if not args.resume:
-        return args, None
-    path = resume_path(args.resume)
-    ckpt = load_file(path)
-    check_training_checkpoint(ckpt, path)
-    saved = ckpt["args"]
-    # A flag whose value is not its default was given on the command line.
-    given = {k: v for k, v in vars(args).items() if v != defaults.get(k)}
-    refuse_changed_flags(given, saved, RESUME_FREE_FLAGS)
-    merged = {**vars(args), **saved}
-    # As the search's resume: a free flag given again replaces the run's own; one not
-    # given keeps it (a run started with --tmp_data_dir D resumes on D, not on ../data).
-    merged.update({k: v for k, v in given.items() if k in RESUME_FREE_FLAGS})
-    merged["resume"] = path
-    return argparse.Namespace(**merged), ckpt
-
-
-def _resumed_schedule(lr_at: Callable[..., float], ckpt: dict, start_epoch: int,
-                      epochs: int) -> Callable[[int], float]:
-    """The learning-rate schedule a resumed run continues on: the one it began with. A
-    checkpoint written before the schedule was corrected to the release's (it lacks
-    ``lr_schedule``) continues on the old one, and the log says so."""
-    if schedule_of_checkpoint(ckpt):
-        return lr_at
-    old = partial(lr_at, stepped_before_epoch=False)
-    if all(old(e) == lr_at(e) for e in range(start_epoch, epochs)):
-        return lr_at        # the schedule did not change (the ImageNet linear decay)
-    logger.warning("this run began before the learning-rate schedule was corrected to the "
-                   "release's (epoch e at cos(pi*(e+1)/E)); it continues on the schedule it "
-                   "began with (cos(pi*e/E))")
-    return old
 
 
 # ---------------------------------------------------------------------------------------
@@ -636,10 +420,10 @@ def _refuse_untrained(model_path: str, path: str, purpose: str) -> None:
     saying what it is and what to give instead (a genotype file and other files that are
     no checkpoint are named by ``load_file``)."""
     if os.path.isdir(model_path) and not os.path.exists(path) and os.path.isfile(
-            os.path.join(model_path, GENOTYPE_FILE)):
+            os.path.join(model_path, GENOTYPE)):
         raise CheckpointError(f"{model_path} is a search run folder; {purpose} a trained network: "
                               f"train the searched cell first (train_cifar.py --arch {model_path}) "
-                              f"and give that run's folder or {CHECKPOINT_NAME}")
+                              f"and give that run's folder or {CHECKPOINT}")
 
 
 def resolve_trained_network(model_path: str, *, dataset: str | None = None, cifar100: bool = False,
@@ -650,11 +434,11 @@ def resolve_trained_network(model_path: str, *, dataset: str | None = None, cifa
     bare state dict in any of the authors' layouts) and decide what to build: the sizes
     come from the flags, else the checkpoint, else the release's defaults. ``purpose``
     starts the refusal of a search checkpoint ("test.py evaluates")."""
-    path = resume_path(model_path)
+    path = training_path(model_path)
     _refuse_untrained(model_path, path, purpose)
     obj = load_file(path, genotype_hint=(
         f"{purpose} a trained network: train the cell first (python train_cifar.py --arch {path}) "
-        f"and give that run's folder or {CHECKPOINT_NAME}, or give the cell as --arch with a "
+        f"and give that run's folder or {CHECKPOINT}, or give the cell as --arch with a "
         "trained checkpoint"))
     ours = is_training_checkpoint(obj)
     if ours:
@@ -663,7 +447,7 @@ def resolve_trained_network(model_path: str, *, dataset: str | None = None, cifa
         raise CheckpointError(
             f"{path} is {describe_checkpoint(obj)}; {purpose} a trained network: train the "
             f"searched cell first (train_cifar.py --arch {os.path.dirname(path) or '.'}) and "
-            f"give that run's folder or {CHECKPOINT_NAME}")
+            f"give that run's folder or {CHECKPOINT}")
     state = extract_state_dict(obj)  # weights in it? Say so before reading any data
     saved = obj["network"] if ours else {}
     # Bare state dicts (the authors', our weights.pt): read the sizes from the tensors.
@@ -743,7 +527,7 @@ class RunSpec:
     network: dict[str, Any]            # network_info(...)
     train_set: Dataset
     test_set: Dataset
-    lr_at: Callable[[int], float]      # learning rate of an epoch
+    lr_at: Callable[..., float]        # learning rate of an epoch: lr_at(epoch, stepped_before_epoch=)
     train_criterion: nn.Module
     eval_criterion: nn.Module
     input_size: tuple[int, int, int, int]
@@ -753,39 +537,39 @@ class RunSpec:
     data_lines: list[str] = field(default_factory=list)      # logged at the start
 
 
-def fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | None = None) -> int:
-    """Train ``spec``'s network for ``args.epochs`` epochs (from the resumed epoch), test
+def fit(cfg: TrainConfig, env: DistInfo, spec: RunSpec, resume: dict | None = None) -> int:
+    """Train ``spec``'s network for ``cfg.epochs`` epochs (from the resumed epoch), test
     after each epoch, save ``weights.pt`` and ``checkpoint.pt`` after each epoch. The
     run folder is locked while this runs."""
     try:
-        return _fit(args, env, spec, resume)
+        return _fit(cfg, env, spec, resume)
     finally:
         release_run_locks()
 
 
-def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | None) -> int:
+def _fit(cfg: TrainConfig, env: DistInfo, spec: RunSpec, resume: dict | None) -> int:
     device = env.device
-    check_amp(device, args.amp)
-    batch = per_process_batch(args.batch_size, env.world_size)
+    check_amp(device, cfg.amp)
+    batch = per_process_batch(cfg.batch_size, env.world_size)
     # Deviation: the release runs such a batch as one short batch per epoch, silently.
-    if args.batch_size > len(spec.train_set):
-        raise UserError(f"--batch_size {args.batch_size} is larger than the training set "
+    if cfg.batch_size > len(spec.train_set):
+        raise UserError(f"--batch_size {cfg.batch_size} is larger than the training set "
                         f"({len(spec.train_set)} images); use --batch_size "
                         f"{len(spec.train_set)} or less")
-    seed_everything(args.seed, args.deterministic)
+    seed_everything(cfg.seed, cfg.deterministic)
     model = build_network(spec.network, spec.genotype).to(device)
     topk = topk_for(spec.network["num_classes"])
     summary = model_summary(model, spec.input_size)
 
     # {save}eval-{note}-{time}; a resumed run goes on in its own folder.
-    resumed_dir = os.path.dirname(os.path.abspath(args.resume)) if resume is not None else None
-    run_dir = open_run_dir(args.save, "eval", args.note, env.is_main, resumed_dir)
+    resumed_dir = os.path.dirname(os.path.abspath(cfg.resume)) if resume is not None else None
+    run_dir = open_run_dir(cfg.save, TRAIN_PREFIX, cfg.note, env.is_main, resumed_dir)
     setup_logging(run_dir, env.is_main)
     script = os.path.basename(sys.argv[0])
-    register_run(run_dir, CHECKPOINT_NAME, script if script.endswith(".py") else "SCRIPT.py")
-    metrics_path = os.path.join(run_dir, METRICS_NAME) if env.is_main else None
+    register_run(run_dir, CHECKPOINT, script if script.endswith(".py") else "SCRIPT.py")
+    metrics_path = os.path.join(run_dir, METRICS) if env.is_main else None
     metrics = MetricsWriter(metrics_path)
-    log_run_start(args, device)
+    log_run_start(cfg, device)
     logger.info("run folder %s; %d process(es), %d images per process per step",
                 os.path.abspath(run_dir), env.world_size, batch)
     logger.info("genotype = %s", format_genotype(spec.genotype))
@@ -796,77 +580,73 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
         for name, obj in spec.run_files.items():
             write_json_atomic(obj, os.path.join(run_dir, name))
 
-    optimizer = torch.optim.SGD(model.parameters(), args.learning_rate, momentum=args.momentum,
-                                weight_decay=args.weight_decay, foreach=True)
-    scaler = grad_scaler(device, args.amp)
-    model.checkpoint_cells = args.checkpoint_cells
-    memory_plan = plan_memory(model, [optimizer], spec.input_size[1:], batch, args.batch_size,
-                              env.world_size, {"--learning_rate": args.learning_rate},
-                              args.checkpoint_cells, device, args.amp)
+    optimizer = torch.optim.SGD(model.parameters(), cfg.learning_rate, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, foreach=True)
+    scaler = grad_scaler(device, cfg.amp)
+    model.checkpoint_cells = cfg.checkpoint_cells
+    memory_plan = plan_memory(model, [optimizer], spec.input_size[1:], batch, cfg.batch_size,
+                              env.world_size, {"--learning_rate": cfg.learning_rate},
+                              cfg.checkpoint_cells, device, cfg.amp)
     start_epoch, best, last = 0, {"acc": None, "epoch": None}, {}
-    lr_at = spec.lr_at
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        start_epoch = resume["epoch"]
-        best = {"acc": resume["best_acc_on_test"], "epoch": resume["best_epoch_on_test"]}
-        last = {"top1": resume["last_acc"], "top5": resume["last_top5"], "loss": resume["last_loss"]}
+        start_epoch, best, last = restore_training(resume, model, optimizer)
         if env.is_main:
             truncate_metrics(metrics_path, start_epoch)
-        logger.info("resumed from %s at epoch %d of %d", args.resume, start_epoch, args.epochs)
-        lr_at = _resumed_schedule(spec.lr_at, resume, start_epoch, args.epochs)
+        logger.info("resumed from %s at epoch %d of %d", cfg.resume, start_epoch, cfg.epochs)
+        if not cfg.lr_stepped_before_epoch:
+            warn_old_schedule(spec.lr_at, cfg.epochs, start_epoch)
 
     # Deviation: DistributedDataParallel, one process per GPU, instead of the release's
     # DataParallel. Faithful to the release: batch-norm statistics stay per GPU (no
     # SyncBatchNorm unless --sync_bn), and the batch and learning rate are global.
-    prepare_model(model, channels_last=args.channels_last)
+    prepare_model(model, channels_last=cfg.channels_last)
     train_model: nn.Module = model
     if env.distributed:
-        if args.sync_bn:
+        if cfg.sync_bn:
             if device.type != "cuda":
                 raise UserError("--sync_bn needs GPUs (batch-norm synchronisation is CUDA-only)")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
+    if cfg.compile:
         train_model = torch.compile(train_model)
-    device_augment = None if args.host_data else spec.device_augment
+    device_augment = None if cfg.host_data else spec.device_augment
 
-    train_loader = make_loader(spec.train_set, batch, env, train=True, workers=args.workers,
-                               seed=args.seed, device_augment=device_augment)
-    test_loader = make_loader(spec.test_set, batch, env, train=False, workers=args.workers,
+    train_loader = make_loader(spec.train_set, batch, env, train=True, workers=cfg.workers,
+                               seed=cfg.seed, device_augment=device_augment)
+    test_loader = make_loader(spec.test_set, batch, env, train=False, workers=cfg.workers,
                               device_augment=device_augment)
     if isinstance(train_loader, DeviceLoader):
         logger.info("input pipeline: images on the GPU as uint8, augmented there in batches")
 
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start_epoch, cfg.epochs):
         # Deviation: reseeded every epoch (the release seeds once) so --resume is exact.
-        seed_everything(epoch_seed(args.seed, epoch, env.rank), args.deterministic)
+        seed_everything(epoch_seed(cfg.seed, epoch, env.rank), cfg.deterministic)
         if isinstance(train_loader, DeviceLoader):
-            train_loader.generator.manual_seed(epoch_seed(args.seed, epoch, env.rank))
-        lr = lr_at(epoch)
+            train_loader.generator.manual_seed(epoch_seed(cfg.seed, epoch, env.rank))
+        lr = spec.lr_at(epoch, stepped_before_epoch=cfg.lr_stepped_before_epoch)
         set_lr(optimizer, lr)
-        model.drop_path_prob = drop_path_at(args.drop_path_prob, epoch, args.epochs)
+        model.drop_path_prob = drop_path_at(cfg.drop_path_prob, epoch, cfg.epochs)
         train_loader.sampler.set_epoch(epoch)
-        logger.info("epoch %d/%d lr %e drop_path_prob %f", epoch, args.epochs, lr, model.drop_path_prob)
+        logger.info("epoch %d/%d lr %e drop_path_prob %f", epoch, cfg.epochs, lr, model.drop_path_prob)
         reset_peak_memory(device)
 
         start = time.time()
         with report_out_of_memory(memory_plan, f"epoch {epoch}",
-                                  os.path.join(run_dir, CHECKPOINT_NAME)):
+                                  os.path.join(run_dir, CHECKPOINT)):
             train = train_one_epoch(train_model, train_loader, optimizer, spec.train_criterion,
-                                    device, auxiliary_weight=args.auxiliary_weight,
-                                    grad_clip=args.grad_clip, report_freq=args.report_freq,
-                                    topk=topk, desc=f"train {epoch}", show=env.is_main, amp=args.amp,
-                                    channels_last=args.channels_last, scaler=scaler)
+                                    device, auxiliary_weight=cfg.auxiliary_weight,
+                                    grad_clip=cfg.grad_clip, report_freq=cfg.report_freq,
+                                    topk=topk, desc=f"train {epoch}", show=env.is_main, amp=cfg.amp,
+                                    channels_last=cfg.channels_last, scaler=scaler)
             train_time = time.time() - start
             # DDP broadcasts the buffers before each forward; each process then updates its
             # own copy with its own last batch.
             sync_buffers(model)
             test = evaluate(model, test_loader, spec.eval_criterion, device,
-                            topk=topk, report_freq=args.report_freq, desc=f"test {epoch}",
+                            topk=topk, report_freq=cfg.report_freq, desc=f"test {epoch}",
                             show=env.is_main,
-                            amp=args.amp, channels_last=args.channels_last)
+                            amp=cfg.amp, channels_last=cfg.channels_last)
         check_finite(test["loss"], "test loss")
         check_finite_state(model)   # batch-norm statistics too: nothing non-finite is saved
         epoch_time = time.time() - start
@@ -892,13 +672,8 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
             "peak_memory_mb": peak_memory_mb(device), "world_size": env.world_size,
         })
         if env.is_main:
-            # Faithful to the release: weights.pt, a plain state dict, every epoch (without
-            # the 'module.' prefix DataParallel gave the release's). checkpoint.pt is new.
-            save_atomic(checkpoint_state(model, optimizer, epoch + 1, args, spec.genotype,
-                                         spec.network, best, last, spec.data_info),
-                        os.path.join(run_dir, CHECKPOINT_NAME), resume_hint=run_dir)
-            save_atomic(model.state_dict(), os.path.join(run_dir, WEIGHTS_NAME), resume_hint=run_dir,
-                        resume_from=os.path.join(run_dir, CHECKPOINT_NAME))
+            save_training(run_dir, training_state(model, optimizer, epoch + 1, cfg, spec.genotype,
+                                                  spec.network, best, last, spec.data_info))
         barrier()
 
     if last.get("top1") is not None:
@@ -907,5 +682,5 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
         logger.info("best epoch, chosen on the test set (optimistic, not a result): %.2f%% at "
                     "epoch %d", best["acc"], best["epoch"])
     if env.is_main:
-        plot_run_safely(run_dir, getattr(args, "plot_format", "png"))  # older runs lack the flag
+        plot_run_safely(run_dir, cfg.plot_format)
     return 0

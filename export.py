@@ -38,10 +38,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from engine import CHECKPOINT_NAME, TrainedNetwork, load_trained_network, resolve_trained_network
+from engine import TrainedNetwork, load_trained_network, resolve_trained_network
 from errors import StorageError, UserError, write_bytes_atomic
 from flags import HelpFormatter, int_at_least, positive_float
 from genotypes import format_genotype, genotype_to_dict
+from run_files import CHECKPOINT
 from runs import run_main, setup_logging
 from utils import logger
 
@@ -124,7 +125,7 @@ def default_out(trained: TrainedNetwork, fmt: str) -> str:
     """A run's ``network.<ext>`` beside its checkpoint.pt; a state dict's own name with
     the format's extension (``weights.pt`` -> ``weights.onnx``)."""
     folder = os.path.dirname(trained.path)
-    if trained.ours and os.path.basename(trained.path) == CHECKPOINT_NAME:
+    if trained.ours and os.path.basename(trained.path) == CHECKPOINT:
         return os.path.join(folder, "network" + FORMATS[fmt])
     name = os.path.basename(trained.path)
     for suffix in (".pth.tar", ".tar", ".pth", ".pt"):

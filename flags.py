@@ -1,7 +1,8 @@
 """Command-line helpers shared by every script: the parser (a usage error is one line and a
 hint to ``--help``, not the whole usage), argparse ``type=`` functions that check a
 number's allowed range at parse time, the help formatter that shows each flag's default,
-and the default number of data-loader workers.
+the default number of data-loader workers, the flags of a run's plots, and which flags a
+command line gave (``parse_given``: a resumed run compares exactly those with its own).
 
 A value out of range stops argparse with one line naming the flag, the value and the
 range (exit status 2), before anything is read or created::
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 # Every script reads its data from here unless --tmp_data_dir / --data says otherwise: the
 # release's training and test scripts' folder, beside the checkout.
@@ -127,6 +128,34 @@ def workers_help(preferred: int, per_process: bool = False) -> str:
     where = " per process" if per_process else ""
     return (f"data-loader worker processes{where} (default: the release's {preferred}, at most "
             f"the CPU cores, 0 on one core; here {default_workers(preferred)})")
+
+
+PLOT_FORMATS = ("png", "svg")
+
+
+def add_plot_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--plot_format`` of the scripts that draw their run's plots at the end."""
+    parser.add_argument("--plot_format", choices=[*PLOT_FORMATS, "none"], default="png",
+                        help="format of the plots drawn at the end of the run (needs matplotlib); "
+                             "none: draw no plots")
+
+
+def parse_given(parser: argparse.ArgumentParser, argv: Sequence[str] | None
+                ) -> tuple[argparse.Namespace, frozenset[str]]:
+    """Parse ``argv`` and name the flags (their ``dest``) it gave, whatever their values:
+    ``--learning_rate 0.025`` is given even where 0.025 is the default. The names come
+    from a second parse in which no flag has a default, so only what the command line
+    set is there."""
+    args = parser.parse_args(argv)
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        given = frozenset(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in saved:
+            action.default = default
+    return args, given
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -17,8 +17,7 @@ from collections import namedtuple
 from typing import Any
 
 from errors import GenotypeError, write_json_atomic
-
-GENOTYPE_FILE = "genotype.json"   # the final cell a search writes into its run folder
+from run_files import GENOTYPE
 
 Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
 
@@ -246,7 +245,7 @@ def load_genotype_file(path: str) -> Genotype:
             data = json.load(f)
     except UnicodeDecodeError:
         raise GenotypeError(f"{path} is not a genotype JSON file (it is not text); pass the "
-                            f"{GENOTYPE_FILE} a search wrote, or a cell name") from None
+                            f"{GENOTYPE} a search wrote, or a cell name") from None
     except OSError as e:
         raise GenotypeError(f"cannot read genotype file {path}: {e.strerror}") from None
     except json.JSONDecodeError as e:
@@ -258,10 +257,10 @@ def get_genotype(name_or_path: str) -> Genotype:
     """Look a cell up by name (``PDARTS``, any case) or read it from a genotype JSON file or
     a search run folder (its genotype.json). Never eval."""
     if os.path.isdir(name_or_path):
-        path = os.path.join(name_or_path, GENOTYPE_FILE)
+        path = os.path.join(name_or_path, GENOTYPE)
         if not os.path.isfile(path):
             raise GenotypeError(
-                f"{name_or_path} is a folder without {GENOTYPE_FILE}: a search run folder holds "
+                f"{name_or_path} is a folder without {GENOTYPE}: a search run folder holds "
                 "it once the search has finished; or pass a genotype JSON file or a cell name "
                 f"({', '.join(known_genotypes())})")
         return load_genotype_file(path)
@@ -274,7 +273,7 @@ def get_genotype(name_or_path: str) -> Genotype:
         hint = f"did you mean {by_lower[close[0]]}? " if close else ""
         raise GenotypeError(
             f"unknown genotype {name_or_path!r}: {hint}use one of {', '.join(known_genotypes())}, "
-            f"a genotype JSON file or a search run folder (its {GENOTYPE_FILE})")
+            f"a genotype JSON file or a search run folder (its {GENOTYPE})")
     return validate_genotype(globals()[name], name)
 
 

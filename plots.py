@@ -23,10 +23,10 @@ from collections.abc import Sequence
 
 from derivation import COLLAPSE_FRACTION, NUM_EDGES, STEPS, ops_on
 from errors import TMP_INFIX, UserError, storage_error
-from flags import ArgumentParser
+from flags import PLOT_FORMATS, ArgumentParser
 from genotypes import OP_COLORS, PRIMITIVES
+from run_files import METRICS
 from runs import (
-    METRICS,
     SEARCH,
     RunFolderError,
     read_arch_state,
@@ -37,7 +37,6 @@ from runs import (
 )
 from utils import logger
 
-PLOT_FORMATS = ("png", "svg")
 DPI = 100
 CELL_EDGES = 2 * STEPS          # edges kept in a derived cell
 # First edge of every intermediate node after the first: 0-1 node 0, 2-4 node 1, ...
@@ -48,12 +47,6 @@ NO_MATPLOTLIB = ("matplotlib is not installed: plots skipped (pip install matplo
 
 class PlotsUnavailable(RuntimeError):
     """matplotlib cannot be imported."""
-
-
-def add_plot_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--plot_format", choices=[*PLOT_FORMATS, "none"], default="png",
-                        help="format of the plots drawn at the end of the run (needs matplotlib); "
-                             "none: draw no plots")
 
 
 def _figure_class():

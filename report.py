@@ -29,10 +29,11 @@ from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
+from config import NEW_RUN_FLAGS, RUNTIME_FLAGS, CifarConfig, ImageNetConfig
 from derivation import NUM_EDGES, STEPS
-from engine import RESUME_FREE_FLAGS, build_network
+from engine import build_network
 from errors import UserError, storage_error
-from flags import ArgumentParser
+from flags import PLOT_FORMATS, ArgumentParser
 from genotypes import (
     PRIMITIVES,
     Genotype,
@@ -42,10 +43,9 @@ from genotypes import (
     genotype_to_dict,
 )
 from model import model_summary
-from plots import PLOT_FORMATS, accuracy_figure, matplotlib_available, op_frequency_figure, save_figure
+from plots import accuracy_figure, matplotlib_available, op_frequency_figure, save_figure
+from run_files import BUDGETS, GENOTYPE
 from runs import (
-    BUDGETS,
-    GENOTYPE,
     SEARCH,
     TRAIN,
     RunFolderError,
@@ -66,7 +66,7 @@ CIFAR_INPUT = (1, 3, 32, 32)
 IMAGENET_INPUT = (1, 3, 224, 224)
 STD_NOTE = "sample standard deviation (ddof=1)"
 # Flags that do not change what a training run computes, and so do not split a setting.
-SEED_AND_RUNTIME_FLAGS = RESUME_FREE_FLAGS | {"seed", "plot_format", "report_freq"}
+SEED_AND_RUNTIME_FLAGS = RUNTIME_FLAGS | NEW_RUN_FLAGS | {"seed"}
 GLOB_CHARS = "*?["
 
 
@@ -145,7 +145,10 @@ def summarize_training(run_dir: str) -> dict[str, Any]:
                       f"{run['epochs']} epochs")
     # Runs are averaged together only when everything but the seed and the run-time flags
     # (where data lives, workers, speed options...) is the same, the cell included.
-    recipe = {k: v for k, v in args.items() if k not in SEED_AND_RUNTIME_FLAGS}
+    # The settings as this version reads them (older runs' filled in as they ran).
+    config = ImageNetConfig if network.get("kind") == "imagenet" else CifarConfig
+    recipe = {k: v for k, v in config.from_dict(args).to_dict().items()
+              if k not in SEED_AND_RUNTIME_FLAGS}
     run["setting_key"] = json.dumps([recipe, network, run["genotype"]], sort_keys=True, default=str)
     # The checkpoint says whether the run finished; metrics.jsonl only what each epoch gave
     # (a line of it may be torn or bad: read_metrics skipped it with a warning).

@@ -10,7 +10,6 @@ training ``checkpoint.pt``); it finished when its checkpoint counts all ``--epoc
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import logging
@@ -22,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -32,8 +31,8 @@ except ImportError:  # Windows: run folders are not locked
 
 import torch
 
-from checkpoint import describe_checkpoint, load_file
-from derivation import NUM_EDGES, NUM_STAGES, all_on_switches, prune_after_stage, softmax_rows
+from checkpoint import load_file
+from derivation import NUM_EDGES, NUM_STAGES, replay_stages
 from distributed import broadcast_object, cleanup_distributed, is_collective_failure
 from errors import (
     ONE_LINE_ERRORS,
@@ -49,18 +48,21 @@ from errors import (
     write_json_atomic,
 )
 from flags import available_cpus
-from genotypes import PRIMITIVES, format_genotype, genotype_from_dict, load_genotype_file
+from genotypes import PRIMITIVES, genotype_from_dict
+from run_files import (
+    ARCH_STATE,
+    CHECKPOINT,
+    LOCK,
+    LOG,
+    METRICS,
+    SEARCH_PREFIX,
+    TRAIN_PREFIX,
+)
 from utils import LOGGER_NAME, logger
 
-METRICS = "metrics.jsonl"
-ARCH_STATE = "arch_state.json"
-GENOTYPE = "genotype.json"
-BUDGETS = "genotypes_by_skip_budget.json"
-CHECKPOINT = "checkpoint.pt"
-LOG = "log.txt"
 SEARCH, TRAIN = "search", "train"
 # Folder name prefixes of run_dir_name: {save}search-{note}-{time}, {save}eval-...
-NAME_PREFIXES = {"search-": SEARCH, "eval-": TRAIN}
+NAME_PREFIXES = {f"{SEARCH_PREFIX}-": SEARCH, f"{TRAIN_PREFIX}-": TRAIN}
 
 
 # ---------------------------------------------------------------------------------------
@@ -97,7 +99,6 @@ def create_run_dir(save: str, kind: str, note: str) -> str:
     raise UserError(f"cannot create the run folder {base}: every suffix up to -9999 exists")
 
 
-LOCK_NAME = "run.lock"
 _notes: list[str] = []             # said about a run folder before its log exists
 _held_locks: dict[str, int] = {}   # run folder -> open descriptor of its lock file
 
@@ -110,7 +111,7 @@ def lock_run_dir(run_dir: str) -> None:
     key = os.path.realpath(run_dir)
     if fcntl is None or key in _held_locks:
         return
-    path = os.path.join(run_dir, LOCK_NAME)
+    path = os.path.join(run_dir, LOCK)
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -156,7 +157,7 @@ def release_run_locks() -> None:
     _notes.clear()   # unsaid if the run stopped before its log existed
     for run_dir, fd in list(_held_locks.items()):
         try:
-            os.remove(os.path.join(run_dir, LOCK_NAME))
+            os.remove(os.path.join(run_dir, LOCK))
         except OSError:
             pass
         os.close(fd)
@@ -184,7 +185,7 @@ def setup_logging(run_dir: str | None, is_main: bool = True) -> logging.Logger:
         stream.setFormatter(fmt)
         logger.addHandler(stream)
         if run_dir is not None:
-            fh = _LogFileHandler(os.path.join(run_dir, "log.txt"))
+            fh = _LogFileHandler(os.path.join(run_dir, LOG))
             fh.setFormatter(fmt)
             logger.addHandler(fh)
         while _notes:
@@ -309,30 +310,14 @@ def environment_info(device: torch.device) -> dict:
     return info
 
 
-def log_run_start(args, device: torch.device) -> None:
-    logger.info("args = %s", json.dumps(vars(args), sort_keys=True, default=str))
+def log_run_start(cfg, device: torch.device) -> None:
+    """The run's settings (a config's saved ones, or a script's flags), versions, device."""
+    settings = cfg.to_dict() if hasattr(cfg, "to_dict") else vars(cfg)
+    logger.info("args = %s", json.dumps(settings, sort_keys=True, default=str))
     logger.info("environment = %s", json.dumps(environment_info(device), sort_keys=True))
-    if hasattr(args, "workers"):
+    if hasattr(cfg, "workers"):
         logger.info("data loading: %d worker process(es), %d CPU core(s) available",
-                    args.workers, available_cpus())
-
-
-def refuse_changed_flags(given: dict, saved: dict, free, defaults: dict | None = None) -> None:
-    """``--resume`` continues the saved run with its own settings: a flag given on the
-    command line with a value other than the run's is an error, unless it is in ``free``
-    (where data is read, how often to report, ...). A flag the saved run predates is
-    compared with its default (``defaults``), the value that run used."""
-    defaults = defaults or {}
-    missing = object()
-    conflicts = []
-    for key in sorted(given):
-        old = saved.get(key, defaults.get(key, missing))
-        if key not in free and old is not missing and given[key] != old:
-            conflicts.append(f"--{key} {given[key]} (the run's: {old})")
-    if conflicts:
-        raise UserError("--resume continues the saved run with its own settings; these flags "
-                        "differ from them: " + ", ".join(conflicts) + ". Drop them, or start a "
-                        "new run with the new settings")
+                    cfg.workers, available_cpus())
 
 
 def open_run_dir(save: str, kind: str, note: str, is_main: bool, existing: str | None = None) -> str:
@@ -548,67 +533,6 @@ def _report_error(message: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# Resuming a search (train_search.py --resume); a training run's is engine.load_resume
-# ---------------------------------------------------------------------------------------
-
-# What a resume needs in a search checkpoint.
-SEARCH_CHECKPOINT_KEYS = ("args", "stage", "epoch", "world_size", "switches_normal",
-                          "switches_reduce", "model", "w_opt", "a_opt", "rng", "stages_done")
-
-
-
-def load_search_resume(args: argparse.Namespace, runtime_flags: Sequence[str],
-                       defaults: dict) -> tuple[argparse.Namespace, dict]:
-    """``train_search.py --resume``: the run's checkpoint and its settings, with the
-    ``runtime_flags`` of this command (``defaults``: the flags' defaults, the values of
-    a flag the saved run predates)."""
-    path = os.path.join(args.resume, CHECKPOINT)
-    if not os.path.isdir(args.resume):
-        raise UserError(f"--resume: no run folder {args.resume}")
-    if not os.path.isfile(path):
-        raise UserError(f"--resume: {args.resume} has no {CHECKPOINT}: the run stopped before "
-                        "its first epoch ended, so there is nothing to resume; start it again")
-    ckpt = load_file(path)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "pdarts-search":
-        raise CheckpointError(f"{path} is {describe_checkpoint(ckpt)}; --resume of "
-                              "train_search.py expects the folder of a search run")
-    missing = [k for k in SEARCH_CHECKPOINT_KEYS if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} is a search checkpoint without {', '.join(missing)} "
-                              "(damaged or written by another version); it cannot be resumed")
-    saved = dict(ckpt["args"])
-    # Deviation: the release has no resume. As train_cifar.py does, a recipe flag that
-    # differs from the run's own is refused, not silently ignored; save/note only name
-    # the folder of a new run.
-    refuse_changed_flags(getattr(args, "resume_given", {}), saved,
-                         set(runtime_flags) | {"save", "note"}, defaults)
-    overrides = set(getattr(args, "resume_overrides", [])) | {"resume", "stop_after_epochs", "derive"}
-    for key in overrides:
-        saved[key] = getattr(args, key)
-    saved["resume_overrides"] = sorted(overrides)
-    return argparse.Namespace(**saved), ckpt
-
-
-def search_complete(run_dir: str, ckpt: dict, epochs: int) -> bool:
-    """The checkpoint is the last epoch of the last stage and the final cell was written."""
-    return (ckpt["stage"] == NUM_STAGES - 1 and ckpt["epoch"] >= epochs
-            and os.path.isfile(os.path.join(run_dir, GENOTYPE)))
-
-
-def report_complete(run_dir: str, is_main: bool) -> int:
-    """``--resume`` of a finished search: say so and print its cell; nothing is re-run,
-    re-derived or appended."""
-    path = os.path.join(run_dir, GENOTYPE)
-    genotype = load_genotype_file(path)
-    if is_main:
-        print(f"the search in {os.path.abspath(run_dir)} is complete (all {NUM_STAGES} stages): "
-              f"nothing to resume. Its cell ({path}; re-derive at another skip budget with "
-              f"--derive {os.path.join(run_dir, ARCH_STATE)} --max_skip M):", flush=True)
-        print(format_genotype(genotype), flush=True)
-    return 0
-
-
-# ---------------------------------------------------------------------------------------
 # Reading run folders back (plots.py, report.py)
 # ---------------------------------------------------------------------------------------
 
@@ -777,22 +701,14 @@ def read_genotype(path: str):
 
 
 def search_stage_switches(arch_state: dict | None, num_stages: int) -> list[tuple[list, list]]:
-    """The (normal, reduce) switches each of the first ``num_stages`` stages ran with:
-    stored in arch_state.json for the finished stages; a stage still running starts from
-    the previous stage's switches pruned as the search prunes them."""
+    """The (normal, reduce) switches each of the first ``num_stages`` stages ran with,
+    replayed from the alphas of the finished stages in arch_state.json as the search
+    prunes them; a stage still running starts from the last finished stage's pruning."""
     done = (arch_state or {}).get("stages", [])
-    result = []
-    for s in range(num_stages):
-        if s < len(done):
-            result.append((done[s]["switches_normal"], done[s]["switches_reduce"]))
-        elif s == 0:
-            result.append((all_on_switches(), all_on_switches()))
-        elif s - 1 < len(done):
-            prev = done[s - 1]
-            result.append(prune_after_stage(
-                s - 1, prev["switches_normal"], prev["switches_reduce"],
-                softmax_rows(prev["alphas_normal"]), softmax_rows(prev["alphas_reduce"])))
-        else:
-            raise RunFolderError(f"arch_state.json lacks stage {s} although metrics.jsonl has "
-                                 f"epochs of stage {s + 1}")
-    return result
+    if num_stages > len(done) + 1:
+        raise RunFolderError(f"arch_state.json lacks stage {num_stages - 1} although metrics.jsonl "
+                             f"has epochs of stage {num_stages}")
+    try:
+        return replay_stages(done, ARCH_STATE, finished=False)[:num_stages]
+    except UserError as e:
+        raise RunFolderError(str(e)) from None

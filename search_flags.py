@@ -1,26 +1,34 @@
-"""The command line of train_search.py: its flags with the paper's defaults (and the
-demo's), how repeated per-stage flags (``--add_layers 6 --add_layers 12``) resolve, and
-which flags a ``--resume`` may change. The search itself is in train_search.py.
+"""The command line of train_search.py: its flags (with the paper's defaults and the
+demo's, from config.py) and how they resolve into the run's SearchConfig: presets,
+repeated per-stage flags (``--add_layers 6 --add_layers 12``), the stem. The search itself
+is in train_search.py; what a ``--resume`` may change is config.RUNTIME_FLAGS.
 """
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
 
+from config import (
+    PAPER_DROPOUT_RATES,
+    RELEASE_SEARCH_WORKERS,
+    SEARCH_DEMO,
+    SearchConfig,
+    default_of,
+)
 from derivation import NUM_STAGES
 from distributed import add_dist_timeout_arg
 from flags import (
-    DEFAULT_DATA_DIR,
     ArgumentParser,
     HelpFormatter,
+    add_plot_args,
     count_or_fraction,
-    default_workers,
     fraction,
     int_at_least,
     int_between,
     momentum,
     nonneg_float,
     nonneg_int,
+    parse_given,
     positive_float,
     positive_int,
     prob,
@@ -29,39 +37,16 @@ from flags import (
     workers_help,
 )
 from model_search import STEM_REDUCTION, STEMS
-from plots import add_plot_args
 from speed import add_speed_args
 
-# Skip-connect dropout rates per stage (paper Sec. 4.1.1); other datasets use CIFAR-10's.
-PAPER_DROPOUT_RATES = {"cifar10": (0.0, 0.4, 0.7), "cifar100": (0.1, 0.2, 0.3)}
-
-
-RELEASE_WORKERS = 2         # the release's loader processes; never more than the CPU cores
+RELEASE_WORKERS = RELEASE_SEARCH_WORKERS
 MIN_IMAGE_SIZE = 8          # the smallest --image_size the two reduction cells can halve twice
 AUTO_IMAGENET_STEM = 64     # --stem auto picks the stride-8 stem from this image size on
 
-# Flags whose default depends on --demo (None on the command line = not given).
-PAPER_DEFAULTS = dict(dataset="cifar10", epochs=25, arch_warmup_epochs=10, batch_size=96,
-                      learning_rate=0.025, arch_learning_rate=6e-4, init_channels=16, layers=5,
-                      add_layers=[0, 6, 12], workers=default_workers(RELEASE_WORKERS),
-                      report_freq=50, note="try", image_size=32, threads=0, channels_last=False)
-# The demo: the full three-stage algorithm, scaled down to run on a 2-core CPU in a few
-# minutes. channels_last: the CPU's depthwise convolutions are much faster in NHWC.
-# The rates: a demo stage has 50 weight steps and 30 alpha steps, the paper's ~6,500 and
-# ~3,900. At the paper's 0.025 the convolutions learn too little to be preferred over
-# pooling, and at its 6e-4 the alphas (Adam moves each by at most about its rate per step)
-# end within 2% of uniform, so near-ties pick the cell; the demo's rates let the weights
-# learn and the alphas decide. add_layers: 3/5/7 cells (the paper's +6 per stage scaled to
-# +2), so that stage 2 has a normal cell between its reductions (4 cells are N R R N).
-# Measurements: benchmarks/RESULTS.md (2026-12-05).
-DEMO_DEFAULTS = dict(dataset="demo", epochs=5, arch_warmup_epochs=2, batch_size=50,
-                     learning_rate=0.1, arch_learning_rate=0.02, init_channels=4, layers=3,
-                     add_layers=[0, 2, 4], workers=0, report_freq=5, note="demo",
-                     image_size=16, threads=1, channels_last=True)
-# On --resume these come from the new command line; everything else from the run itself.
-RUNTIME_FLAGS = ("resume", "workers", "report_freq", "device", "tmp_data_dir", "download",
-                 "stop_after_epochs", "derive", "threads", "host_data", "channels_last", "compile",
-                 "dist_timeout", "plot_format", "checkpoint_cells")
+
+def paper(name: str):
+    """The paper's default of a flag (SearchConfig's)."""
+    return default_of(SearchConfig, name)
 
 
 def resolve_stem(stem: str, image_size: int) -> tuple[str, str]:
@@ -82,14 +67,8 @@ def resolve_stem(stem: str, image_size: int) -> tuple[str, str]:
     return stem, reason
 
 
-def search_stem(args: argparse.Namespace) -> str:
-    """The run's stem; runs saved before --stem existed used the release's."""
-    stem = getattr(args, "stem", "cifar")
-    return "cifar" if stem == "auto" else stem
-
-
 def stage_values(given: Sequence | None, flag: str, default: Sequence,
-                 implicit_first: bool) -> list:
+                 implicit_first: bool) -> tuple:
     """The three per-stage values of a repeated flag.
 
     ``implicit_first``: the release's ``--add_layers``/``--add_width`` lists start with an
@@ -97,17 +76,16 @@ def stage_values(given: Sequence | None, flag: str, default: Sequence,
     three flags are taken as given.
     """
     if given is None:
-        return list(default)
-    values = list(given)
+        return tuple(default)
+    values = tuple(given)
     if implicit_first and len(values) == NUM_STAGES - 1:
-        return [type(values[0])(0)] + values
+        return (type(values[0])(0),) + values
     if len(values) == NUM_STAGES:
         return values
     # Deviation: the release silently falls back to its defaults here.
     forms = "2 (stage 1 is then 0) or 3" if implicit_first else "3"
     raise ValueError(f"{flag} was given {len(values)} time(s); give it {forms} times, one "
-                     f"value per stage (got {values})")
-
+                     f"value per stage (got {list(values)})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="P-DARTS progressive architecture search (3 stages of 5/11/17 cells). "
                     "First try: python train_search.py --demo",
         formatter_class=HelpFormatter)
-    d = DEMO_DEFAULTS
+    d = SEARCH_DEMO
     g = p.add_argument_group("data")
-    g.add_argument("--tmp_data_dir", "--data", default=DEFAULT_DATA_DIR,
+    g.add_argument("--tmp_data_dir", "--data", default=paper("tmp_data_dir"),
                    help="folder holding cifar-10-batches-py / cifar-100-python; for "
                         "--dataset folder, the ImageFolder tree itself (class subfolders)")
     g.add_argument("--dataset", choices=["cifar10", "cifar100", "folder", "demo"], default=None,
@@ -130,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image_size", type=int_at_least(MIN_IMAGE_SIZE), default=None,
                    help="image side; --dataset folder: resized and centre-cropped to it; "
                         "CIFAR/demo: resized to it when not 32 (default 32, demo 16)")
-    g.add_argument("--train_portion", type=fraction, default=0.5,
+    g.add_argument("--train_portion", type=fraction, default=paper("train_portion"),
                    help="part of the training split that trains the weights, the rest trains "
                         "the alphas: the first part for CIFAR and demo (the release's rule), a "
                         "stratified draw seeded with --seed for an image folder")
@@ -150,35 +128,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cutout", action="store_true",
                    help="Cutout (after normalisation) on the images of both halves, as the "
                         "release's --cutout (off by default)")
-    g.add_argument("--cutout_length", type=positive_int, default=16, help="Cutout square side")
-    g.add_argument("--drop_path_prob", type=prob, default=0.3,
+    g.add_argument("--cutout_length", type=positive_int, default=paper("cutout_length"),
+                   help="Cutout square side")
+    g.add_argument("--drop_path_prob", type=prob, default=paper("drop_path_prob"),
                    help="accepted for the release's command lines; the search network has no "
                         "drop path, so the value is not used (default 0.3, the release's)")
 
     g = p.add_argument_group("search")
     g.add_argument("--epochs", type=positive_int, default=None,
-                   help=f"epochs per stage (default {PAPER_DEFAULTS['epochs']}, demo {d['epochs']})")
+                   help=f"epochs per stage (default {paper('epochs')}, demo {d['epochs']})")
     g.add_argument("--arch_warmup_epochs", type=nonneg_int, default=None,
                    help="epochs per stage that train only the weights "
-                        f"(default {PAPER_DEFAULTS['arch_warmup_epochs']}, demo {d['arch_warmup_epochs']})")
+                        f"(default {paper('arch_warmup_epochs')}, demo {d['arch_warmup_epochs']})")
     g.add_argument("--batch_size", type=positive_int, default=None,
                    help="batch of each half per step, over all processes together "
-                        f"(default {PAPER_DEFAULTS['batch_size']}, demo {d['batch_size']})")
+                        f"(default {paper('batch_size')}, demo {d['batch_size']})")
     g.add_argument("--learning_rate", type=positive_float, default=None,
-                   help=f"initial weight learning rate (default {PAPER_DEFAULTS['learning_rate']}, "
+                   help=f"initial weight learning rate (default {paper('learning_rate')}, "
                         f"demo {d['learning_rate']})")
-    g.add_argument("--learning_rate_min", type=nonneg_float, default=0.0, help="cosine schedule floor")
-    g.add_argument("--momentum", type=momentum, default=0.9, help="SGD momentum")
-    g.add_argument("--weight_decay", type=nonneg_float, default=3e-4, help="SGD weight decay")
-    g.add_argument("--grad_clip", type=positive_float, default=5.0,
+    g.add_argument("--learning_rate_min", type=nonneg_float, default=paper("learning_rate_min"),
+                   help="cosine schedule floor")
+    g.add_argument("--momentum", type=momentum, default=paper("momentum"), help="SGD momentum")
+    g.add_argument("--weight_decay", type=nonneg_float, default=paper("weight_decay"),
+                   help="SGD weight decay")
+    g.add_argument("--grad_clip", type=positive_float, default=paper("grad_clip"),
                    help="gradient norm clip for the weights and for the alphas")
     g.add_argument("--arch_learning_rate", type=positive_float, default=None,
-                   help=f"Adam lr of the alphas (default {PAPER_DEFAULTS['arch_learning_rate']}, "
+                   help=f"Adam lr of the alphas (default {paper('arch_learning_rate')}, "
                         f"demo {d['arch_learning_rate']})")
-    g.add_argument("--arch_weight_decay", type=nonneg_float, default=1e-3,
+    g.add_argument("--arch_weight_decay", type=nonneg_float, default=paper("arch_weight_decay"),
                    help="Adam weight decay of the alphas")
     g.add_argument("--init_channels", type=positive_int, default=None,
-                   help=f"C of stage 1 (default {PAPER_DEFAULTS['init_channels']}, "
+                   help=f"C of stage 1 (default {paper('init_channels')}, "
                         f"demo {d['init_channels']})")
     g.add_argument("--stem", choices=("auto",) + STEMS, default="auto",
                    help="the search network's stem: cifar (the release's, full resolution) or "
@@ -186,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"about what a 28-pixel one does); auto = imagenet when --image_size is "
                         f"{AUTO_IMAGENET_STEM} or more, else cifar")
     g.add_argument("--layers", type=positive_int, default=None,
-                   help=f"cells in stage 1 (default {PAPER_DEFAULTS['layers']}, demo {d['layers']})")
+                   help=f"cells in stage 1 (default {paper('layers')}, demo {d['layers']})")
     g.add_argument("--add_layers", type=nonneg_int, action="append", default=None,
                    help="cells added per stage; repeat: twice means 0, A, B (the release's "
                         "form), three times gives all three (default 0, 6, 12 -> 5/11/17 cells; "
@@ -198,17 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "paper's rates, CIFAR-10 (and demo/folder) 0.0 0.4 0.7, CIFAR-100 0.1 0.2 0.3 "
                         "(the authors' README example: 0.1 0.4 0.7)")
     # Deviation: the budget M is a flag (the paper's M = 2 is the default).
-    g.add_argument("--max_skip", type=int_between(-1, 8), default=2,
+    g.add_argument("--max_skip", type=int_between(-1, 8), default=paper("max_skip"),
                    help="at most this many skip-connects in the final normal cell (paper: 2); "
                         "-1 = no restriction")
 
     g = p.add_argument_group("run")
     # Deviation: the default folder is runs/ (ignored by git).
-    g.add_argument("--save", default="runs/",
+    g.add_argument("--save", default=paper("save"),
                    help="run folder prefix: the run goes to {save}search-{note}-{timestamp}")
     g.add_argument("--note", type=run_note, default=None,
                    help="name part of the run folder (default try, demo demo)")
-    g.add_argument("--seed", type=seed_int, default=2, help="seeds everything (the release's default)")
+    g.add_argument("--seed", type=seed_int, default=paper("seed"),
+                   help="seeds everything (the release's default)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms (slower); with it a resumed CPU run equals "
                         "an uninterrupted one")
@@ -220,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "uses 1: its tensors are too small to gain from more, and on a busy "
                         "machine several threads per tiny op slow it down many times")
     g.add_argument("--report_freq", type=positive_int, default=None,
-                   help=f"steps between progress lines (default {PAPER_DEFAULTS['report_freq']}, "
+                   help=f"steps between progress lines (default {paper('report_freq')}, "
                         f"demo {d['report_freq']})")
     g.add_argument("--demo", action="store_true",
                    help="run the whole algorithm on the built-in demo data at a tiny size "
@@ -235,53 +217,46 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU instead of the default GPU pipeline (same distribution, other draws)")
     add_speed_args(p, channels_last_default=None)   # the demo turns it on
     add_plot_args(g)
-    # For tests of resume: stop (as if killed) after this many epochs of this process.
-    g.add_argument("--stop_after_epochs", type=positive_int, default=None, help=argparse.SUPPRESS)
     return p
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
+    """The command line as the run's config: the preset's defaults (the paper's, or
+    --demo's) for the flags not given, per-stage flags as one value per stage, the stem
+    resolved. With --resume this is what the command line asks of the run: the
+    flags it gave are compared with the run's own (checkpoint.resume_config)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    given: list[str] = []
-    if args.resume:
-        # A resumed run keeps its own settings; only run-time flags given here change.
-        probe = build_parser()
-        for action in probe._actions:
-            action.default = argparse.SUPPRESS
-        given = sorted(vars(probe.parse_args(argv)))
-        args.resume_overrides = [k for k in given if k in RUNTIME_FLAGS]
+    args, given = parse_given(parser, argv)
     if args.cifar100:
         if args.dataset not in (None, "cifar100"):
             parser.error(f"--cifar100 contradicts --dataset {args.dataset}")
         args.dataset = "cifar100"
-    presets = DEMO_DEFAULTS if args.demo else PAPER_DEFAULTS
-    for key, value in presets.items():
-        if getattr(args, key) is None:
-            setattr(args, key, list(value) if isinstance(value, list) else value)
+        given = given - {"cifar100"} | {"dataset"}
+    values = {k: v for k, v in vars(args).items() if k != "cifar100"}
+    preset = SEARCH_DEMO if args.demo else {}
+    for key in SEARCH_DEMO:
+        if values[key] is None:
+            values[key] = preset.get(key, paper(key))
     try:
-        args.add_layers = stage_values(args.add_layers, "--add_layers", presets["add_layers"], True)
-        args.add_width = stage_values(args.add_width, "--add_width", [0, 0, 0], True)
+        values["add_layers"] = stage_values(args.add_layers, "--add_layers", values["add_layers"],
+                                            True)
+        values["add_width"] = stage_values(args.add_width, "--add_width", (0,) * NUM_STAGES, True)
         # Deviation: no --dropout_rate means the paper's rates, not the release's fallback.
-        rates = PAPER_DROPOUT_RATES.get(args.dataset, PAPER_DROPOUT_RATES["cifar10"])
-        args.dropout_rate = stage_values(args.dropout_rate, "--dropout_rate", rates, False)
+        rates = PAPER_DROPOUT_RATES.get(values["dataset"], PAPER_DROPOUT_RATES["cifar10"])
+        values["dropout_rate"] = stage_values(args.dropout_rate, "--dropout_rate", rates, False)
     except ValueError as e:
         parser.error(str(e))
-    if args.resume and args.stem == "auto":
-        given = [k for k in given if k != "stem"]   # the run keeps the stem it chose
-    if not args.resume:
-        try:
-            args.stem, args.stem_reason = resolve_stem(args.stem, args.image_size)
-        except ValueError as e:
-            parser.error(str(e))
     if args.resume:
-        # The other flags given, as resolved here (--add_layers 6 --add_layers 12 is
-        # [0, 6, 12], --cifar100 is --dataset cifar100), to compare with the run's own.
-        keys = {"dataset" if k == "cifar100" else k for k in given}
-        args.resume_given = {k: getattr(args, k) for k in sorted(keys)
-                             if k not in RUNTIME_FLAGS}
-    elif args.arch_warmup_epochs >= args.epochs:
-        parser.error(f"--arch_warmup_epochs {args.arch_warmup_epochs} >= --epochs {args.epochs}: "
-                     "no alpha would ever be updated and the cell would come from the random "
-                     "initial alphas; use fewer warm-up epochs or more epochs")
-    return args
+        if args.stem == "auto":
+            given = given - {"stem"}   # the run keeps the stem it chose
+        values["stem"] = paper("stem") if args.stem == "auto" else args.stem
+        return SearchConfig(given=given, **values)
+    try:
+        values["stem"], values["stem_reason"] = resolve_stem(args.stem, values["image_size"])
+    except ValueError as e:
+        parser.error(str(e))
+    if values["arch_warmup_epochs"] >= values["epochs"]:
+        parser.error(f"--arch_warmup_epochs {values['arch_warmup_epochs']} >= --epochs "
+                     f"{values['epochs']}: no alpha would ever be updated and the cell would "
+                     "come from the random initial alphas; use fewer warm-up epochs or more epochs")
+    return SearchConfig(given=given, **values)

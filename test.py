@@ -45,7 +45,6 @@ from data import (
 from distributed import add_dist_timeout_arg, init_distributed
 from engine import (
     RELEASE_DEFAULTS,
-    SPLIT_NAME,
     load_trained_network,
     make_loader,
     per_process_batch,
@@ -67,6 +66,7 @@ from flags import (
 from genotypes import format_genotype
 from loop import evaluate
 from model import format_summary, model_summary
+from run_files import SPLIT
 from runs import run_main, setup_logging
 from utils import logger
 
@@ -142,7 +142,7 @@ def folder_test_set(data_info: dict | None, root: str | None, checkpoint_path: s
     classes, size, stats = data_info["classes"], data_info["image_size"], data_info["stats"]
     if not os.path.isdir(root):
         raise DataError(f"image folder not found: {root} (set --data)")
-    split_path = os.path.join(os.path.dirname(checkpoint_path), SPLIT_NAME)
+    split_path = os.path.join(os.path.dirname(checkpoint_path), SPLIT)
     names = [n for n in ("test", "val") if os.path.isdir(os.path.join(root, n))]
     if os.path.isdir(os.path.join(root, "train")) and names:
         folder = os.path.join(root, names[0])

@@ -26,6 +26,8 @@ from functools import partial
 
 import torch.nn as nn
 
+from checkpoint import checkpoint_genotype, resume_training
+from config import CifarConfig, default_of
 from data import (
     cifar_transforms,
     get_dataset,
@@ -33,22 +35,13 @@ from data import (
     num_classes_of,
 )
 from distributed import barrier, init_distributed
-from engine import (
-    RunSpec,
-    add_folder_args,
-    add_training_args,
-    check_sizes,
-    checkpoint_genotype,
-    cosine_lr,
-    fit,
-    folder_data,
-    load_resume,
-    network_info,
-)
+from engine import RunSpec, check_sizes, fit, folder_data, network_info
 from errors import UserError
 from flags import ArgumentParser, HelpFormatter, nonneg_float, positive_int
 from genotypes import get_genotype
 from runs import run_main
+from train_flags import add_folder_args, add_training_args, parse_training
+from utils import cosine_lr
 
 IMAGE_SIZE = 32          # CIFAR's, and the default for an image folder
 MIN_IMAGE_SIZE = 8
@@ -57,19 +50,20 @@ AUX_POOL, AUX_STRIDE = 5, 3   # the CIFAR auxiliary head's average pool
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    add_training_args(p, epochs=600, batch_size=128, learning_rate=0.025, weight_decay=None,
-                      init_channels=36, layers=20, drop_path_prob=0.3, report_freq=50, workers=4)
-    p.add_argument("--learning_rate_min", type=nonneg_float, default=0.0,
+    add_training_args(p, CifarConfig,
+                      weight_decay_help="SGD weight decay (default 3e-4, 5e-4 on CIFAR-100)")
+    p.add_argument("--learning_rate_min", type=nonneg_float, default=paper("learning_rate_min"),
                    help="final learning rate of the cosine schedule")
     p.add_argument("--cutout", action="store_true", default=False,
                    help="use cutout (off by default; the release's command line turns it on)")
-    p.add_argument("--cutout_length", type=positive_int, default=16, help="cutout square side")
+    p.add_argument("--cutout_length", type=positive_int, default=paper("cutout_length"),
+                   help="cutout square side")
     p.add_argument("--cifar100", action="store_true", default=False, help="train on CIFAR-100")
     p.add_argument("--dataset", choices=["cifar10", "cifar100", "demo", "folder"], default=None,
                    help="cifar10 unless --cifar100; demo: generated data, no download; folder: "
                         "your own images in --tmp_data_dir (train/ and val/ or test/ class "
                         "folders, or class folders at the top with --val_portion held out)")
-    add_folder_args(p, image_size=IMAGE_SIZE, min_image_size=MIN_IMAGE_SIZE,
+    add_folder_args(p, CifarConfig, min_image_size=MIN_IMAGE_SIZE,
                     image_help="--dataset folder: images are resized (shorter side) and "
                                "centre-cropped to this size")
     p.add_argument("--download", action="store_true",
@@ -77,25 +71,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+def paper(name: str):
+    """The paper's default of a flag (CifarConfig's)."""
+    return default_of(CifarConfig, name)
 
 
-def resolve_dataset(args: argparse.Namespace) -> None:
-    """--dataset wins; --cifar100 is the release's spelling of --dataset cifar100."""
-    if args.dataset is None:
-        args.dataset = "cifar100" if args.cifar100 else "cifar10"
-    elif args.cifar100 and args.dataset != "cifar100":
-        raise UserError(f"--cifar100 contradicts --dataset {args.dataset}")
-    if args.weight_decay is None:  # the paper: 3e-4 on CIFAR-10, 5e-4 on CIFAR-100
-        args.weight_decay = 5e-4 if args.dataset == "cifar100" else 3e-4
-    if args.dataset == "folder" and args.download:
+def parse_args(argv: list[str] | None = None) -> CifarConfig:
+    parser = build_parser()
+
+    def resolve(values: dict, given: frozenset[str]) -> frozenset[str]:
+        """--dataset wins; --cifar100 is the release's spelling of --dataset cifar100. The
+        weight decay is the paper's for the dataset: 3e-4, 5e-4 on CIFAR-100."""
+        if values["dataset"] is None:
+            values["dataset"] = "cifar100" if values["cifar100"] else paper("dataset")
+        elif values["cifar100"] and values["dataset"] != "cifar100":
+            parser.error(f"--cifar100 contradicts --dataset {values['dataset']}")
+        if values["cifar100"]:
+            given = given - {"cifar100"} | {"dataset"}
+        if "weight_decay" not in given and values["dataset"] == "cifar100":
+            values["weight_decay"] = CifarConfig.CIFAR100_WEIGHT_DECAY
+        return given
+
+    return parse_training(parser, CifarConfig, argv, resolve)
+
+
+def check_config(cfg: CifarConfig) -> None:
+    """What the flags cannot say alone: the image size and the auxiliary head fit the
+    dataset, --download is for CIFAR."""
+    if cfg.dataset == "folder" and cfg.download:
         raise UserError("--download fetches CIFAR; --dataset folder reads --tmp_data_dir as it is")
-    if args.dataset != "folder" and args.image_size != IMAGE_SIZE:
+    if cfg.dataset != "folder" and cfg.image_size != IMAGE_SIZE:
         raise UserError(f"--image_size is for --dataset folder (CIFAR and demo images are "
                         f"{IMAGE_SIZE}x{IMAGE_SIZE})")
-    if args.auxiliary and not auxiliary_fits(args.image_size):
-        raise UserError(f"--auxiliary does not fit --image_size {args.image_size}: the CIFAR "
+    if cfg.auxiliary and not auxiliary_fits(cfg.image_size):
+        raise UserError(f"--auxiliary does not fit --image_size {cfg.image_size}: the CIFAR "
                         "auxiliary head needs the 8x8 to 10x10 maps of 29- to 40-pixel images; "
                         "drop --auxiliary or use an --image_size in 29..40")
 
@@ -107,44 +116,42 @@ def auxiliary_fits(image_size: int) -> bool:
     return side >= AUX_POOL and (side - AUX_POOL) // AUX_STRIDE + 1 == 2
 
 
-def main(args: argparse.Namespace) -> int:
-    env = init_distributed(args.device, args.dist_timeout)
-    args, resume = load_resume(args, vars(parse_args([])))
-    resolve_dataset(args)
-    genotype = checkpoint_genotype(resume, args.resume) if resume else get_genotype(args.arch)
-    check_sizes(args.init_channels, args.layers, "cifar")
-    if args.epochs < 1:
-        raise UserError(f"--epochs must be positive (got {args.epochs})")
+def main(cfg: CifarConfig) -> int:
+    env = init_distributed(cfg.device, cfg.dist_timeout)
+    cfg, resume = resume_training(cfg)
+    check_config(cfg)
+    genotype = checkpoint_genotype(resume, cfg.resume) if resume else get_genotype(cfg.arch)
+    check_sizes(cfg.init_channels, cfg.layers, "cifar")
 
-    if args.download and env.is_main:  # one process downloads, the others wait
-        get_dataset(args.dataset, args.tmp_data_dir, True, None, download=True)
-        get_dataset(args.dataset, args.tmp_data_dir, False, None, download=True)
+    if cfg.download and env.is_main:  # one process downloads, the others wait
+        get_dataset(cfg.dataset, cfg.tmp_data_dir, True, None, download=True)
+        get_dataset(cfg.dataset, cfg.tmp_data_dir, False, None, download=True)
     barrier()
-    cutout = args.cutout_length if args.cutout else 0
-    if args.dataset == "folder":
-        train_set, test_set, data_info, run_files, data_lines = folder_data(args, cutout, resume)
+    cutout = cfg.cutout_length if cfg.cutout else 0
+    if cfg.dataset == "folder":
+        train_set, test_set, data_info, run_files, data_lines = folder_data(cfg, cutout, resume)
         num_classes, device_augment = len(data_info["classes"]), None
     else:
-        train_set = get_dataset(args.dataset, args.tmp_data_dir, True,
-                                cifar_transforms(args.dataset, True, cutout))
-        test_set = get_dataset(args.dataset, args.tmp_data_dir, False,
-                               cifar_transforms(args.dataset, False))
-        num_classes, data_info, run_files, data_lines = num_classes_of(args.dataset), None, {}, []
-        mean, std = normalization(args.dataset)
+        train_set = get_dataset(cfg.dataset, cfg.tmp_data_dir, True,
+                                cifar_transforms(cfg.dataset, True, cutout))
+        test_set = get_dataset(cfg.dataset, cfg.tmp_data_dir, False,
+                               cifar_transforms(cfg.dataset, False))
+        num_classes, data_info, run_files, data_lines = num_classes_of(cfg.dataset), None, {}, []
+        mean, std = normalization(cfg.dataset)
         device_augment = {"mean": mean, "std": std, "cutout_length": cutout}
 
     spec = RunSpec(
         genotype=genotype,
-        network=network_info("cifar", args.dataset, args.init_channels, args.layers,
-                             num_classes, args.auxiliary),
+        network=network_info("cifar", cfg.dataset, cfg.init_channels, cfg.layers,
+                             num_classes, cfg.auxiliary),
         train_set=train_set, test_set=test_set,
-        lr_at=partial(cosine_lr, args.learning_rate, epochs=args.epochs, lr_min=args.learning_rate_min),
+        lr_at=partial(cosine_lr, cfg.learning_rate, epochs=cfg.epochs, lr_min=cfg.learning_rate_min),
         train_criterion=nn.CrossEntropyLoss(), eval_criterion=nn.CrossEntropyLoss(),
-        input_size=(1, 3, args.image_size, args.image_size),
+        input_size=(1, 3, cfg.image_size, cfg.image_size),
         device_augment=device_augment, data_info=data_info, run_files=run_files,
         data_lines=data_lines,
     )
-    return fit(args, env, spec, resume)
+    return fit(cfg, env, spec, resume)
 
 
 if __name__ == "__main__":

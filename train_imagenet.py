@@ -26,24 +26,17 @@ from functools import partial
 
 import torch.nn as nn
 
+from checkpoint import checkpoint_genotype, resume_training
+from config import ImageNetConfig, default_of
 from data import DataError, get_image_folder, imagenet_transforms
 from distributed import init_distributed
-from engine import (
-    RunSpec,
-    add_folder_args,
-    add_training_args,
-    check_sizes,
-    checkpoint_genotype,
-    cosine_lr,
-    fit,
-    folder_data,
-    load_resume,
-    network_info,
-)
+from engine import RunSpec, check_sizes, fit, folder_data, network_info
 from errors import UserError
 from flags import ArgumentParser, HelpFormatter, prob
 from genotypes import get_genotype
 from runs import run_main
+from train_flags import add_folder_args, add_training_args, parse_training
+from utils import cosine_lr
 
 WARMUP_EPOCHS = 5       # warm-up (Goyal et al.) when the global batch is over WARMUP_BATCH
 WARMUP_BATCH = 256
@@ -78,25 +71,30 @@ def imagenet_lr(lr0: float, epoch: int, epochs: int, scheduler: str = "linear",
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    add_training_args(p, epochs=250, batch_size=1024, learning_rate=0.5, weight_decay=3e-5,
-                      init_channels=48, layers=14, drop_path_prob=0.0, report_freq=100, workers=8)
-    p.add_argument("--label_smooth", type=prob, default=0.1, help="label smoothing epsilon")
-    p.add_argument("--lr_scheduler", choices=["linear", "cosine"], default="linear",
+    add_training_args(p, ImageNetConfig)
+    p.add_argument("--label_smooth", type=prob, default=paper("label_smooth"),
+                   help="label smoothing epsilon")
+    p.add_argument("--lr_scheduler", choices=["linear", "cosine"], default=paper("lr_scheduler"),
                    help="linear: the release's schedule; cosine: cosine annealing to 0")
-    p.add_argument("--dataset", choices=["imagenet", "folder"], default="imagenet",
+    p.add_argument("--dataset", choices=["imagenet", "folder"], default=paper("dataset"),
                    help="imagenet: --tmp_data_dir/imagenet/{train,val}; folder: your own images "
                         "in --tmp_data_dir (train/ and val/ or test/ class folders, or class "
                         "folders at the top with --val_portion held out), any number of "
                         "classes, normalised with their own mean and std")
-    add_folder_args(p, image_size=IMAGE_SIZE, min_image_size=MIN_IMAGE_SIZE,
+    add_folder_args(p, ImageNetConfig, min_image_size=MIN_IMAGE_SIZE,
                     image_help="--dataset folder: training crops of this side "
                                "(RandomResizedCrop); evaluation resizes to 256/224 of it and "
                                "centre-crops")
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+def paper(name: str):
+    """The paper's default of a flag (ImageNetConfig's)."""
+    return default_of(ImageNetConfig, name)
+
+
+def parse_args(argv: list[str] | None = None) -> ImageNetConfig:
+    return parse_training(build_parser(), ImageNetConfig, argv)
 
 
 def imagenet_split(root: str, split: str, train: bool):
@@ -104,33 +102,30 @@ def imagenet_split(root: str, split: str, train: bool):
                             what=f"the ImageNet {split} folder (--tmp_data_dir/imagenet/{split})")
 
 
-def main(args: argparse.Namespace) -> int:
-    env = init_distributed(args.device, args.dist_timeout)
-    args, resume = load_resume(args, vars(parse_args([])))
-    genotype = checkpoint_genotype(resume, args.resume) if resume else get_genotype(args.arch)
-    check_sizes(args.init_channels, args.layers, "imagenet")
-    if args.epochs < 1:
-        raise UserError(f"--epochs must be positive (got {args.epochs})")
+def main(cfg: ImageNetConfig) -> int:
+    env = init_distributed(cfg.device, cfg.dist_timeout)
+    cfg, resume = resume_training(cfg)
+    genotype = checkpoint_genotype(resume, cfg.resume) if resume else get_genotype(cfg.arch)
+    check_sizes(cfg.init_channels, cfg.layers, "imagenet")
     # Deviation: the release's formula divides by (epochs - 5); refuse instead of training
     # with a negative or infinite learning rate.
-    if args.lr_scheduler == "linear" and args.epochs <= LINEAR_TAIL_EPOCHS:
+    if cfg.lr_scheduler == "linear" and cfg.epochs <= LINEAR_TAIL_EPOCHS:
         raise UserError(f"the release's linear schedule needs --epochs > {LINEAR_TAIL_EPOCHS}; "
                         "use --lr_scheduler cosine for shorter runs")
 
-    dataset = getattr(args, "dataset", "imagenet")   # runs saved before --dataset existed
-    image_size = getattr(args, "image_size", IMAGE_SIZE)
+    dataset, image_size = cfg.dataset, cfg.image_size
     data_info, run_files, data_lines = None, {}, []
     if dataset == "folder":
         # The folder path of train_cifar.py, with this script's augmentation.
         train_set, test_set, data_info, run_files, data_lines = folder_data(
-            args, 0, resume, augment="imagenet")
+            cfg, 0, resume, augment="imagenet")
         classes = data_info["classes"]
     else:
         if image_size != IMAGE_SIZE:
             raise UserError(f"--image_size is for --dataset folder (ImageNet trains at "
                             f"{IMAGE_SIZE}x{IMAGE_SIZE})")
-        train_set = imagenet_split(args.tmp_data_dir, "train", True)
-        test_set = imagenet_split(args.tmp_data_dir, "val", False)
+        train_set = imagenet_split(cfg.tmp_data_dir, "train", True)
+        test_set = imagenet_split(cfg.tmp_data_dir, "val", False)
         if train_set.classes != test_set.classes:
             raise DataError(f"imagenet/train has {len(train_set.classes)} classes and imagenet/val "
                             f"{len(test_set.classes)}; the class folders must be the same")
@@ -140,20 +135,20 @@ def main(args: argparse.Namespace) -> int:
         genotype=genotype,
         # Deviation: the number of classes comes from the folders (the release fixes 1000),
         # so a subset of ImageNet or a small ImageFolder trains as well.
-        network=network_info("imagenet", dataset, args.init_channels, args.layers,
-                             len(classes), args.auxiliary),
+        network=network_info("imagenet", dataset, cfg.init_channels, cfg.layers,
+                             len(classes), cfg.auxiliary),
         train_set=train_set, test_set=test_set,
-        lr_at=partial(imagenet_lr, args.learning_rate, epochs=args.epochs,
-                      scheduler=args.lr_scheduler, batch_size=args.batch_size),
+        lr_at=partial(imagenet_lr, cfg.learning_rate, epochs=cfg.epochs,
+                      scheduler=cfg.lr_scheduler, batch_size=cfg.batch_size),
         # Label smoothing: torch's label_smoothing=eps trains against the release's target
         # (1 - eps) * one_hot + eps / K (tests/test_train_imagenet.py checks it by hand).
         # The auxiliary loss uses it too; the test loss does not.
-        train_criterion=nn.CrossEntropyLoss(label_smoothing=args.label_smooth),
+        train_criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smooth),
         eval_criterion=nn.CrossEntropyLoss(),
         input_size=(1, 3, image_size, image_size),
         data_info=data_info, run_files=run_files, data_lines=data_lines,
     )
-    return fit(args, env, spec, resume)
+    return fit(cfg, env, spec, resume)
 
 
 if __name__ == "__main__":

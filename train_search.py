@@ -17,13 +17,13 @@ most ``--max_skip`` skip-connects. The last line on stdout is the ``Genotype(...
 
 The file reads top-down as the algorithm: schedules, the search step, an epoch, a stage
 (warm-up, alpha steps, validation, pruning), the final derivation and refinement, main.
-The flags and their paper defaults are in search_flags.py, the data halves in data.py,
-the network and the derivation rules in model_search.py, the run folder in runs.py
-(docs/layout.md lists every module).
+The run's settings are a SearchConfig (config.py; the flags in search_flags.py), the
+data halves are in data.py, the network in model_search.py, the pruning and derivation
+rules in derivation.py, the checkpoint and its resume in checkpoint.py, the run folder in
+runs.py (docs/layout.md lists every module).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -31,17 +31,23 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import save_atomic
+from checkpoint import (
+    restore_search_stage,
+    resume_search,
+    save_search,
+    search_complete,
+    search_state,
+    warn_old_schedule,
+)
+from config import SearchConfig
 from data import SearchData, build_search_data, check_search_batch, describe_split, search_split
 from derivation import (
-    DROPS_PER_STAGE,
-    NUM_STAGES,
-    OPS_PER_STAGE,
     CollapseMonitor,
     Switches,
     all_on_switches,
@@ -62,13 +68,7 @@ from distributed import (
     sync_buffers,
 )
 from errors import UserError, write_json_atomic
-from genotypes import (
-    GENOTYPE_FILE,
-    PRIMITIVES,
-    Genotype,
-    format_genotype,
-    genotype_to_dict,
-)
+from genotypes import PRIMITIVES, Genotype, format_genotype, genotype_to_dict, load_genotype_file
 from loop import (
     batch_norm_updates,
     check_finite,
@@ -81,44 +81,30 @@ from loop import (
 from memory import plan_memory, report_out_of_memory
 from model_search import STEM_REDUCTION, Network
 from plots import plot_run_safely
+from run_files import ARCH_STATE, BUDGETS, CHECKPOINT, GENOTYPE, METRICS, SEARCH_PREFIX
 from runs import (
-    BUDGETS,
-    CHECKPOINT,
-    METRICS,
     MetricsWriter,
-    load_search_resume,
     log_run_start,
     open_run_dir,
     register_run,
     release_run_locks,
-    report_complete,
     run_main,
-    search_complete,
     setup_logging,
     truncate_metrics,
     write_arch_state,
 )
-from search_flags import (  # the flags: search_flags.py
-    RUNTIME_FLAGS,
-    build_parser,
-    parse_args,
-    search_stem,
-)
+from search_flags import parse_args  # the flags: search_flags.py
 from speed import autocast, check_amp, grad_scaler, loss_precision, prepare_model
 from utils import (
-    LR_SCHEDULE,
     AverageMeter,
     Progress,
     accuracy,
     cosine_lr,
-    get_rng_state,
     logger,
     peak_memory_mb,
     reset_peak_memory,
-    schedule_of_checkpoint,
     seed_everything,
     seed_for,
-    set_rng_state,
 )
 from visualize import draw_safely
 
@@ -126,8 +112,8 @@ from visualize import draw_safely
 # The algorithm's constants (paper Sec. 4.1.1)
 # ---------------------------------------------------------------------------------------
 
-# The stages' op counts (NUM_STAGES, OPS_PER_STAGE: 8, 5, 3 ops per edge; DROPS_PER_STAGE)
-# live in model_search.py with the pruning that uses them.
+# The stages' op counts (8, 5, 3 ops per edge, keeping 5, 3, 1) are the stage plans of
+# config.py; the pruning that uses them is in derivation.py.
 # Faithful to the release: the alpha half is validated when `epochs - epoch < 5`, i.e. in
 # the last 4 epochs of a stage (21-24 of 25).
 VALID_LAST_EPOCHS = 4
@@ -229,35 +215,8 @@ def search_step(model: Network, batch_w: tuple[torch.Tensor, torch.Tensor],
     return logits.detach(), loss_w.detach(), loss_a
 
 
-def reference_search_step(model: Network, batch_w: tuple[torch.Tensor, torch.Tensor],
-                          batch_a: tuple[torch.Tensor, torch.Tensor] | None,
-                          w_opt: torch.optim.Optimizer, a_opt: torch.optim.Optimizer,
-                          grad_clip: float, update_arch: bool) -> tuple[float, float | None]:
-    """The plain path: the straightforward search step (SPEC section 2), single process.
-    Each backward pass fills every gradient, weights' and alphas' alike; clipping goes
-    parameter by parameter; both losses are read back every step. Build ``model`` with
-    ``batched=False, skip_zero=False`` (the release's per-edge cells, `none` computed) and the optimizers with
-    ``foreach=False``. Benchmarks and equivalence tests compare ``search_step`` with it."""
-    loss_a = (_plain_update(model, batch_a, a_opt, model.arch_parameters(), grad_clip)
-              if update_arch else None)
-    loss_w = _plain_update(model, batch_w, w_opt, model.weight_parameters(), grad_clip)
-    return loss_w, loss_a
-
-
-def _plain_update(model: Network, batch: tuple[torch.Tensor, torch.Tensor],
-                  optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
-                  grad_clip: float) -> float:
-    x, y = batch
-    optimizer.zero_grad()
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    nn.utils.clip_grad_norm_(params, grad_clip, foreach=False)
-    optimizer.step()
-    return loss.item()
-
-
 def train_epoch(model: Network, data: SearchData, w_opt: torch.optim.Optimizer,
-                a_opt: torch.optim.Optimizer, args: argparse.Namespace, update_arch: bool,
+                a_opt: torch.optim.Optimizer, cfg: SearchConfig, update_arch: bool,
                 env: DistInfo, desc: str = "train", forward: nn.Module | None = None,
                 scaler=None) -> dict[str, float]:
     """One epoch of the search. Returns averages over all ranks: ``train_loss``,
@@ -265,14 +224,14 @@ def train_epoch(model: Network, data: SearchData, w_opt: torch.optim.Optimizer,
     model.train()
     meters = {"loss": AverageMeter(), "acc": AverageMeter(), "arch_loss": AverageMeter()}
     alpha_batches = iter(data.alphas) if update_arch else None
-    progress = Progress(len(data.weights), desc, args.report_freq, enabled=env.is_main)
+    progress = Progress(len(data.weights), desc, cfg.report_freq, enabled=env.is_main)
     images = 0
     for step, batch in enumerate(data.weights, 1):
-        batch_w = to_device(batch, env.device, args.channels_last)
-        batch_a = to_device(next(alpha_batches), env.device, args.channels_last) if update_arch else None
+        batch_w = to_device(batch, env.device, cfg.channels_last)
+        batch_a = to_device(next(alpha_batches), env.device, cfg.channels_last) if update_arch else None
         logits, loss_w, loss_a = search_step(model, batch_w, batch_a, w_opt, a_opt,
-                                             args.grad_clip, update_arch, env.world_size,
-                                             forward, args.amp, scaler)
+                                             cfg.grad_clip, update_arch, env.world_size,
+                                             forward, cfg.amp, scaler)
         n = batch_w[1].shape[0]
         meters["loss"].update(loss_w, n)
         meters["acc"].update(accuracy(logits, batch_w[1])[0], n)
@@ -280,7 +239,7 @@ def train_epoch(model: Network, data: SearchData, w_opt: torch.optim.Optimizer,
         if loss_a is not None:
             meters["arch_loss"].update(loss_a, batch_a[1].shape[0])
             images += batch_a[1].shape[0]
-        if step % args.report_freq == 0:
+        if step % cfg.report_freq == 0:
             stop_if_nonfinite(meters["loss"], "training loss")
         progress.update(step, {"loss": meters["loss"], "acc": meters["acc"]})
     for m in meters.values():
@@ -293,33 +252,41 @@ def train_epoch(model: Network, data: SearchData, w_opt: torch.optim.Optimizer,
             "images": images * env.world_size}
 
 
+def validate(forward: nn.Module, data: SearchData, cfg: SearchConfig,
+             env: DistInfo) -> dict[str, float]:
+    """The alpha half's loss and accuracy (eval mode, all ranks)."""
+    stats = evaluate(forward, data.valid, nn.CrossEntropyLoss(), env.device, show=False,
+                     amp=cfg.amp, channels_last=cfg.channels_last)
+    return {"valid_loss": stats["loss"], "valid_acc": stats["top1"]}
+
+
 # ---------------------------------------------------------------------------------------
 # Re-derivation from saved alphas (--derive) and reporting of cells
 # ---------------------------------------------------------------------------------------
 
-def run_derive(args: argparse.Namespace) -> int:
+def run_derive(cfg: SearchConfig) -> int:
     """``--derive FILE``: print the cell for every skip budget, then the chosen one last."""
     try:
-        with open(args.derive, encoding="utf-8") as f:
+        with open(cfg.derive, encoding="utf-8") as f:
             state = json.load(f)
     except UnicodeDecodeError:
-        raise UserError(f"{args.derive} is not an arch_state.json file (it is not text)") from None
+        raise UserError(f"{cfg.derive} is not an arch_state.json file (it is not text)") from None
     except OSError as e:
-        raise UserError(f"cannot read {args.derive}: {e.strerror}") from None
+        raise UserError(f"cannot read {cfg.derive}: {e.strerror}") from None
     except json.JSONDecodeError as e:
-        raise UserError(f"{args.derive} is not valid JSON ({e})") from None
+        raise UserError(f"{cfg.derive} is not valid JSON ({e})") from None
     if not isinstance(state, dict) or "stages" not in state:
-        raise UserError(f"{args.derive}: expected a JSON object with a top-level 'stages' list")
+        raise UserError(f"{cfg.derive}: expected a JSON object with a top-level 'stages' list")
     if state.get("stem", "cifar") != "cifar":
         # The cell does not depend on the stem; where it was found does (train it with
         # train_imagenet.py, whose network has the same stem).
         print(f"searched with the {state['stem']} stem (train the cell with train_imagenet.py)")
-    switches = replay_stages(state["stages"], args.derive)
+    switches = replay_stages(state["stages"], cfg.derive)
     sw_n, sw_r = switches[-1]
     last = state["stages"][-1]
     chosen, unrestricted, num_skips, budgets = final_cells(
         sw_n, sw_r, softmax_rows(last["alphas_normal"]), softmax_rows(last["alphas_reduce"]),
-        args.max_skip)
+        cfg.max_skip)
     print(f"unrestricted cell ({num_skips} skip-connects in the normal cell): "
           f"{format_genotype(unrestricted)}")
     for m, g in budgets:
@@ -339,6 +306,19 @@ def _log_switches(stage: int, sw_n: Switches, sw_r: Switches) -> None:
             logger.info("  edge %2d: %s", e, _names(row))
 
 
+def report_complete(run_dir: str, cfg: SearchConfig, is_main: bool) -> int:
+    """``--resume`` of a finished search: say so and print its cell; nothing is re-run,
+    re-derived or appended."""
+    path = os.path.join(run_dir, GENOTYPE)
+    genotype = load_genotype_file(path)
+    if is_main:
+        print(f"the search in {os.path.abspath(run_dir)} is complete (all {cfg.num_stages} "
+              f"stages): nothing to resume. Its cell ({path}; re-derive at another skip budget "
+              f"with --derive {os.path.join(run_dir, ARCH_STATE)} --max_skip M):", flush=True)
+        print(format_genotype(genotype), flush=True)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------
 # The search
 # ---------------------------------------------------------------------------------------
@@ -346,7 +326,7 @@ def _log_switches(stage: int, sw_n: Switches, sw_r: Switches) -> None:
 @dataclass
 class SearchRun:
     """What every stage of one run shares."""
-    args: argparse.Namespace
+    cfg: SearchConfig
     env: DistInfo
     data: SearchData
     num_classes: int
@@ -354,8 +334,6 @@ class SearchRun:
     metrics: MetricsWriter
     split_digest: str = ""                                  # weight/alpha division
     stages_done: list[dict] = field(default_factory=list)   # arch_state.json's "stages"
-    epochs_run: int = 0                                     # epochs run by this process
-    lr_stepped_before_epoch: bool = True                    # False: a run begun before the fix
 
 
 def resume_position(stage: int, epochs_done: int, epochs: int) -> str:
@@ -368,84 +346,73 @@ def resume_position(stage: int, epochs_done: int, epochs: int) -> str:
 
 
 def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: Switches,
-                 ckpt: dict | None = None) -> Network | None:
-    """Train one stage (resuming from ``ckpt`` if given) and return its network, or None
-    when --stop_after_epochs stopped the run."""
-    args, env = run.args, run.env
-    layers = args.layers + args.add_layers[stage]
-    C = args.init_channels + args.add_width[stage]
-    rate = args.dropout_rate[stage]
+                 ckpt: dict | None = None) -> Network:
+    """Train one stage (resuming from ``ckpt`` if given) and return its network."""
+    cfg, env = run.cfg, run.env
+    plan = cfg.stages[stage]
     # Every stage starts afresh: new network, new alphas, new optimizers; only the
     # switches carry over (paper Sec. 3.2).
     # Deviation: seeded per stage (the release seeds once) so a resume rebuilds it.
-    torch.manual_seed(seed_for(args.seed, stage))
-    model = Network(C, run.num_classes, layers, switches_n, switches_r, drop_rate=rate,
-                    stem=search_stem(args)).to(env.device)
+    torch.manual_seed(seed_for(cfg.seed, stage))
+    model = Network(plan.init_channels, run.num_classes, plan.layers, switches_n, switches_r,
+                    drop_rate=plan.dropout_rate, stem=cfg.stem).to(env.device)
     if env.distributed:
         broadcast_model(model)
         if env.rank > 0:  # different dropout masks and augmentations per rank
-            torch.manual_seed(seed_for(args.seed, stage, env.rank))
-    w_opt = torch.optim.SGD(model.weight_parameters(), lr=args.learning_rate,
-                            momentum=args.momentum, weight_decay=args.weight_decay, foreach=True)
-    a_opt = torch.optim.Adam(model.arch_parameters(), lr=args.arch_learning_rate,
-                             betas=(0.5, 0.999), weight_decay=args.arch_weight_decay, foreach=True)
-    scaler = grad_scaler(env.device, args.amp)
+            torch.manual_seed(seed_for(cfg.seed, stage, env.rank))
+    w_opt = torch.optim.SGD(model.weight_parameters(), lr=cfg.learning_rate,
+                            momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
+    a_opt = torch.optim.Adam(model.arch_parameters(), lr=cfg.arch_learning_rate,
+                             betas=(0.5, 0.999), weight_decay=cfg.arch_weight_decay, foreach=True)
+    scaler = grad_scaler(env.device, cfg.amp)
     first_epoch = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        w_opt.load_state_dict(ckpt["w_opt"])
-        a_opt.load_state_dict(ckpt["a_opt"])
-        rng = ckpt["rng"]
-        set_rng_state(rng[env.rank] if len(rng) == env.world_size else rng[0])
-        first_epoch = ckpt["epoch"]
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-    if args.compile:
+        first_epoch = restore_search_stage(ckpt, model, w_opt, a_opt, scaler, env)
+    if cfg.compile:
         torch._dynamo.reset()   # the previous stage's network leaves its compiled graphs
-    model.checkpoint_cells = getattr(args, "checkpoint_cells", False)  # absent in older runs
-    forward = prepare_model(model, args.channels_last, args.compile)
+    model.checkpoint_cells = cfg.checkpoint_cells
+    forward = prepare_model(model, cfg.channels_last, cfg.compile)
     reset_peak_memory(env.device)
     logger.info("=== stage %d/%d: %d cells, C=%d, %d ops per edge, skip dropout %.2f, "
-                "%.3fM weights ===", stage + 1, NUM_STAGES, layers, C, OPS_PER_STAGE[stage],
-                rate, sum(p.numel() for p in model.weight_parameters()) / 1e6)
+                "%.3fM weights ===", stage + 1, cfg.num_stages, plan.layers, plan.init_channels,
+                plan.ops, plan.dropout_rate,
+                sum(p.numel() for p in model.weight_parameters()) / 1e6)
     # A smaller batch in the advice scales the weights' SGD rate (linear scaling); Adam's
     # alpha rate does not depend on the gradient's scale and stays.
-    memory_plan = plan_memory(model, [w_opt, a_opt], (3, args.image_size, args.image_size),
-                              args.batch_size // env.world_size, args.batch_size, env.world_size,
-                              {"--learning_rate": args.learning_rate}, model.checkpoint_cells,
-                              env.device, args.amp)
+    memory_plan = plan_memory(model, [w_opt, a_opt], (3, cfg.image_size, cfg.image_size),
+                              cfg.batch_size // env.world_size, cfg.batch_size, env.world_size,
+                              {"--learning_rate": cfg.learning_rate}, model.checkpoint_cells,
+                              env.device, cfg.amp)
 
-    collapse = CollapseMonitor(stage + 1, args.arch_warmup_epochs, env.is_main)
-    for epoch in range(first_epoch, args.epochs):
+    collapse = CollapseMonitor(stage + 1, cfg.arch_warmup_epochs, env.is_main)
+    for epoch in range(first_epoch, cfg.epochs):
         t0 = time.time()
-        lr = learning_rate(epoch, args.epochs, args.learning_rate, args.learning_rate_min,
-                           run.lr_stepped_before_epoch)
+        lr = learning_rate(epoch, cfg.epochs, cfg.learning_rate, cfg.learning_rate_min,
+                           cfg.lr_stepped_before_epoch)
         for group in w_opt.param_groups:
             group["lr"] = lr
-        drop = skip_dropout_rate(epoch, args.epochs, rate, args.arch_warmup_epochs)
+        drop = skip_dropout_rate(epoch, cfg.epochs, plan.dropout_rate, cfg.arch_warmup_epochs)
         model.set_drop_rate(drop)
-        update_arch = epoch >= args.arch_warmup_epochs
+        update_arch = epoch >= cfg.arch_warmup_epochs
         run.data.set_epoch(stage, epoch)
         logger.info("stage %d epoch %d/%d lr %.6e skip-dropout %.4f %s", stage + 1, epoch,
-                    args.epochs, lr, drop, "weights+alphas" if update_arch else "weights only")
+                    cfg.epochs, lr, drop, "weights+alphas" if update_arch else "weights only")
         with report_out_of_memory(memory_plan, f"stage {stage + 1} epoch {epoch}",
                                   os.path.join(run.run_dir, CHECKPOINT)):
-            stats = train_epoch(model, run.data, w_opt, a_opt, args, update_arch, env,
+            stats = train_epoch(model, run.data, w_opt, a_opt, cfg, update_arch, env,
                                 desc=f"stage {stage + 1} epoch {epoch}", forward=forward,
                                 scaler=scaler)
             valid = {"valid_loss": None, "valid_acc": None}
-            if is_validation_epoch(epoch, args.epochs):
+            if is_validation_epoch(epoch, cfg.epochs):
                 # Faithful to the release: the alpha half is validated with the training
                 # augmentation (it is the same dataset object).
                 # Every process validates with rank 0's batch-norm statistics, so the figures
                 # do not depend on how the batches were split over the processes.
                 sync_buffers(model)
-                stats_v = evaluate(forward, run.data.valid, nn.CrossEntropyLoss(), env.device,
-                                   show=False, amp=args.amp, channels_last=args.channels_last)
-                valid = {"valid_loss": stats_v["loss"], "valid_acc": stats_v["top1"]}
+                valid = validate(forward, run.data, cfg, env)
                 check_finite(valid["valid_loss"], "validation loss")
                 warning = validation_warning(
-                    stage + 1, epoch, epoch == args.epochs - 1, valid["valid_acc"],
+                    stage + 1, epoch, epoch == cfg.epochs - 1, valid["valid_acc"],
                     stats["train_acc"], run.num_classes, *batch_norm_updates(model))
                 if warning:
                     logger.warning(warning)
@@ -466,27 +433,17 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
                     "" if valid["valid_acc"] is None else
                     f", valid_acc {valid['valid_acc']:.2f} valid_loss {valid['valid_loss']:.4f}",
                     seconds, record["images_per_s"])
-        state = {
-            "kind": "pdarts-search", "version": 1, "args": vars(args),
-            "stage": stage, "epoch": epoch + 1, "world_size": env.world_size,
-            "switches_normal": switches_n, "switches_reduce": switches_r,
-            "model_args": {"C": C, "num_classes": run.num_classes, "layers": layers,
-                           "stem": search_stem(args)},
-            "model": model.state_dict(), "w_opt": w_opt.state_dict(), "a_opt": a_opt.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "lr": lr, "skip_dropout": drop, "stages_done": run.stages_done,
-            "split_digest": run.split_digest, "data_stats": run.data.stats,
-            "lr_schedule": LR_SCHEDULE if run.lr_stepped_before_epoch else None,
-            "rng": gather(get_rng_state(), env),
-        }
+        state = search_state(
+            cfg, env, stage=stage, epochs_done=epoch + 1, switches_normal=switches_n,
+            switches_reduce=switches_r,
+            model_args={"C": plan.init_channels, "num_classes": run.num_classes,
+                        "layers": plan.layers, "stem": cfg.stem},
+            model=model, w_opt=w_opt, a_opt=a_opt, scaler=scaler, lr=lr, skip_dropout=drop,
+            stages_done=run.stages_done, split_digest=run.split_digest,
+            data_stats=run.data.stats)
         if env.is_main:
             run.metrics.write(record)   # a resume drops lines after its checkpoint
-            save_atomic(state, os.path.join(run.run_dir, CHECKPOINT), resume_hint=run.run_dir)
-        run.epochs_run += 1
-        if args.stop_after_epochs is not None and run.epochs_run >= args.stop_after_epochs:
-            logger.info("stopping after %d epoch(s) as asked (--stop_after_epochs); continue "
-                        "with --resume %s", run.epochs_run, run.run_dir)
-            return None
+            save_search(run.run_dir, state)
     return model
 
 
@@ -494,27 +451,26 @@ def end_stage(run: SearchRun, stage: int, model: Network, switches_n: Switches,
               switches_r: Switches) -> tuple[Switches, Switches]:
     """Record the stage (alphas, switches, its cell, peak memory) and switch off the
     lowest-weighted ops of every edge; return the next stage's switches."""
-    args, env = run.args, run.env
+    cfg, env = run.cfg, run.env
+    plan = cfg.stages[stage]
     probs_n, probs_r = model.arch_probs()
     peak = peak_memory_mb(env.device)
     logger.info("stage %d peak device memory: %s", stage + 1,
                 f"{peak:.0f} MiB" if env.device.type == "cuda" else "n/a on CPU")
     stage_cell = derive_genotype(switches_n, switches_r, probs_n, probs_r,
-                                 None if args.max_skip < 0 else args.max_skip)
+                                 None if cfg.max_skip < 0 else cfg.max_skip)
     logger.info("stage %d cell (derived with the final rule): %s", stage + 1,
                 format_genotype(stage_cell))
     run.stages_done.append({
-        "stage": stage + 1, "layers": args.layers + args.add_layers[stage],
-        "init_channels": args.init_channels + args.add_width[stage],
-        "ops_per_edge": OPS_PER_STAGE[stage], "dropout_rate": args.dropout_rate[stage],
+        "stage": stage + 1, "layers": plan.layers, "init_channels": plan.init_channels,
+        "ops_per_edge": plan.ops, "dropout_rate": plan.dropout_rate,
         "alphas_normal": model.alphas_normal.detach().float().cpu().tolist(),
         "alphas_reduce": model.alphas_reduce.detach().float().cpu().tolist(),
         "switches_normal": switches_n, "switches_reduce": switches_r,
         "genotype": genotype_to_dict(stage_cell), "peak_memory_mb": round(peak, 1),
     })
-    last = stage == NUM_STAGES - 1
-    logger.info("------ dropping %d ops per edge%s ------", DROPS_PER_STAGE[stage],
-                " (none first)" if last else "")
+    last = stage == cfg.num_stages - 1
+    logger.info("------ dropping %d ops per edge%s ------", plan.drops, " (none first)" if last else "")
     new_n, new_r = prune_after_stage(stage, switches_n, switches_r, probs_n, probs_r)
     _log_switches(stage + 1, new_n, new_r)
     if env.is_main:
@@ -528,12 +484,12 @@ def finish_search(run: SearchRun, model: Network, switches_n: Switches,
     """The final cell from the last stage's switches and weights: 2 strongest non-none
     edges per node, then the skip-connect refinement of the normal cell (paper Sec. 3.3).
     Writes genotype.json, the cells per skip budget, arch_state.json and the diagrams."""
-    args, env = run.args, run.env
+    cfg, env = run.cfg, run.env
     probs_n, probs_r = model.arch_probs()
     # Deviation: the last stage's pruned switches are only logged; the final cell is
     # derived from its 3-op switches and weights, which gives the release's cell.
     chosen, unrestricted, num_skips, budgets = final_cells(
-        switches_n, switches_r, probs_n, probs_r, args.max_skip)
+        switches_n, switches_r, probs_n, probs_r, cfg.max_skip)
     logger.info("unrestricted cell (%d skip-connects in the normal cell): %s", num_skips,
                 format_genotype(unrestricted))
     logger.info("------ restricting skip-connects ------")
@@ -542,7 +498,7 @@ def finish_search(run: SearchRun, model: Network, switches_n: Switches,
                     num_skips)
     for m, g in budgets:
         logger.info("max_skip %d: %s", m, format_genotype(g))
-    logger.info("final cell (max_skip %s): %s", "none" if args.max_skip < 0 else args.max_skip,
+    logger.info("final cell (max_skip %s): %s", "none" if cfg.max_skip < 0 else cfg.max_skip,
                 format_genotype(chosen))
     lines = gather(format_genotype(chosen), env)
     if len(set(lines)) != 1:
@@ -551,35 +507,34 @@ def finish_search(run: SearchRun, model: Network, switches_n: Switches,
         logger.info("all %d processes derived this same cell", env.world_size)
     # How the cell was found; training scripts ignore it (the cell is the same either way).
     cell = {**genotype_to_dict(chosen), "metadata": {
-        "stem": search_stem(args), "image_size": args.image_size, "dataset": args.dataset}}
+        "stem": cfg.stem, "image_size": cfg.image_size, "dataset": cfg.dataset}}
     if env.is_main:
-        write_json_atomic(cell, os.path.join(run.run_dir, GENOTYPE_FILE))
+        write_json_atomic(cell, os.path.join(run.run_dir, GENOTYPE))
         write_json_atomic({"num_skip_connects": num_skips, "unrestricted": genotype_to_dict(unrestricted),
-                     "by_max_skip": {str(m): genotype_to_dict(g) for m, g in budgets}},
-                    os.path.join(run.run_dir, BUDGETS))
+                           "by_max_skip": {str(m): genotype_to_dict(g) for m, g in budgets}},
+                          os.path.join(run.run_dir, BUDGETS))
         write_arch_state(run.run_dir, run.stages_done,
-                         {"max_skip": args.max_skip, "genotype": cell, "stem": search_stem(args)})
+                         {"max_skip": cfg.max_skip, "genotype": cell, "stem": cfg.stem})
         draw_safely(chosen, run.run_dir, "")
     return chosen
 
 
-def main(args: argparse.Namespace) -> int:
+def main(cfg: SearchConfig) -> int:
     """The search (or --derive); the run folder is locked while it runs."""
     try:
-        return _main(args)
+        return _main(cfg)
     finally:
         release_run_locks()
 
 
-def _main(args: argparse.Namespace) -> int:
-    if args.derive:
-        return run_derive(args)
-    env = init_distributed(args.device, args.dist_timeout)
-    ckpt = None
-    if args.resume:
-        args, ckpt = load_search_resume(args, RUNTIME_FLAGS, vars(build_parser().parse_args([])))
-        if search_complete(args.resume, ckpt, args.epochs):
-            return report_complete(args.resume, env.is_main)
+def _main(cfg: SearchConfig) -> int:
+    if cfg.derive:
+        return run_derive(cfg)
+    env = init_distributed(cfg.device, cfg.dist_timeout)
+    cfg, ckpt = resume_search(cfg)
+    if ckpt is not None:
+        if search_complete(cfg.resume, ckpt, cfg):
+            return report_complete(cfg.resume, cfg, env.is_main)
         if ckpt["world_size"] != env.world_size:
             logger.warning("resuming a %d-process run with %d processes: the data order and "
                            "random streams differ from the original run", ckpt["world_size"],
@@ -587,48 +542,47 @@ def _main(args: argparse.Namespace) -> int:
     # After the resume: a resumed run keeps its own --threads (--demo's 1) unless given
     # again; set before it, --resume RUN_DIR alone ran on every core and summed in
     # another order than the run it continues.
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.batch_size % env.world_size:
-        raise UserError(f"--batch_size {args.batch_size} does not divide evenly over "
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.batch_size % env.world_size:
+        raise UserError(f"--batch_size {cfg.batch_size} does not divide evenly over "
                         f"{env.world_size} processes")
-    check_amp(env.device, args.amp)
+    check_amp(env.device, cfg.amp)
     # Read the data before creating the run folder: a wrong path leaves nothing behind.
-    dataset, num_classes, description = build_search_data(args, (ckpt or {}).get("data_stats"))
-    split = search_split(dataset, args, ckpt)
-    check_search_batch(args, split)
+    dataset, num_classes, description = build_search_data(cfg, (ckpt or {}).get("data_stats"))
+    split = search_split(dataset, cfg, (ckpt or {}).get("split_digest"))
+    check_search_batch(cfg, split)
     # Faithful to the release: --save is a prefix, the folder is {save}search-{note}-{time}.
-    run_dir = open_run_dir(args.save, "search", args.note, env.is_main, args.resume)
+    run_dir = open_run_dir(cfg.save, SEARCH_PREFIX, cfg.note, env.is_main, cfg.resume)
     setup_logging(run_dir if env.is_main else None, env.is_main)
     register_run(run_dir, CHECKPOINT, "train_search.py")
     logger.info("run folder %s", os.path.abspath(run_dir))
-    seed_everything(args.seed, args.deterministic)
-    log_run_start(args, env.device)
+    seed_everything(cfg.seed, cfg.deterministic)
+    log_run_start(cfg, env.device)
     if env.device.type == "cpu":    # the sums' order depends on it: a resume must match
         logger.info("CPU threads: %d", torch.get_num_threads())
-    stem = search_stem(args)
-    cells_at = args.image_size // STEM_REDUCTION[stem]
+    cells_at = cfg.image_size // STEM_REDUCTION[cfg.stem]
     logger.info("stem: %s (%s); the first cells see %dx%d maps",
-                stem, getattr(args, "stem_reason", "the run's"), cells_at, cells_at)
+                cfg.stem, cfg.stem_reason, cells_at, cells_at)
     if env.distributed:
         logger.info("data-parallel over %d processes: batch %d = %d x %d per process (gradients "
                     "averaged, as one process with batch %d); batch-norm statistics are per "
-                    "process", env.world_size, args.batch_size, env.world_size,
-                    args.batch_size // env.world_size, args.batch_size)
-    data = SearchData(dataset, args, env, split)
+                    "process", env.world_size, cfg.batch_size, env.world_size,
+                    cfg.batch_size // env.world_size, cfg.batch_size)
+    data = SearchData(dataset, cfg, env, split)
     logger.info("data: %s; %d train the weights, %d the alphas", description, *data.sizes)
     for reason in getattr(dataset, "skipped", []):
         logger.warning("left out: %s", reason)
     logger.info("split %s%s, images per class weight/alpha half: %s", split.rule,
-                f" with seed {args.seed}" if split.rule != "in order" else "",
+                f" with seed {cfg.seed}" if split.rule != "in order" else "",
                 describe_split(dataset, split))
     if data.on_device:
         logger.info("input pipeline: images on the GPU as uint8, augmented there in batches")
-    if args.amp != "none" or args.channels_last or args.compile:
+    if cfg.amp != "none" or cfg.channels_last or cfg.compile:
         logger.info("speed options: amp %s, channels_last %s, compile %s (float rounding "
-                    "differs from the default float32 path)", args.amp, args.channels_last,
-                    args.compile)
-    run = SearchRun(args, env, data, num_classes, run_dir,
+                    "differs from the default float32 path)", cfg.amp, cfg.channels_last,
+                    cfg.compile)
+    run = SearchRun(cfg, env, data, num_classes, run_dir,
                     MetricsWriter(os.path.join(run_dir, METRICS) if env.is_main else None),
                     split.digest)
 
@@ -638,24 +592,19 @@ def _main(args: argparse.Namespace) -> int:
         switches_n, switches_r = ckpt["switches_normal"], ckpt["switches_reduce"]
         run.stages_done = ckpt["stages_done"]
         start_stage = ckpt["stage"]
-        run.lr_stepped_before_epoch = schedule_of_checkpoint(ckpt)
-        if not run.lr_stepped_before_epoch:
-            logger.warning("this run began before the learning-rate schedule was corrected to "
-                           "the release's (epoch e at cos(pi*(e+1)/E)); it continues on the "
-                           "schedule it began with (cos(pi*e/E))")
-        logger.info("resuming %s %s", run_dir, resume_position(start_stage, ckpt["epoch"], args.epochs))
+        if not cfg.lr_stepped_before_epoch:
+            warn_old_schedule(partial(learning_rate, epochs=cfg.epochs, lr0=cfg.learning_rate,
+                                      lr_min=cfg.learning_rate_min), cfg.epochs, 0)
+        logger.info("resuming %s %s", run_dir, resume_position(start_stage, ckpt["epoch"], cfg.epochs))
         if env.is_main:
             truncate_metrics(os.path.join(run_dir, METRICS), ckpt["epoch"], start_stage)
 
     search_start = time.time()
-    for stage in range(start_stage, NUM_STAGES):
+    for stage in range(start_stage, cfg.num_stages):
         model = search_stage(run, stage, switches_n, switches_r,
                              ckpt if stage == start_stage else None)
-        if model is None:       # --stop_after_epochs
-            barrier()
-            return 0
         next_n, next_r = end_stage(run, stage, model, switches_n, switches_r)
-        if stage < NUM_STAGES - 1:
+        if stage < cfg.num_stages - 1:
             switches_n, switches_r = next_n, next_r
     genotype = finish_search(run, model, switches_n, switches_r)
     if env.device.type == "cuda":
@@ -664,7 +613,7 @@ def _main(args: argparse.Namespace) -> int:
     logger.info("search done in %.1f min; outputs in %s", (time.time() - search_start) / 60, run_dir)
     barrier()
     if env.is_main:     # the other ranks' cells were checked equal in finish_search
-        plot_run_safely(run_dir, getattr(args, "plot_format", "png"))  # older runs lack the flag
+        plot_run_safely(run_dir, cfg.plot_format)
         print(format_genotype(genotype), flush=True)
     return 0
 

@@ -120,11 +120,6 @@ class Progress:
 # The learning-rate schedule shared by the search and the training scripts
 # ---------------------------------------------------------------------------------------
 
-# Stored in checkpoints since the correction below; a checkpoint without it began on the
-# schedule before it and resumes on that one.
-LR_SCHEDULE = "stepped-before-epoch"
-
-
 def cosine_lr(lr0: float, epoch: int, epochs: int, lr_min: float = 0.0,
               stepped_before_epoch: bool = True) -> float:
     """The rate epoch ``epoch`` (0-based) of ``epochs`` trains at, set once per epoch.
@@ -137,12 +132,6 @@ def cosine_lr(lr0: float, epoch: int, epochs: int, lr_min: float = 0.0,
     a run begun then resumes on the schedule it began with."""
     step = epoch + 1 if stepped_before_epoch else epoch
     return lr_min + (lr0 - lr_min) * (1 + math.cos(math.pi * step / epochs)) / 2
-
-
-def schedule_of_checkpoint(ckpt: dict) -> bool:
-    """``stepped_before_epoch`` for a resumed run: True for checkpoints written since the
-    correction (they carry LR_SCHEDULE), False for older ones."""
-    return ckpt.get("lr_schedule") == LR_SCHEDULE
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import sys
 
 from errors import storage_error
 from flags import ArgumentParser, HelpFormatter
-from genotypes import GENOTYPE_FILE, OP_COLORS, Genotype, GenotypeError, get_genotype, known_genotypes
+from genotypes import OP_COLORS, Genotype, GenotypeError, get_genotype, known_genotypes
+from run_files import GENOTYPE
 from utils import logger
 
 FORMATS = ("pdf", "png", "svg")
@@ -95,7 +96,7 @@ def draw_safely(genotype: Genotype, out_dir: str, prefix: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("genotype", help=f"a cell name ({', '.join(known_genotypes())}, any case), "
-                        f"a genotype JSON file, or a search run folder (its {GENOTYPE_FILE})")
+                        f"a genotype JSON file, or a search run folder (its {GENOTYPE})")
     parser.add_argument("--format", choices=FORMATS, default="pdf", help="output format")
     parser.add_argument("--out_dir", default=None,
                         help="write normal.FORMAT and reduction.FORMAT into this folder (default: "
@@ -114,7 +115,7 @@ def output_place(source: str, out_dir: str | None) -> tuple[str, str]:
         return source, ""
     if os.path.isfile(source) or source.endswith(".json"):
         stem = os.path.splitext(os.path.basename(source))[0]
-        name = os.path.splitext(GENOTYPE_FILE)[0]
+        name = os.path.splitext(GENOTYPE)[0]
         return os.path.dirname(source) or ".", "" if stem == name else f"{stem}_"
     canonical = {name.lower(): name for name in known_genotypes()}.get(source.lower(), source)
     return ".", f"{canonical}_"

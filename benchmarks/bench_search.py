@@ -16,7 +16,7 @@ Networks (C=16, 10 classes), as in the paper's stages:
   expensive 3-op pattern that a stage 3 can have with `none` still on), skip dropout 0.7.
 
 Paths:
-- plain: ``train_search.reference_search_step``, the straightforward implementation of
+- plain: ``reference.reference_search_step``, the straightforward implementation of
   SPEC: `none` computed as a zero tensor, every backward pass fills the gradients of
   weights and alphas alike, per-parameter (non-foreach) Adam, SGD and clipping, both
   losses read back to the host every step.
@@ -47,13 +47,14 @@ from functools import partial
 
 import torch
 from common import add_common_args, measure_paths, path_options, print_table, setup
+from reference import reference_search_step
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from flags import positive_int
 from genotypes import PRIMITIVES
 from model_search import Network
 from speed import prepare_input, prepare_model
-from train_search import reference_search_step, search_step
+from train_search import search_step
 
 STAGES = {
     1: dict(layers=5, ops=PRIMITIVES, drop=0.0),

@@ -8,7 +8,7 @@ Networks: the 20-cell CIFAR network (C=36, PDARTS, auxiliary head, drop path 0.1
 mid-training) and the 14-cell ImageNet network (C=48). Each path times a full SGD step
 (forward, auxiliary loss, backward, clipping, update) on a fixed on-device batch.
 
-- plain: ``engine.reference_train_step``, the straightforward implementation:
+- plain: ``reference.reference_train_step``, the straightforward implementation:
   per-parameter (non-foreach) SGD and clipping, the loss read back every step.
 - default: what train_cifar.py / train_imagenet.py run: foreach SGD and clipping, metrics
   kept on the device (no per-step host sync). Identical numerics.
@@ -24,8 +24,9 @@ from functools import partial
 import torch
 import torch.nn as nn
 from common import add_common_args, measure_paths, path_options, print_table, setup
+from reference import reference_train_step
 
-from engine import reference_train_step, train_step
+from engine import train_step
 from flags import positive_int
 from genotypes import PDARTS
 from model import NetworkCIFAR, NetworkImageNet

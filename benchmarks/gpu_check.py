@@ -432,12 +432,14 @@ def part_projection(part: Part, ctx: Context) -> None:
 
     import numpy as np
     import torch
+    import torch.nn as nn
     from bench_search import stage_switches
     from common import sync
 
     import train_search as ts
     from data import ArrayDataset, SearchData, cifar_transforms
     from distributed import DistInfo
+    from loop import evaluate
     from model_search import Network
 
     s = ctx.sizes
@@ -495,7 +497,7 @@ def part_projection(part: Part, ctx: Context) -> None:
         view = _FirstBatches(data.valid, s.valid_batches or valid_batches)
         sync(ctx.device)
         t0 = time.perf_counter()
-        ts.evaluate(model, view, ctx.device)
+        evaluate(model, view, nn.CrossEntropyLoss(), ctx.device, show=False)
         sync(ctx.device)
         t_valid = (time.perf_counter() - t0) * valid_batches / len(view)
         stage_s = (warm_epochs * steps_per_epoch * t_w + (args.epochs - warm_epochs) * steps_per_epoch * t_aw
@@ -505,12 +507,12 @@ def part_projection(part: Part, ctx: Context) -> None:
                 "peak_mib": torch.cuda.max_memory_allocated(ctx.device) / 2 ** 20 if ctx.cuda else None}
 
     done = 0
-    for stage in range(ts.NUM_STAGES):
+    for stage in range(args.num_stages):
         fig = part.measure(f"stage {stage + 1}", command, lambda stage=stage: stage_row(stage))
         if fig:
             total += fig["stage_minutes"]
             done += 1
-    summary["total_minutes"] = total if done == ts.NUM_STAGES else None
+    summary["total_minutes"] = total if done == args.num_stages else None
     summary["target_minutes"] = 20
     on_device = data.on_device
     summary["pipeline_on_device"] = 1 if on_device else 0

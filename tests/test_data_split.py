@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import write_colour_folder
+from helpers import stopped_after_epochs, write_colour_folder
 from PIL import Image
 
 import train_search as ts
@@ -112,13 +112,14 @@ def test_search_on_a_class_sorted_folder_validates_above_chance(tmp_path, capsys
 def test_resume_reproduces_the_split_and_refuses_changed_data(tmp_path, capsys):
     root = write_colour_folder(str(tmp_path / "img"), per_class=6)
     save = str(tmp_path / "runs") + "/"
-    rc, _ = _search(["--tmp_data_dir", root, "--save", save, *SHORT, "--batch_size", "12",
-                     "--stop_after_epochs", "2"], capsys)
+    with stopped_after_epochs(2):
+        rc, _ = _search(["--tmp_data_dir", root, "--save", save, *SHORT, "--batch_size", "12"],
+                        capsys)
     run_dir, = glob.glob(save + "search-*")
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     args = ts.parse_args(["--tmp_data_dir", root, *SHORT])
     expected = search_split(build_search_data(args)[0], args).digest
-    assert rc == 0 and ckpt["split_digest"] == expected
+    assert rc == 130 and ckpt["split_digest"] == expected
 
     os.remove(os.path.join(root, "class_1", "000.png"))       # the data changed meanwhile
     rc, err = _search(["--resume", run_dir], capsys)
@@ -128,8 +129,9 @@ def test_resume_reproduces_the_split_and_refuses_changed_data(tmp_path, capsys):
     rc, err = _search(["--resume", run_dir], capsys)          # same labels, other files
     assert rc == 2 and "divided differently" in err[0]
     os.rename(os.path.join(root, "class_1", "new.png"), os.path.join(root, "class_1", "000.png"))
-    rc, _ = _search(["--resume", run_dir, "--stop_after_epochs", "1"], capsys)
-    assert rc == 0
+    with stopped_after_epochs(1):
+        rc, _ = _search(["--resume", run_dir], capsys)
+    assert rc == 130
     log = open(os.path.join(run_dir, "log.txt")).read()
     lines = [ln.split(" ", 3)[-1] for ln in log.splitlines() if "split stratified" in ln]
     assert len(lines) == 2 and lines[0] == lines[1]            # same halves, same counts

@@ -8,8 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import write_cifar_folder, write_colour_folder, write_image_folder
-from train_helpers import one_thread, only_run_dir, run_script  # noqa: F401 - one_thread is autouse
+from helpers import only_run_dir, run_script, write_cifar_folder, write_colour_folder, write_image_folder
 
 import export
 import train_cifar

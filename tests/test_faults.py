@@ -18,17 +18,27 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ROOT, write_cifar_folder
-from test_search_run import TINY as SEARCH_TINY
-from test_search_run import _restore_torch_globals, search  # noqa: F401 - autouse fixture
-from test_search_run import only_run_dir as only_search_dir
-from test_search_run import read_metrics as read_search_metrics
-from train_helpers import load, only_run_dir, read_metrics, run_script, run_test_script
+from helpers import (
+    ROOT,
+    SEARCH_TINY,
+    TRAIN_TINY,
+    load,
+    only_run_dir,
+    only_search_dir,
+    read_metrics,
+    run_script,
+    run_test_script,
+    search,
+    write_cifar_folder,
+)
+from helpers import read_metrics as read_search_metrics
 
+import checkpoint
 import distributed
 import engine
 import errors
 import loop
+import run_files
 import runs
 import train_cifar
 import train_search as ts
@@ -37,8 +47,6 @@ from data import DataError, load_cifar_arrays
 from derivation import OPS_PER_STAGE
 from genotypes import PDARTS
 
-TRAIN_TINY = ["--epochs", "2", "--layers", "2", "--init_channels", "4", "--batch_size", "8",
-              "--workers", "0", "--report_freq", "5", "--device", "cpu"]
 needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc (Linux)")
 
 
@@ -114,7 +122,7 @@ def test_search_survives_a_full_disk_a_torn_line_and_a_second_owner(cifar10_dir,
     assert len(lines) == 2 and lines[-1] and not lines[-1].endswith("}")   # a torn last line
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert (ckpt["stage"], ckpt["epoch"]) == (0, 1)
-    assert not temporaries(run_dir) and not os.path.exists(os.path.join(run_dir, runs.LOCK_NAME))
+    assert not temporaries(run_dir) and not os.path.exists(os.path.join(run_dir, run_files.LOCK))
 
     # A kill during a checkpoint write left a temporary; another process owns the folder.
     stale = os.path.join(run_dir, "checkpoint.pt.tmp.999999")
@@ -131,10 +139,10 @@ def test_search_survives_a_full_disk_a_torn_line_and_a_second_owner(cifar10_dir,
 
     # The holder died without cleaning up: its lock is taken over, the torn line and the
     # temporary are dropped, and the run ends as the uninterrupted one.
-    assert os.path.exists(os.path.join(run_dir, runs.LOCK_NAME))
+    assert os.path.exists(os.path.join(run_dir, run_files.LOCK))
     rc, resumed_lines = search(["--resume", run_dir, "--workers", "0"], capsys)
     assert rc == 0 and resumed_lines[-1] == full_lines[-1]
-    assert not os.path.exists(stale) and not os.path.exists(os.path.join(run_dir, runs.LOCK_NAME))
+    assert not os.path.exists(stale) and not os.path.exists(os.path.join(run_dir, run_files.LOCK))
     ma, mb = read_search_metrics(only_search_dir(full)), read_search_metrics(run_dir)
     assert [(r["stage"], r["epoch"], r["train_loss"], r["valid_loss"]) for r in ma] == \
         [(r["stage"], r["epoch"], r["train_loss"], r["valid_loss"]) for r in mb]
@@ -362,7 +370,7 @@ def _training_checkpoint(**drop) -> dict:
     model = engine.build_network(engine.network_info("cifar", "cifar10", 4, 2, 10, False), PDARTS)
     args = train_cifar.parse_args(["--layers", "2", "--init_channels", "4"])
     opt = torch.optim.SGD(model.parameters(), 0.1)
-    ckpt = engine.checkpoint_state(model, opt, 1, args, PDARTS, engine.network_info(
+    ckpt = checkpoint.training_state(model, opt, 1, args, PDARTS, engine.network_info(
         "cifar", "cifar10", 4, 2, 10, False), {"acc": None, "epoch": None}, {})
     return {k: v for k, v in ckpt.items() if k not in drop}
 
@@ -512,7 +520,7 @@ def test_a_stopped_rank_ends_a_training_run_with_the_last_good_checkpoint(cifar1
 
 
 def test_every_script_sets_the_process_group_timeout(monkeypatch):
-    from train_helpers import load_test_script
+    from helpers import load_test_script
 
     import train_imagenet
 
@@ -535,10 +543,10 @@ def test_every_script_sets_the_process_group_timeout(monkeypatch):
 @pytest.mark.parametrize("fault", ["validation loss", "batch-norm statistic"])
 def test_non_finite_values_stop_the_search_before_the_epoch_is_saved(fault, cifar10_dir, tmp_path,
                                                                      capsys, monkeypatch):
-    real_evaluate, real_step, calls = ts.evaluate, ts.search_step, []
+    real_validate, real_step, calls = ts.validate, ts.search_step, []
 
-    def evaluate(*args, **kwargs):
-        out = real_evaluate(*args, **kwargs)
+    def validate(*args, **kwargs):
+        out = real_validate(*args, **kwargs)
         calls.append(1)
         return {**out, "valid_loss": float("nan")} if len(calls) == 2 else out
 
@@ -550,10 +558,10 @@ def test_non_finite_values_stop_the_search_before_the_epoch_is_saved(fault, cifa
         return real_step(model, *args, **kwargs)
 
     if fault == "validation loss":
-        monkeypatch.setattr(ts, "evaluate", evaluate)
+        monkeypatch.setattr(ts, "validate", validate)
     else:
         monkeypatch.setattr(ts, "search_step", step)
-        monkeypatch.setattr(ts, "evaluate", lambda *a, **k: {"valid_loss": 1.0, "valid_acc": 10.0})
+        monkeypatch.setattr(ts, "validate", lambda *a, **k: {"valid_loss": 1.0, "valid_acc": 10.0})
     save = str(tmp_path / "runs") + "/"
     capsys.readouterr()
     rc = runs.run_main(ts.main, ts.parse_args(["--tmp_data_dir", cifar10_dir, "--save", save,
@@ -710,7 +718,7 @@ def test_sigterm_mid_run_says_how_to_resume_and_releases_the_lock(script, cifar1
     assert proc.stderr.strip().splitlines()[-1] == \
         f"stopped by SIGTERM; continue with: python {script} --resume {run_dir}"
     assert "Traceback" not in proc.stderr
-    assert not os.path.exists(os.path.join(run_dir, runs.LOCK_NAME))
+    assert not os.path.exists(os.path.join(run_dir, run_files.LOCK))
     assert "stopped by SIGTERM; continue with" in open(os.path.join(run_dir, "log.txt")).read()
     # The printed command works.
     if script == "train_search.py":
@@ -719,7 +727,7 @@ def test_sigterm_mid_run_says_how_to_resume_and_releases_the_lock(script, cifar1
     else:
         assert run_script(train_cifar, ["--resume", run_dir, "--tmp_data_dir", cifar10_dir]) == 0
         assert [m["epoch"] for m in read_metrics(run_dir)] == [0, 1]
-    assert not os.path.exists(os.path.join(run_dir, runs.LOCK_NAME))
+    assert not os.path.exists(os.path.join(run_dir, run_files.LOCK))
 
 
 def test_sigterm_ends_every_torchrun_process_with_the_message(tmp_path):

@@ -6,7 +6,7 @@ import os
 import re
 
 import pytest
-from train_helpers import load_test_script
+from helpers import load_test_script
 
 import flags
 import train_cifar
@@ -114,7 +114,7 @@ def test_in_range_values_pass():
                                     "--workers", "0", "--dropout_rate", "0", "--dropout_rate", "0.4",
                                     "--dropout_rate", "0.99", "--max_skip", "-1",
                                     "--learning_rate_min", "0", "--momentum", "0"])
-    assert args.dropout_rate == [0.0, 0.4, 0.99] and args.max_skip == -1
+    assert args.dropout_rate == (0.0, 0.4, 0.99) and args.max_skip == -1
     args = train_cifar.parse_args(["--grad_clip", "0", "--drop_path_prob", "0"])
     assert args.grad_clip == 0 and args.drop_path_prob == 0
 

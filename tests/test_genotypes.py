@@ -204,7 +204,7 @@ def test_a_search_run_folder_means_its_genotype_json(tmp_path):
     with pytest.raises(GenotypeError) as info:     # not finished yet: no genotype.json
         get_genotype(str(run))
     assert "without genotype.json" in str(info.value)
-    save_genotype(genotypes.DARTS_V2, str(run / genotypes.GENOTYPE_FILE))
+    save_genotype(genotypes.DARTS_V2, str(run / genotypes.GENOTYPE))
     assert get_genotype(str(run)) == genotypes.DARTS_V2
 
 

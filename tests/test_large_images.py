@@ -8,14 +8,14 @@ import os
 
 import pytest
 import torch
-from conftest import write_colour_folder
-from train_helpers import (  # noqa: F401 - one_thread is an autouse fixture
+from helpers import (
     load,
-    one_thread,
     only_run_dir,
     read_metrics,
     run_script,
     run_test_script,
+    stopped_after_epochs,
+    write_colour_folder,
 )
 
 import train_imagenet
@@ -93,8 +93,8 @@ def test_large_folder_search_resume_train_test(tmp_path, capsys):
 
     # Stopped after 3 epochs (in stage 2), then resumed to the end.
     save = str(tmp_path / "s-")
-    assert run_script(ts, ["--tmp_data_dir", tree, "--save", save, *SEARCH,
-                           "--stop_after_epochs", "3"]) == 0
+    with stopped_after_epochs(3):
+        assert run_script(ts, ["--tmp_data_dir", tree, "--save", save, *SEARCH]) == 130
     run_dir, = glob.glob(save + "search-*")
     ckpt = load(os.path.join(run_dir, "checkpoint.pt"))
     assert ckpt["model_args"]["stem"] == "imagenet" and ckpt["args"]["stem"] == "imagenet"

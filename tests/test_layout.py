@@ -6,7 +6,7 @@ import glob
 import os
 import re
 
-from conftest import ROOT
+from helpers import ROOT
 
 LAYOUT = os.path.join(ROOT, "docs", "layout.md")
 

@@ -10,19 +10,22 @@ import warnings
 
 import pytest
 import torch
-from train_helpers import (  # noqa: F401 - one_thread is an autouse fixture
+from helpers import (
+    SEARCH_TINY,
+    TRAIN_TINY,
     load,
-    one_thread,
     only_run_dir,
     read_metrics,
     run_script,
+    stopped_after_epochs,
+    tiny,
 )
 
 import train_cifar
 import train_search as ts
-from engine import cosine_lr
 from runs import close_logging, run_main
 from train_imagenet import imagenet_lr
+from utils import cosine_lr
 
 
 def release_rates(lr0: float, epochs: int, lr_min: float) -> list[float]:
@@ -70,10 +73,8 @@ def test_the_old_schedule_is_one_epoch_behind():
             pytest.approx(cosine_lr(0.025, e, 25))
 
 
-TINY_SEARCH = ["--init_channels", "4", "--layers", "1", "--add_layers", "1", "--add_layers", "1",
-               "--epochs", "3", "--arch_warmup_epochs", "1", "--batch_size", "10",
-               "--image_size", "8", "--workers", "0", "--report_freq", "2", "--seed", "3",
-               "--device", "cpu"]
+# 1-2 cell networks at 8 px, 3 epochs per stage.
+TINY_SEARCH = tiny(SEARCH_TINY, layers=1, add_layers=[1, 1], epochs=3, image_size=8)
 
 
 def _search(argv):
@@ -91,7 +92,8 @@ def test_search_logs_the_release_rate_of_every_epoch_and_resumes_old_runs(cifar1
     save = str(tmp_path / "runs") + os.sep
     common = ["--tmp_data_dir", cifar10_dir, "--save", save, *TINY_SEARCH]
     # Stopped after stage 1's first epoch, resumed to the end.
-    assert _search([*common, "--stop_after_epochs", "1"]) == 0
+    with stopped_after_epochs(1):
+        assert _search(common) == 130
     run_dir = _search_dir(save)
     path = os.path.join(run_dir, "checkpoint.pt")
     ckpt = load(path)
@@ -107,12 +109,14 @@ def test_search_logs_the_release_rate_of_every_epoch_and_resumes_old_runs(cifar1
     # schedule it began with, and the log says so.
     save_old = str(tmp_path / "old") + os.sep
     common_old = ["--tmp_data_dir", cifar10_dir, "--save", save_old, *TINY_SEARCH]
-    assert _search([*common_old, "--stop_after_epochs", "1"]) == 0
+    with stopped_after_epochs(1):
+        assert _search(common_old) == 130
     old_dir = _search_dir(save_old)
     ckpt = load(os.path.join(old_dir, "checkpoint.pt"))
     del ckpt["lr_schedule"]
     torch.save(ckpt, os.path.join(old_dir, "checkpoint.pt"))
-    assert _search(["--resume", old_dir, *common_old, "--stop_after_epochs", "2"]) == 0
+    with stopped_after_epochs(2):
+        assert _search(["--resume", old_dir, *common_old]) == 130
     lrs = [r["lr"] for r in read_metrics(old_dir)]
     assert lrs[1:] == pytest.approx([cosine_lr(0.025, e, 3, stepped_before_epoch=False)
                                      for e in (1, 2)])
@@ -121,8 +125,7 @@ def test_search_logs_the_release_rate_of_every_epoch_and_resumes_old_runs(cifar1
     assert load(os.path.join(old_dir, "checkpoint.pt"))["lr_schedule"] is None
 
 
-TINY_TRAIN = ["--epochs", "3", "--layers", "2", "--init_channels", "4", "--batch_size", "8",
-              "--workers", "0", "--report_freq", "5", "--device", "cpu"]
+TINY_TRAIN = tiny(TRAIN_TINY, epochs=3)
 
 
 def test_training_logs_the_release_rate_of_every_epoch_and_resumes_old_runs(cifar10_dir, tmp_path):
@@ -145,8 +148,16 @@ def test_training_logs_the_release_rate_of_every_epoch_and_resumes_old_runs(cifa
     del ckpt["lr_schedule"]
     ckpt["args"]["epochs"] = 3
     torch.save(ckpt, path)
+    # Resumed for one epoch, stopped, resumed again: the checkpoint of the first resume
+    # keeps the old run's mark, so the second resume stays on the old schedule too (it
+    # switched to the release's before: epoch 2 trained at 0 instead of 0.00625).
+    with stopped_after_epochs(1):
+        assert run_script(train_cifar, ["--resume", old_dir, "--tmp_data_dir", cifar10_dir]) == 130
+    assert load(path)["lr_schedule"] is None and load(path)["epoch"] == 2
     assert run_script(train_cifar, ["--resume", old_dir, "--tmp_data_dir", cifar10_dir]) == 0
     lrs = [r["lr"] for r in read_metrics(old_dir)]
     assert lrs[1:] == pytest.approx([cosine_lr(0.025, e, 3, stepped_before_epoch=False)
                                      for e in (1, 2)])
-    assert "continues on the schedule it began with" in open(os.path.join(old_dir, "log.txt")).read()
+    assert lrs[2] == pytest.approx(0.00625) and lrs[2] != cosine_lr(0.025, 2, 3)
+    log = open(os.path.join(old_dir, "log.txt")).read()
+    assert log.count("continues on the schedule it began with") == 2

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-from train_helpers import one_thread, run_script  # noqa: F401
+from helpers import SEARCH_TINY, TRAIN_TINY, run_script, tiny
 
 import engine
 import memory
@@ -222,12 +222,8 @@ def test_fits_or_one_line_with_what_to_do():
 # The scripts
 # ---------------------------------------------------------------------------------------
 
-TINY_SEARCH = ["--init_channels", "4", "--layers", "3", "--add_layers", "1", "--add_layers", "2",
-               "--epochs", "2", "--arch_warmup_epochs", "1", "--batch_size", "10",
-               "--image_size", "16", "--workers", "0", "--report_freq", "2", "--seed", "3",
-               "--device", "cpu"]
-TINY_TRAIN = ["--epochs", "1", "--layers", "3", "--init_channels", "4", "--batch_size", "8",
-              "--workers", "0", "--report_freq", "5", "--auxiliary", "--cutout", "--device", "cpu"]
+TINY_SEARCH = SEARCH_TINY
+TINY_TRAIN = [*tiny(TRAIN_TINY, epochs=1, layers=3), "--auxiliary", "--cutout"]
 
 
 def _search(argv):

@@ -8,15 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import write_colour_folder
-from train_helpers import (  # noqa: F401 - one_thread is an autouse fixture
-    load,
-    one_thread,
-    only_run_dir,
-    read_metrics,
-    run_script,
-    run_test_script,
-)
+from helpers import load, only_run_dir, read_metrics, run_script, run_test_script, write_colour_folder
 
 import train_cifar
 import train_imagenet
@@ -224,7 +216,7 @@ def test_folder_flags_are_checked(argv, message):
     from errors import UserError
 
     with pytest.raises(UserError, match=message):
-        train_cifar.resolve_dataset(train_cifar.parse_args(argv))
+        train_cifar.check_config(train_cifar.parse_args(argv))
 
 
 @pytest.mark.parametrize("script", [train_cifar, train_imagenet])

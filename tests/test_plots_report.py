@@ -11,27 +11,24 @@ import sys
 
 import pytest
 import torch
-from train_helpers import one_thread, read_metrics, run_script  # noqa: F401 - autouse fixture
+from helpers import SEARCH_TINY, TRAIN_TINY, read_metrics, run_script, tiny
 
 import plots
 import report
 import runs
 import train_cifar
 import train_search
-from checkpoint import save_atomic
+from checkpoint import TRAIN_FORMAT, save_atomic
 from derivation import NUM_EDGES, SKIP, CollapseMonitor, all_on_switches
-from engine import CHECKPOINT_FORMAT, network_info
+from engine import network_info
 from genotypes import PDARTS, genotype_to_dict, load_genotype_file
 from runs import close_logging
 from utils import logger
 
 PNG = b"\x89PNG"
 # 3 cells of C=4 per stage on 16x16 images, 2 epochs per stage (1 weights-only, 1 with alphas).
-TINY_SEARCH = ["--init_channels", "4", "--layers", "3", "--add_layers", "0", "--add_layers", "0",
-               "--epochs", "2", "--arch_warmup_epochs", "1", "--batch_size", "25", "--image_size", "16",
-               "--workers", "0", "--report_freq", "5", "--seed", "3", "--device", "cpu"]
-TINY_TRAIN = ["--epochs", "2", "--layers", "2", "--init_channels", "4", "--batch_size", "25",
-              "--workers", "0", "--report_freq", "5", "--device", "cpu"]
+TINY_SEARCH = tiny(SEARCH_TINY, add_layers=[0, 0], batch_size=25, report_freq=5)
+TINY_TRAIN = tiny(TRAIN_TINY, batch_size=25)
 
 
 @pytest.fixture(autouse=True)
@@ -206,7 +203,7 @@ def _training_folder(root, name, accs, epochs, seed, **recipe):
                                 "train_acc": 50.0, "train_top5": 90.0, "test_loss": 1.0,
                                 "test_acc": acc, "test_top5": 99.0, "best_acc_on_test": max(accs),
                                 "epoch_time": 60.0}) + "\n")
-    save_atomic({"format": CHECKPOINT_FORMAT, "epoch": len(accs),
+    save_atomic({"format": TRAIN_FORMAT, "epoch": len(accs),
                  "args": {"epochs": epochs, "seed": seed, "arch": "PDARTS", "cutout": False,
                           "workers": seed, **recipe},   # workers: a run-time flag
                  "network": network_info("cifar", "cifar10", 8, 5, 10, False),

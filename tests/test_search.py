@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import train_search as ts
+from config import SEARCH_DEMO
 from data import DataError, EpochSampler, build_search_data, folder_transforms
 from derivation import NUM_EDGES, all_on_switches, ops_on, prune_after_stage, replay_stages
 from genotypes import PRIMITIVES, format_genotype
 from runs import run_main
-from search_flags import DEMO_DEFAULTS
 
 I = {name: k for k, name in enumerate(PRIMITIVES)}  # noqa: E741
 
@@ -61,20 +61,20 @@ def test_paper_defaults():
     assert (a.learning_rate, a.learning_rate_min, a.momentum, a.weight_decay) == (0.025, 0.0, 0.9, 3e-4)
     assert (a.arch_learning_rate, a.arch_weight_decay, a.grad_clip) == (6e-4, 1e-3, 5.0)
     assert (a.init_channels, a.layers, a.train_portion, a.max_skip) == (16, 5, 0.5, 2)
-    assert a.add_layers == [0, 6, 12] and a.add_width == [0, 0, 0]
-    assert a.dropout_rate == [0.0, 0.4, 0.7]                       # paper, CIFAR-10
-    assert ts.parse_args(["--cifar100"]).dropout_rate == [0.1, 0.2, 0.3]  # paper, CIFAR-100
+    assert a.add_layers == (0, 6, 12) and a.add_width == (0, 0, 0)
+    assert a.dropout_rate == (0.0, 0.4, 0.7)                       # paper, CIFAR-10
+    assert ts.parse_args(["--cifar100"]).dropout_rate == (0.1, 0.2, 0.3)  # paper, CIFAR-100
     assert ts.parse_args(["--dataset", "cifar100"]).dataset == "cifar100"
 
 
 def test_release_command_line():
     a = ts.parse_args("--tmp_data_dir D --save L --add_layers 6 --add_layers 12 --dropout_rate 0.1 "
                       "--dropout_rate 0.4 --dropout_rate 0.7 --note N --cifar100".split())
-    assert a.add_layers == [0, 6, 12]
-    assert a.dropout_rate == [0.1, 0.4, 0.7]
+    assert a.add_layers == (0, 6, 12)
+    assert a.dropout_rate == (0.1, 0.4, 0.7)
     assert (a.tmp_data_dir, a.save, a.note, a.dataset) == ("D", "L", "N", "cifar100")
     three = ts.parse_args("--add_layers 1 --add_layers 2 --add_layers 3 --add_width 4 --add_width 8".split())
-    assert three.add_layers == [1, 2, 3] and three.add_width == [0, 4, 8]
+    assert three.add_layers == (1, 2, 3) and three.add_width == (0, 4, 8)
 
 
 @pytest.mark.parametrize("argv", [
@@ -98,14 +98,14 @@ def test_bad_flag_counts_are_errors(argv, capsys):
 
 def test_demo_presets_and_overrides():
     d = ts.parse_args(["--demo"])
-    assert d.dataset == "demo" and d.epochs < 25 and d.add_layers == DEMO_DEFAULTS["add_layers"]
+    assert d.dataset == "demo" and d.epochs < 25 and d.add_layers == SEARCH_DEMO["add_layers"]
     o = ts.parse_args(["--demo", "--epochs", "3", "--add_layers", "1", "--add_layers", "2"])
-    assert o.epochs == 3 and o.add_layers == [0, 1, 2] and o.dataset == "demo"
+    assert o.epochs == 3 and o.add_layers == (0, 1, 2) and o.dataset == "demo"
     # The rates: the paper's unless --demo (its stages have ~100x fewer steps).
     paper = ts.parse_args([])
     assert (paper.learning_rate, paper.arch_learning_rate) == (0.025, 6e-4)
-    assert d.learning_rate == DEMO_DEFAULTS["learning_rate"] > 0.025
-    assert d.arch_learning_rate == DEMO_DEFAULTS["arch_learning_rate"] > 6e-4
+    assert d.learning_rate == SEARCH_DEMO["learning_rate"] > 0.025
+    assert d.arch_learning_rate == SEARCH_DEMO["arch_learning_rate"] > 6e-4
     o = ts.parse_args(["--demo", "--learning_rate", "0.05", "--arch_learning_rate", "1e-3"])
     assert (o.learning_rate, o.arch_learning_rate) == (0.05, 1e-3)
 
@@ -261,7 +261,7 @@ def _data_args(argv):
 
 @pytest.mark.parametrize("num_classes", [10, 100])
 def test_cifar_loader_reads_pickle_folders(tmp_path, num_classes):
-    from conftest import write_cifar_folder
+    from helpers import write_cifar_folder
 
     root = write_cifar_folder(str(tmp_path / "data"), num_classes)
     flag = ["--cifar100"] if num_classes == 100 else []
@@ -283,7 +283,7 @@ def test_missing_cifar_folder_is_one_clear_error(tmp_path, capsys):
 
 
 def test_unreadable_cifar_file_is_a_data_error(tmp_path):
-    from conftest import write_cifar_folder
+    from helpers import write_cifar_folder
 
     root = write_cifar_folder(str(tmp_path / "data"), 10)
     (tmp_path / "data" / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
@@ -306,7 +306,7 @@ def test_image_folder_data(image_folder):
 def test_demo_data_and_resize():
     data, classes, _ = build_search_data(_data_args(["--demo"]))
     assert classes == 10 and len(data) == 1000
-    size = DEMO_DEFAULTS["image_size"]
+    size = SEARCH_DEMO["image_size"]
     assert data[0][0].shape == (3, size, size)
 
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from helpers import ROOT, SEARCH_TINY, only_search_dir, read_metrics, search, stopped_after_epochs
 
 import train_search as ts
 from data import build_search_data
@@ -17,50 +18,15 @@ from genotypes import format_genotype, load_genotype_file
 from runs import close_logging, run_main
 from visualize import graphviz_available
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# 3/4/5 cells of C=4 on 16x16 images, 2 epochs per stage (1 weights-only, 1 with alphas).
-TINY = ["--init_channels", "4", "--layers", "3", "--add_layers", "1", "--add_layers", "2",
-        "--epochs", "2", "--arch_warmup_epochs", "1", "--batch_size", "10", "--image_size", "16",
-        "--workers", "0", "--report_freq", "2", "--seed", "3", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_torch_globals():
-    det = torch.are_deterministic_algorithms_enabled()
-    threads = torch.get_num_threads()
-    yield
-    torch.use_deterministic_algorithms(det)
-    torch.set_num_threads(threads)
-    close_logging()
-
-
-def search(argv, capsys):
-    """Run main() in this process; return (exit code, stdout lines)."""
-    rc = run_main(ts.main, ts.parse_args(argv))
-    close_logging()
-    out = capsys.readouterr().out
-    return rc, out.strip().splitlines()
-
-
-def only_run_dir(save):
-    dirs = glob.glob(os.path.join(save, "search-*"))
-    assert len(dirs) == 1, dirs
-    return dirs[0]
-
-
-def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
-
 
 def test_search_writes_every_output(cifar10_dir, tmp_path, capsys):
     save = str(tmp_path / "runs") + "/"
     os.makedirs(save)
     rc, lines = search(["--tmp_data_dir", cifar10_dir, "--save", save, "--note", "tiny",
                         "--dropout_rate", "0.1", "--dropout_rate", "0.4", "--dropout_rate", "0.7",
-                        *TINY], capsys)
+                        *SEARCH_TINY], capsys)
     assert rc == 0
-    run_dir = only_run_dir(save)
+    run_dir = only_search_dir(save)
     assert os.path.basename(run_dir).startswith("search-tiny-")   # {save}search-{note}-{time}
     for name in ("log.txt", "metrics.jsonl", "genotype.json", "genotypes_by_skip_budget.json",
                  "arch_state.json", "checkpoint.pt"):
@@ -113,16 +79,17 @@ def test_search_writes_every_output(cifar10_dir, tmp_path, capsys):
 
 def test_resume_gives_the_same_genotype(cifar10_dir, tmp_path, capsys):
     # Alpha steps from epoch 0, so the checkpoint holds Adam's state too.
-    common = ["--tmp_data_dir", cifar10_dir, "--deterministic", *TINY, "--arch_warmup_epochs", "0"]
+    common = ["--tmp_data_dir", cifar10_dir, "--deterministic", *SEARCH_TINY, "--arch_warmup_epochs", "0"]
     full, cut = str(tmp_path / "full") + "/", str(tmp_path / "cut") + "/"
     os.makedirs(full)
     os.makedirs(cut)
     rc, full_lines = search(["--save", full, *common], capsys)
     assert rc == 0
     # Killed mid stage 2 (after its epoch 0 of 2), then resumed.
-    rc, _ = search(["--save", cut, "--stop_after_epochs", "3", *common], capsys)
-    assert rc == 0
-    run_dir = only_run_dir(cut)
+    with stopped_after_epochs(3):
+        rc, _ = search(["--save", cut, *common], capsys)
+    assert rc == 130
+    run_dir = only_search_dir(cut)
     assert not os.path.exists(os.path.join(run_dir, "genotype.json"))
     assert len(read_metrics(run_dir)) == 3
     # A recipe flag that differs from the run's is refused, not silently ignored.
@@ -145,11 +112,11 @@ def test_resume_gives_the_same_genotype(cifar10_dir, tmp_path, capsys):
     rc, again = search(["--resume", run_dir], capsys)
     assert rc == 0 and "is complete" in again[0] and again[-1] == full_lines[-1]
     assert len(read_metrics(run_dir)) == 6 and os.path.getsize(os.path.join(run_dir, "log.txt")) == log_size
-    a = json.load(open(os.path.join(only_run_dir(full), "arch_state.json")))
+    a = json.load(open(os.path.join(only_search_dir(full), "arch_state.json")))
     b = json.load(open(os.path.join(run_dir, "arch_state.json")))
     for sa, sb in zip(a["stages"], b["stages"]):
         assert sa["alphas_normal"] == sb["alphas_normal"] and sa["alphas_reduce"] == sb["alphas_reduce"]
-    ma, mb = read_metrics(only_run_dir(full)), read_metrics(run_dir)
+    ma, mb = read_metrics(only_search_dir(full)), read_metrics(run_dir)
     assert [(r["stage"], r["epoch"], r["train_loss"]) for r in ma] == \
         [(r["stage"], r["epoch"], r["train_loss"]) for r in mb]
 
@@ -185,15 +152,15 @@ def test_demo_resumed_with_the_printed_command_is_the_uninterrupted_run(tmp_path
     proc = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True,
                           text=True, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = only_run_dir(cut)
+    run_dir = only_search_dir(cut)
     assert proc.stdout.strip().splitlines()[-1] == full_lines[-1]
     log = open(os.path.join(run_dir, "log.txt")).read()
     assert log.count("CPU threads: 1\n") == 2 and "channels_last True" in log
     keys = ("stage", "epoch", "lr", "train_loss", "train_acc", "arch_loss", "valid_loss",
             "alphas_normal_softmax", "alphas_reduce_softmax", "normal_param_free", "collapse")
-    ma, mb = read_metrics(only_run_dir(full)), read_metrics(run_dir)
+    ma, mb = read_metrics(only_search_dir(full)), read_metrics(run_dir)
     assert len(mb) == 6 and [[r[k] for k in keys] for r in ma] == [[r[k] for k in keys] for r in mb]
-    a = json.load(open(os.path.join(only_run_dir(full), "arch_state.json")))
+    a = json.load(open(os.path.join(only_search_dir(full), "arch_state.json")))
     b = json.load(open(os.path.join(run_dir, "arch_state.json")))
     assert a == b
 
@@ -220,7 +187,7 @@ def test_ctrl_c_says_how_to_resume(cifar10_dir, tmp_path, capsys, monkeypatch, i
     monkeypatch.setattr(ts, "train_epoch", epoch_then_ctrl_c)
     save = str(tmp_path / "runs") + "/"
     os.makedirs(save)
-    rc = run_main(ts.main, ts.parse_args(["--tmp_data_dir", cifar10_dir, "--save", save, *TINY]))
+    rc = run_main(ts.main, ts.parse_args(["--tmp_data_dir", cifar10_dir, "--save", save, *SEARCH_TINY]))
     out, err = capsys.readouterr()
     run_dir = os.path.abspath(glob.glob(os.path.join(save, "search-*"))[0]) if interrupt_at > 1 \
         else out.split("run folder ", 1)[1].split()[0]
@@ -237,7 +204,7 @@ def test_a_batch_larger_than_a_half_is_one_line(cifar10_dir, tmp_path, capsys):
     """It ran silently with one short batch per epoch (100 images, --batch_size 5000)."""
     save = str(tmp_path / "runs") + "/"
     os.makedirs(save)
-    rc = run_main(ts.main, ts.parse_args(["--tmp_data_dir", cifar10_dir, "--save", save, *TINY,
+    rc = run_main(ts.main, ts.parse_args(["--tmp_data_dir", cifar10_dir, "--save", save, *SEARCH_TINY,
                                           "--batch_size", "5000"]))
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and os.listdir(save) == []
@@ -250,7 +217,7 @@ def test_release_search_flags_cutout_and_drop_path_prob(cifar10_dir):
     --drop_path_prob (unused) are accepted; Cutout is off without --cutout."""
     from data import Cutout
 
-    argv = ["--tmp_data_dir", cifar10_dir, *TINY]
+    argv = ["--tmp_data_dir", cifar10_dir, *SEARCH_TINY]
     off, _, _ = build_search_data(ts.parse_args(argv))
     assert not any(isinstance(t, Cutout) for t in off.transform.transforms)
     args = ts.parse_args([*argv, "--cutout", "--cutout_length", "6", "--drop_path_prob", "0.2"])
@@ -266,10 +233,10 @@ def test_search_on_an_image_folder(image_folder, tmp_path, capsys):
     save = str(tmp_path / "runs") + "/"
     os.makedirs(save)
     rc, lines = search(["--dataset", "folder", "--tmp_data_dir", image_folder, "--save", save,
-                        *TINY, "--batch_size", "3", "--epochs", "1", "--arch_warmup_epochs", "0"],
+                        *SEARCH_TINY, "--batch_size", "3", "--epochs", "1", "--arch_warmup_epochs", "0"],
                        capsys)
     assert rc == 0 and lines[-1].startswith("Genotype(normal=[")
-    run_dir = only_run_dir(save)
+    run_dir = only_search_dir(save)
     assert os.path.isfile(os.path.join(run_dir, "genotype.json"))
     log = open(os.path.join(run_dir, "log.txt")).read()
     assert "3 classes" in log and "resized to 16x16" in log
@@ -281,12 +248,12 @@ def test_two_process_ddp_search_agrees(cifar10_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(ROOT, "train_search.py"), "--tmp_data_dir", cifar10_dir, "--save", save,
-           "--threads", "1", *TINY]
+           "--threads", "1", *SEARCH_TINY]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cells = [ln for ln in proc.stdout.splitlines() if ln.startswith("Genotype(")]
     assert len(cells) == 1          # rank 0 prints, after checking that every rank agrees
-    run_dir = only_run_dir(save)
+    run_dir = only_search_dir(save)
     assert format_genotype(load_genotype_file(os.path.join(run_dir, "genotype.json"))) == cells[0]
     log = open(os.path.join(run_dir, "log.txt")).read()
     assert "all 2 processes derived this same cell" in log
@@ -310,10 +277,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(cifar10_dir, tmp_pa
     monkeypatch.setattr(ts, "search_step", step_going_nan)
     save = str(tmp_path / "runs") + "/"
     os.makedirs(save)
-    rc = run_main(ts.main, ts.parse_args(["--tmp_data_dir", cifar10_dir, "--save", save, *TINY]))
+    rc = run_main(ts.main, ts.parse_args(["--tmp_data_dir", cifar10_dir, "--save", save, *SEARCH_TINY]))
     err = capsys.readouterr().err
     assert rc == 2 and "nan" in err and "checkpoint" in err
-    run_dir = only_run_dir(save)
+    run_dir = only_search_dir(save)
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)
     assert (ckpt["stage"], ckpt["epoch"]) == (0, 1)      # the last good epoch
     assert len(read_metrics(run_dir)) == 1
@@ -322,18 +289,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(cifar10_dir, tmp_pa
 def test_search_with_bf16_and_channels_last(cifar10_dir, tmp_path, capsys):
     save = str(tmp_path / "runs") + "/"
     os.makedirs(save)
-    rc, lines = search(["--tmp_data_dir", cifar10_dir, "--save", save, *TINY, "--epochs", "1",
+    rc, lines = search(["--tmp_data_dir", cifar10_dir, "--save", save, *SEARCH_TINY, "--epochs", "1",
                         "--arch_warmup_epochs", "0", "--amp", "bf16", "--channels_last"], capsys)
     assert rc == 0 and lines[-1].startswith("Genotype(normal=[")
-    log = open(os.path.join(only_run_dir(save), "log.txt")).read()
+    log = open(os.path.join(only_search_dir(save), "log.txt")).read()
     assert "speed options: amp bf16, channels_last True" in log
-    metrics = read_metrics(only_run_dir(save))
+    metrics = read_metrics(only_search_dir(save))
     assert all(m["train_loss"] > 0 and m["arch_loss"] > 0 for m in metrics)
 
 
 def test_fp16_on_cpu_is_refused(cifar10_dir, tmp_path, capsys):
     rc = run_main(ts.main, ts.parse_args(["--tmp_data_dir", cifar10_dir, "--save", str(tmp_path) + "/",
-                                          *TINY, "--amp", "fp16"]))
+                                          *SEARCH_TINY, "--amp", "fp16"]))
     assert rc == 2 and "--amp fp16 needs a CUDA device" in capsys.readouterr().err
     assert not list(tmp_path.glob("search-*"))     # refused before the run folder exists
 
@@ -344,10 +311,10 @@ def test_fp16_on_cpu_is_refused(cifar10_dir, tmp_path, capsys):
 def test_search_on_cuda_with_the_gpu_input_pipeline(cifar10_dir, tmp_path, capsys, extra):
     save = str(tmp_path / "runs") + "/"
     os.makedirs(save)
-    argv = [a if a != "cpu" else "cuda" for a in TINY]
+    argv = [a if a != "cpu" else "cuda" for a in SEARCH_TINY]
     rc, lines = search(["--tmp_data_dir", cifar10_dir, "--save", save, *argv, *extra], capsys)
     assert rc == 0 and lines[-1].startswith("Genotype(normal=[")
-    run_dir = only_run_dir(save)
+    run_dir = only_search_dir(save)
     assert "input pipeline: images on the GPU" in open(os.path.join(run_dir, "log.txt")).read()
     metrics = read_metrics(run_dir)
     assert all(m["peak_memory_mb"] > 0 for m in metrics)

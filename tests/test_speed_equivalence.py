@@ -10,8 +10,9 @@ on CUDA with PDARTS_TEST_DEVICE=cuda (benchmarks/gpu_check.py runs them so)."""
 import pytest
 import torch
 import torch.nn as nn
+from reference import reference_search_step, reference_train_step
 
-from engine import reference_train_step, train_step
+from engine import train_step
 from genotypes import PDARTS
 from model import NetworkCIFAR
 
@@ -133,7 +134,7 @@ def test_batched_search_step_equals_plain(n_ops, none, test_device):
     warm-up and full steps. 5 cells: normal, reduction, normal after a reduction,
     reduction, normal; normal and reduction cells with different random switches."""
     from model_search import Network
-    from train_search import reference_search_step, search_step
+    from train_search import search_step
 
     sw_n = _random_stage_switches(n_ops, 1, "all" if n_ops == 8 else none)
     sw_r = _random_stage_switches(n_ops, 2, "all" if n_ops == 8 else none)
@@ -204,7 +205,7 @@ def test_batched_skip_dropout_drops_each_element_and_rescales():
 @pytest.mark.parametrize("n_ops", [8, 5])
 def test_search_step_default_equals_plain(n_ops, test_device):
     """The first-n-ops stage patterns, skip dropout 0 (its masks are drawn differently)."""
-    from train_search import reference_search_step, search_step
+    from train_search import search_step
 
     plain, fast = (net.to(test_device)
                    for net in _search_pair(n_ops, drop_rate=0.0, dtype=torch.float64))
@@ -307,7 +308,7 @@ def test_search_step_dispatches_a_third_of_the_plain_operators(n_ops, layers):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from model_search import Network
-    from train_search import reference_search_step, search_step
+    from train_search import search_step
 
     class Count(TorchDispatchMode):
         n = 0

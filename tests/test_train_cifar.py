@@ -10,16 +10,9 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
-from train_helpers import (  # noqa: F401 - one_thread is an autouse fixture
-    load,
-    one_thread,
-    only_run_dir,
-    read_metrics,
-    run_script,
-    run_test_script,
-)
+from helpers import ROOT, load, only_run_dir, read_metrics, run_script, run_test_script
 
+import checkpoint
 import engine
 import train_cifar
 from distributed import DistInfo
@@ -61,11 +54,18 @@ def test_paper_defaults():
     assert (args.drop_path_prob, args.auxiliary_weight) == (0.3, 0.4)
     assert (args.layers, args.init_channels, args.arch) == (20, 36, "PDARTS")
     assert not args.auxiliary and not args.cutout  # switched on by the release's command line
-    train_cifar.resolve_dataset(args)
     assert (args.dataset, args.weight_decay) == ("cifar10", 3e-4)
     args = train_cifar.parse_args(["--cifar100"])
-    train_cifar.resolve_dataset(args)
     assert (args.dataset, args.weight_decay) == ("cifar100", 5e-4)
+    assert args.given == {"dataset"}        # --cifar100 is --dataset cifar100
+    assert train_cifar.parse_args(["--cifar100", "--weight_decay", "3e-4"]).weight_decay == 3e-4
+
+
+def test_cifar100_contradicting_dataset_is_a_parse_error(capsys):
+    with pytest.raises(SystemExit) as stop:
+        train_cifar.parse_args(["--cifar100", "--dataset", "cifar10"])
+    assert stop.value.code == 2
+    assert "--cifar100 contradicts --dataset cifar10" in capsys.readouterr().err
 
 
 def test_training_sampler_reshuffles_each_epoch_and_test_shards_cover_everything():
@@ -152,7 +152,7 @@ def test_resume_continues_exactly(cifar10_dir, tmp_path, monkeypatch, capsys):
     # Interrupt the second run while it saves epoch 1: metrics.jsonl already has that
     # epoch, checkpoint.pt still holds epoch 0.
     interrupted = str(tmp_path / "b") + os.sep
-    real_save, calls = engine.save_atomic, []
+    real_save, calls = checkpoint.save_atomic, []
 
     def crash_on_third_save(obj, path, **kwargs):
         calls.append(path)
@@ -160,7 +160,7 @@ def test_resume_continues_exactly(cifar10_dir, tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
         real_save(obj, path, **kwargs)
 
-    monkeypatch.setattr(engine, "save_atomic", crash_on_third_save)
+    monkeypatch.setattr(checkpoint, "save_atomic", crash_on_third_save)
     capsys.readouterr()
     assert train([*common, "--save", interrupted]) == 130
     monkeypatch.undo()
@@ -247,7 +247,6 @@ def test_non_finite_loss_in_the_first_epoch_says_nothing_was_saved(cifar10_dir, 
     (["--arch", "NO_SUCH_CELL"], "unknown genotype 'NO_SUCH_CELL'"),
     (["--arch", "{bad_json}"], "is not valid JSON"),
     (["--arch", "{dead_node}"], "normal node(s) 6 (pairs 8-9) reach neither"),
-    (["--cifar100", "--dataset", "cifar10"], "--cifar100 contradicts --dataset cifar10"),
     (["--resume", "{missing}"], "checkpoint not found"),
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),
     # It ran silently (one short batch per epoch), logging a memory estimate of 2e9 GiB.

@@ -8,15 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import write_image_folder
-from train_helpers import (  # noqa: F401 - one_thread is an autouse fixture
-    load,
-    one_thread,
-    only_run_dir,
-    read_metrics,
-    run_script,
-    run_test_script,
-)
+from helpers import load, only_run_dir, read_metrics, run_script, run_test_script, write_image_folder
 
 import train_imagenet
 from train_imagenet import imagenet_lr

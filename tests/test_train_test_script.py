@@ -1,7 +1,6 @@
 """test.py: the authors' checkpoint layouts (the fixtures' key -> shape lists, with a
 ``module.`` prefix and a ``{'state_dict': ...}`` wrapper), this project's checkpoint with
 flags overriding it, and every kind of bad input ending in one line and exit status 2."""
-import argparse
 import json
 import os
 import subprocess
@@ -9,10 +8,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, write_cifar_folder, write_image_folder
-from train_helpers import one_thread, run_test_script  # noqa: F401 - one_thread is an autouse fixture
+from helpers import ROOT, run_test_script, write_cifar_folder, write_image_folder
 
 import engine
+from checkpoint import save_atomic, training_state
+from config import CifarConfig
 from genotypes import DARTS_V2, PDARTS
 from model import NetworkCIFAR
 
@@ -66,11 +66,11 @@ def tiny_checkpoint(tmp_path):
     """This project's checkpoint.pt of a tiny CIFAR-10 network (untrained)."""
     model = NetworkCIFAR(4, 10, 2, True, PDARTS)
     optimizer = torch.optim.SGD(model.parameters(), 0.1, momentum=0.9)
-    args = argparse.Namespace(arch="PDARTS", learning_rate=0.1)
+    cfg = CifarConfig(learning_rate=0.1)
     network = engine.network_info("cifar", "cifar10", 4, 2, 10, True)
     path = str(tmp_path / "checkpoint.pt")
-    engine.save_atomic(engine.checkpoint_state(model, optimizer, 1, args, PDARTS, network,
-                                               {"acc": 10.0, "epoch": 0}, {"top1": 10.0}), path)
+    save_atomic(training_state(model, optimizer, 1, cfg, PDARTS, network,
+                               {"acc": 10.0, "epoch": 0}, {"top1": 10.0}), path)
     return path
 
 

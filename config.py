@@ -1,0 +1,303 @@
+"""The settings of a run, typed, resolved and frozen: ``SearchConfig`` (train_search.py),
+``CifarConfig`` (train_cifar.py) and ``ImageNetConfig`` (train_imagenet.py).
+
+A run's config is built once: from the command line (``search_flags.parse_args``, the
+training scripts' ``parse_args``), or on ``--resume`` from the run's saved settings plus
+the flags given (``checkpoint.resume_config``). Code reads its fields; nothing changes
+them afterwards. The field defaults are the paper's settings (SPEC sections 2 and 5);
+``given`` names the flags the command line gave, whatever their values.
+
+Every checkpoint saves its config as a plain dict (``to_dict``, the checkpoint's
+``args``); ``from_dict`` reads one back: keys the config does not know are ignored, and a
+setting an older run predates takes the value that run used (``OLDER_RUNS``), the one
+place where older runs are caught up.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
+
+from distributed import DIST_TIMEOUT_S
+from flags import DEFAULT_DATA_DIR, default_workers
+
+C = TypeVar("C", bound="RunConfig")
+
+# Field metadata: not part of the saved settings (derived, or about this process only).
+NOT_SAVED = {"saved": False}
+
+# Flags a --resume may give with another value than the run's: where the data is read,
+# how it is loaded and reported, which kernels run; not what the run computes. A resumed
+# run takes them from the new command line; every other flag given must equal the run's
+# own (else --resume refuses, naming them), and the rest comes from the run itself.
+RUNTIME_FLAGS = frozenset({
+    "resume", "tmp_data_dir", "download", "workers", "threads", "report_freq", "device",
+    "dist_timeout", "host_data", "channels_last", "compile", "checkpoint_cells",
+    "plot_format", "deterministic", "skip_bad_images", "derive",
+})
+# Accepted on --resume and ignored: they only name the folder of a new run.
+NEW_RUN_FLAGS = frozenset({"save", "note"})
+# Run-time flags whose new value makes a resumed run differ from one never interrupted.
+CHANGES_THE_DRAWS = {
+    "workers": "the augmentation draws depend on the number of loader processes",
+    "threads": "the sums of a CPU run are added in an order that depends on the thread count",
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What every run's config has: the flags the command line gave."""
+
+    given: frozenset[str] = field(default=frozenset(), compare=False, metadata=NOT_SAVED)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The saved settings (lists for tuples, as the checkpoints always held them)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in fields(self) if f.metadata.get("saved", True)}
+
+    @classmethod
+    def from_dict(cls: type[C], saved: dict[str, Any], **changes: Any) -> C:
+        """A run's config from its saved settings (with ``changes``): keys it does not
+        know are ignored, a setting the run predates takes OLDER_RUNS's value or the
+        default."""
+        values = {}
+        for f in fields(cls):
+            if not f.metadata.get("saved", True) or f.init is False:
+                continue
+            if f.name in saved:
+                values[f.name] = saved[f.name]
+            elif f.name in cls.OLDER_RUNS:
+                values[f.name] = cls.OLDER_RUNS[f.name]
+        values.update(changes)
+        return cls(**values)
+
+    def replace(self: C, **changes: Any) -> C:
+        return dataclasses.replace(self, **changes)
+
+    def __post_init__(self) -> None:
+        # Lists (from argparse's append, or a checkpoint) become tuples: a frozen config
+        # holds nothing mutable.
+        for f in fields(self):
+            value = getattr(self, f.name, None)
+            if isinstance(value, list):
+                object.__setattr__(self, f.name, tuple(value))
+
+    # Values of settings that runs saved before they existed used; a setting not listed
+    # here takes its default (which is then what those runs used).
+    OLDER_RUNS: ClassVar[dict[str, Any]] = {}
+
+
+# ---------------------------------------------------------------------------------------
+# The search (SPEC section 2)
+# ---------------------------------------------------------------------------------------
+
+RELEASE_SEARCH_WORKERS = 2       # the release's loader processes; never more than the cores
+# Ops per edge each stage runs ("the size of operation space is set to be 8, 5 and 3")
+# and keeps for the next one; after the last stage the final derivation keeps 1.
+PAPER_OPS = (8, 5, 3)
+PAPER_KEEP = (5, 3, 1)
+# Skip-connect dropout rates per stage (paper Sec. 4.1.1); other datasets use CIFAR-10's.
+PAPER_DROPOUT_RATES = {"cifar10": (0.0, 0.4, 0.7), "cifar100": (0.1, 0.2, 0.3)}
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage of the search: its network (cells, C), its skip-connect dropout rate, the
+    ops per edge it runs and how many of them it keeps for the next stage."""
+    layers: int
+    init_channels: int
+    dropout_rate: float
+    ops: int
+    keep: int
+
+    @property
+    def drops(self) -> int:
+        return self.ops - self.keep
+
+
+@dataclass(frozen=True)
+class SearchConfig(RunConfig):
+    """train_search.py's settings; the defaults are the paper's (CIFAR-10)."""
+
+    # data
+    dataset: str = "cifar10"
+    tmp_data_dir: str = DEFAULT_DATA_DIR
+    download: bool = False
+    image_size: int = 32
+    train_portion: float = 0.5
+    subset_per_class: tuple[int | float, int | float] | None = None
+    skip_bad_images: bool = False
+    workers: int = default_workers(RELEASE_SEARCH_WORKERS)
+    cutout: bool = False
+    cutout_length: int = 16
+    drop_path_prob: float = 0.3          # the release's flag; the search has no drop path
+    # the search
+    epochs: int = 25
+    arch_warmup_epochs: int = 10
+    batch_size: int = 96
+    learning_rate: float = 0.025
+    learning_rate_min: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    arch_learning_rate: float = 6e-4
+    arch_weight_decay: float = 1e-3
+    init_channels: int = 16
+    stem: str = "cifar"                  # resolved: cifar or imagenet, never auto
+    layers: int = 5
+    add_layers: tuple[int, ...] = (0, 6, 12)
+    add_width: tuple[int, ...] = (0, 0, 0)
+    dropout_rate: tuple[float, ...] = PAPER_DROPOUT_RATES["cifar10"]
+    max_skip: int = 2
+    # the run
+    save: str = "runs/"
+    note: str = "try"
+    seed: int = 2
+    deterministic: bool = False
+    device: str = "auto"
+    dist_timeout: float = DIST_TIMEOUT_S
+    threads: int = 0
+    report_freq: int = 50
+    demo: bool = False
+    resume: str | None = None
+    derive: str | None = None
+    host_data: bool = False
+    amp: str = "none"
+    channels_last: bool = False
+    compile: bool = False
+    checkpoint_cells: bool = False
+    plot_format: str = "png"
+    # Derived once, not saved: why the stem is what it is (for the log), and whether the
+    # weights' schedule is the release's (False: a run begun before the correction,
+    # known from its checkpoint).
+    stem_reason: str = field(default="the run's", compare=False, metadata=NOT_SAVED)
+    lr_stepped_before_epoch: bool = field(default=True, metadata=NOT_SAVED)
+    stages: tuple[StagePlan, ...] = field(init=False, compare=False, metadata=NOT_SAVED)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "stages", tuple(
+            StagePlan(self.layers + self.add_layers[s], self.init_channels + self.add_width[s],
+                      self.dropout_rate[s], PAPER_OPS[s], PAPER_KEEP[s])
+            for s in range(len(PAPER_OPS))))
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    # Runs saved before --stem existed (or with "auto" unresolved) used the release's.
+    OLDER_RUNS: ClassVar[dict[str, Any]] = {"stem": "cifar"}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any], **changes: Any) -> SearchConfig:
+        saved = dict(saved)
+        if saved.get("stem") == "auto":
+            saved["stem"] = "cifar"
+        return super().from_dict(saved, **changes)
+
+
+# The demo: the full three-stage algorithm, scaled down to run on a 2-core CPU in a few
+# minutes. channels_last: the CPU's depthwise convolutions are much faster in NHWC.
+# The rates: a demo stage has 50 weight steps and 30 alpha steps, the paper's ~6,500 and
+# ~3,900. At the paper's 0.025 the convolutions learn too little to be preferred over
+# pooling, and at its 6e-4 the alphas (Adam moves each by at most about its rate per step)
+# end within 2% of uniform, so near-ties pick the cell; the demo's rates let the weights
+# learn and the alphas decide. add_layers: 3/5/7 cells (the paper's +6 per stage scaled to
+# +2), so that stage 2 has a normal cell between its reductions (4 cells are N R R N).
+# Measurements: benchmarks/RESULTS.md (2026-12-05). Flags given with --demo override these.
+SEARCH_DEMO = dict(dataset="demo", epochs=5, arch_warmup_epochs=2, batch_size=50,
+                   learning_rate=0.1, arch_learning_rate=0.02, init_channels=4, layers=3,
+                   add_layers=(0, 2, 4), workers=0, report_freq=5, note="demo",
+                   image_size=16, threads=1, channels_last=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Training (SPEC section 5)
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainConfig(RunConfig):
+    """What train_cifar.py and train_imagenet.py share; each recipe sets its defaults."""
+
+    tmp_data_dir: str = DEFAULT_DATA_DIR
+    workers: int = 0
+    batch_size: int = 128
+    learning_rate: float = 0.025
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    report_freq: int = 50
+    epochs: int = 600
+    init_channels: int = 36
+    layers: int = 20
+    auxiliary: bool = False
+    auxiliary_weight: float = 0.4
+    drop_path_prob: float = 0.3
+    save: str = "runs/"
+    note: str = "try"
+    seed: int = 0
+    arch: str = "PDARTS"
+    grad_clip: float = 5.0
+    resume: str | None = None
+    device: str = "auto"
+    dist_timeout: float = DIST_TIMEOUT_S
+    sync_bn: bool = False
+    deterministic: bool = False
+    host_data: bool = False
+    amp: str = "none"
+    channels_last: bool = False
+    compile: bool = False
+    checkpoint_cells: bool = False
+    plot_format: str = "png"
+    # --dataset folder
+    image_size: int = 32
+    val_portion: float = 0.1
+    skip_bad_images: bool = False
+    # Not saved: known from the checkpoint (False: a run begun before the correction of
+    # the learning-rate schedule, which it keeps).
+    lr_stepped_before_epoch: bool = field(default=True, metadata=NOT_SAVED)
+
+    RELEASE_WORKERS: ClassVar[int] = 4   # the release's loader processes (at most the cores)
+
+
+@dataclass(frozen=True)
+class CifarConfig(TrainConfig):
+    """train_cifar.py: the paper's CIFAR recipe (600 epochs, batch 128, lr 0.025, 20 cells,
+    C 36; weight decay 5e-4 on CIFAR-100)."""
+
+    workers: int = default_workers(4)
+    dataset: str = "cifar10"          # --cifar100 is the release's spelling of cifar100
+    learning_rate_min: float = 0.0
+    cutout: bool = False
+    cutout_length: int = 16
+    download: bool = False
+
+    CIFAR100_WEIGHT_DECAY: ClassVar[float] = 5e-4
+
+
+@dataclass(frozen=True)
+class ImageNetConfig(TrainConfig):
+    """train_imagenet.py: the paper's mobile-setting recipe (250 epochs, global batch 1024
+    at lr 0.5, label smoothing 0.1, 14 cells, C 48)."""
+
+    workers: int = default_workers(8)
+    batch_size: int = 1024
+    learning_rate: float = 0.5
+    weight_decay: float = 3e-5
+    report_freq: int = 100
+    epochs: int = 250
+    init_channels: int = 48
+    layers: int = 14
+    drop_path_prob: float = 0.0
+    image_size: int = 224
+    dataset: str = "imagenet"
+    label_smooth: float = 0.1
+    lr_scheduler: str = "linear"
+
+    RELEASE_WORKERS: ClassVar[int] = 8
+
+
+def default_of(cls: type[RunConfig], name: str) -> Any:
+    """A field's default (the paper's setting), for the parsers' defaults and help."""
+    value = {f.name: f.default for f in fields(cls)}[name]
+    assert value is not dataclasses.MISSING, name
+    return value
