@@ -84,3 +84,19 @@ def test_the_checks_catch_a_cycle_and_an_upward_import():
     assert find_cycle(graph) is not None
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     assert documented_layers()["errors"] < documented_layers()["train_search"]
+
+
+def test_test_modules_import_only_from_helpers():
+    """What tests share lives in tests/helpers.py (fixtures in conftest.py): no test
+    module imports another test module or conftest."""
+    tests = os.path.join(ROOT, "tests")
+    local = {os.path.splitext(n)[0] for n in os.listdir(tests) if n.endswith(".py")} - {"helpers"}
+    wrong = []
+    for name in sorted(local - {"conftest"}):
+        with open(os.path.join(tests, f"{name}.py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            wrong += [f"{name} imports {n}" for n in names if n.split(".")[0] in local]
+    assert wrong == []
