@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from errors import CheckpointError, StorageError, write_bytes_atomic
+from errors import CheckpointError, StorageError, special_path, write_bytes_atomic
 
 
 def save_atomic(obj: Any, path: str, resume_hint: str | None = None,
@@ -112,7 +112,9 @@ def load_file(path: str, map_location: str | torch.device = "cpu",
     is the caller's advice for a genotype file. torch's advice to load with
     ``weights_only=False`` is never passed on."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
+        what = special_path(path)   # a folder or a dangling link in its place
+        raise CheckpointError(f"checkpoint {path} is {what}, not a checkpoint file" if what
+                              else f"checkpoint not found: {path}")
     kind = _what_file(path)
     if kind is not None:
         hint = f": {genotype_hint}" if genotype_hint and kind.startswith("a genotype") else ""

@@ -49,13 +49,15 @@ from distributed import (
     init_distributed,
     sync_buffers,
 )
-from errors import UserError, write_json_atomic
+from divergence import DivergenceMonitor
+from errors import UserError, load_json, write_json_atomic
 from genotypes import (
     GENOTYPE_FILE,
     PRIMITIVES,
     Genotype,
     format_genotype,
     genotype_to_dict,
+    primitives_problem,
 )
 from memory import plan_memory, report_out_of_memory
 from model_search import (
@@ -335,7 +337,7 @@ def run_derive(args: argparse.Namespace) -> int:
     """``--derive FILE``: print the cell for every skip budget, then the chosen one last."""
     try:
         with open(args.derive, encoding="utf-8") as f:
-            state = json.load(f)
+            state = load_json(f)
     except UnicodeDecodeError:
         raise UserError(f"{args.derive} is not an arch_state.json file (it is not text)") from None
     except OSError as e:
@@ -344,6 +346,8 @@ def run_derive(args: argparse.Namespace) -> int:
         raise UserError(f"{args.derive} is not valid JSON ({e})") from None
     if not isinstance(state, dict) or "stages" not in state:
         raise UserError(f"{args.derive}: expected a JSON object with a top-level 'stages' list")
+    if primitives_problem(state):   # the alpha columns follow the file's op order
+        raise UserError(f"{args.derive}: {primitives_problem(state)}")
     if state.get("stem", "cifar") != "cifar":
         # The cell does not depend on the stem; where it was found does (train it with
         # train_imagenet.py, whose network has the same stem).
@@ -450,6 +454,8 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
                               env.device, args.amp)
 
     collapse = CollapseMonitor(stage + 1, args.arch_warmup_epochs, env.is_main)
+    divergence = DivergenceMonitor(run.num_classes, "the search", "a lower --learning_rate or "
+                                   "--arch_learning_rate", " (warned once per stage)")
     for epoch in range(first_epoch, args.epochs):
         t0 = time.time()
         lr = learning_rate(epoch, args.epochs, args.learning_rate, args.learning_rate_min,
@@ -498,6 +504,11 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
                     "" if valid["valid_acc"] is None else
                     f", valid_acc {valid['valid_acc']:.2f} valid_loss {valid['valid_loss']:.4f}",
                     seconds, record["images_per_s"])
+        warning = divergence.check(f"stage {stage + 1} epoch {epoch}", {
+            "training loss": stats["train_loss"], "alpha-step loss": stats["arch_loss"],
+            "validation loss": valid["valid_loss"]})
+        if warning and env.is_main:
+            logger.warning(warning)
         state = {
             "kind": "pdarts-search", "version": 1, "args": vars(args),
             "stage": stage, "epoch": epoch + 1, "world_size": env.world_size,
@@ -651,6 +662,8 @@ def _main(args: argparse.Namespace) -> int:
     logger.info("data: %s; %d train the weights, %d the alphas", description, *data.sizes)
     for reason in getattr(dataset, "skipped", []):
         logger.warning("left out: %s", reason)
+    for note in getattr(dataset, "notes", []):   # files not read, single-colour images
+        logger.warning("warning: %s", note)
     logger.info("split %s%s, images per class weight/alpha half: %s", split.rule,
                 f" with seed {args.seed}" if split.rule != "in order" else "",
                 describe_split(dataset, split))
@@ -677,7 +690,7 @@ def _main(args: argparse.Namespace) -> int:
                            "schedule it began with (cos(pi*e/E))")
         logger.info("resuming %s %s", run_dir, resume_position(start_stage, ckpt["epoch"], args.epochs))
         if env.is_main:
-            truncate_metrics(os.path.join(run_dir, METRICS), ckpt["epoch"], start_stage)
+            truncate_metrics(os.path.join(run_dir, METRICS), ckpt["epoch"], start_stage, args.epochs)
 
     search_start = time.time()
     for stage in range(start_stage, NUM_STAGES):
