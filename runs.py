@@ -420,11 +420,12 @@ def missing_metrics_warning(path: str, epochs_done: int, stage: int | None = Non
     shown = ", ".join((f"stage {s} " if s is not None else "")
                       + (f"epoch {a}" if a == b else f"epochs {a}-{b}")
                       for s, a, b in spans[:6]) + (" ..." if len(spans) > 6 else "")
-    state = ("is missing" if not os.path.exists(path) else
-             f"has lines for {len(expected) - len(missing)} of the {len(expected)} epochs")
-    return (f"warning: {path} {state} that the checkpoint has done (no line for {shown}); the "
-            "resumed run appends its own epochs, so plots.py and report.py will lack those "
-            "(restore the file from a copy to keep them)")
+    state = (f"is missing, so it has no line for the {len(expected)} epoch(s) the checkpoint has "
+             f"done ({shown})" if not os.path.exists(path) else
+             f"has lines for {len(expected) - len(missing)} of the {len(expected)} epochs the "
+             f"checkpoint has done (none for {shown})")
+    return (f"warning: {path} {state}; the resumed run appends its own epochs, so plots.py and "
+            "report.py will lack those (restore the file from a copy to keep them)")
 
 
 def write_arch_state(run_dir: str, stages: list[dict], extra: dict | None = None) -> None:
@@ -858,8 +859,8 @@ def _arch_stage_problem(stage: Any) -> str | None:
                     "values (at least one true)")
         problem = alpha_rows_problem(stage.get(f"alphas_{cell}"), [sum(on) for on in switches])
         if problem:
-            return (f"'alphas_{cell}' {problem} (it needs {NUM_EDGES} rows, one number per op "
-                    f"switched on in 'switches_{cell}')")
+            return (f"needs 'alphas_{cell}' as {NUM_EDGES} rows, one number per op switched on "
+                    f"in 'switches_{cell}': {problem}")
     return None
 
 
