@@ -27,9 +27,9 @@ import torch.nn as nn
 
 from config import CHANGES_THE_DRAWS, NEW_RUN_FLAGS, RUNTIME_FLAGS, RunConfig, SearchConfig, TrainConfig
 from distributed import DistInfo, gather
-from errors import CheckpointError, StorageError, UserError, write_bytes_atomic
+from errors import CheckpointError, StorageError, UserError, special_path, write_bytes_atomic
 from genotypes import Genotype, genotype_from_dict, genotype_to_dict
-from run_files import CHECKPOINT, GENOTYPE, WEIGHTS
+from run_files import CHECKPOINT, GENOTYPE, METRICS, WEIGHTS
 from utils import get_rng_state, logger, set_rng_state
 
 C = TypeVar("C", bound=RunConfig)
@@ -130,7 +130,9 @@ def load_file(path: str, map_location: str | torch.device = "cpu",
     is the caller's advice for a genotype file. torch's advice to load with
     ``weights_only=False`` is never passed on."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
+        what = special_path(path)   # a folder or a dangling link in its place
+        raise CheckpointError(f"checkpoint {path} is {what}, not a checkpoint file" if what
+                              else f"checkpoint not found: {path}")
     kind = _what_file(path)
     if kind is not None:
         hint = f": {genotype_hint}" if genotype_hint and kind.startswith("a genotype") else ""
@@ -344,8 +346,7 @@ def load_search(run_dir: str) -> dict:
     if not os.path.isdir(run_dir):
         raise UserError(f"--resume: no run folder {run_dir}")
     if not os.path.isfile(path):
-        raise UserError(f"--resume: {run_dir} has no {CHECKPOINT}: the run stopped before "
-                        "its first epoch ended, so there is nothing to resume; start it again")
+        raise UserError(f"--resume: {missing_checkpoint(run_dir)}")
     ckpt = load_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("kind") != SEARCH_KIND:
         raise CheckpointError(f"{path} is {describe_checkpoint(ckpt)}; --resume of "
@@ -355,6 +356,27 @@ def load_search(run_dir: str) -> dict:
         raise CheckpointError(f"{path} is a search checkpoint without {', '.join(missing)} "
                               "(damaged or written by another version); it cannot be resumed")
     return ckpt
+
+
+def missing_checkpoint(run_dir: str) -> str:
+    """Why ``run_dir`` has no checkpoint file to resume, true to what the folder holds: a
+    folder or a dangling link in its place, a checkpoint removed from a run whose
+    metrics.jsonl records epochs, or a run that stopped in its first epoch."""
+    path = os.path.join(run_dir, CHECKPOINT)
+    what = special_path(path)
+    if what is not None:
+        return (f"{path} is {what}, not a checkpoint file; put the run's checkpoint.pt back in "
+                "its place to resume")
+    try:
+        with open(os.path.join(run_dir, METRICS), "rb") as f:
+            done = sum(1 for line in f if line.strip().endswith(b"}"))
+    except OSError:
+        done = 0
+    if done:
+        return (f"{run_dir} has no {CHECKPOINT}, although its {METRICS} records {done} finished "
+                f"epoch(s): the file was removed or moved; put it back to resume")
+    return (f"{run_dir} has no {CHECKPOINT}: the run stopped before its first epoch ended, so "
+            "there is nothing to resume; start it again")
 
 
 def resume_search(request: SearchConfig) -> tuple[SearchConfig, dict | None]:

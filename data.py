@@ -19,6 +19,7 @@ import hashlib
 import math
 import os
 import pickle
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from config import SearchConfig
@@ -185,6 +186,12 @@ def load_cifar_arrays(root: str, dataset: str, train: bool, download: bool = Fal
         x, y = _batch_arrays(batch, path, label_key, num_classes)
         data.append(x)
         labels.extend(y)
+    if train and len(set(labels)) < 2:
+        # As an image folder with one class folder: nothing to tell apart, and the
+        # accuracy (100% by construction) would say nothing.
+        raise DataError(f"the training files of {folder} hold one class only (label "
+                        f"{labels[0] if labels else '-'} in all {len(labels)} images): training and "
+                        "the search need 2 or more classes; is this the right data?")
     return np.ascontiguousarray(np.concatenate(data).transpose(0, 2, 3, 1)), labels
 
 
@@ -500,17 +507,15 @@ def own_transforms(augment: str, train: bool, image_size: int, mean, std, cutout
 # Dataset builders
 # ---------------------------------------------------------------------------------------
 
-def get_image_folder(path: str, transform, what: str = "image folder"):
-    """torchvision ImageFolder with a clear error when the folder is missing or empty.
-    Images are read lazily; an unreadable one stops with its path (BadImageError)."""
-    from torchvision import datasets
-
+def get_image_folder(path: str, transform, what: str = "image folder") -> FolderDataset:
+    """A folder of class subfolders as a dataset (``scan_image_tree``), with a clear error
+    when the folder is missing or a class is empty. Images are read lazily; an unreadable
+    one stops with its path (BadImageError)."""
     if not os.path.isdir(path):
         raise DataError(f"{what} not found: expected a folder of class subfolders at {path}")
-    try:
-        return datasets.ImageFolder(path, transform=transform, loader=read_image)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise DataError(f"cannot use {path} as {what}: {e}") from None
+    data = scan_image_tree(path, what)
+    data.transform = transform
+    return data
 
 
 # ---------------------------------------------------------------------------------------
@@ -522,11 +527,34 @@ SCAN_BATCH = 64           # images per batch of the statistics and --skip_bad_im
 EVAL_FOLDERS = ("val", "test")
 
 
+# Pillow opens 16-bit grayscale files (PNG, TIFF, PGM) in these modes, and its RGB
+# conversion clips their values (0..65535) at 255: nearly white images. They are scaled
+# to 8 bits by their high byte instead, as Pillow reads 16-bit colour PNGs.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+EXIF_ORIENTATION = 0x0112   # the EXIF tag of how a camera was held
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB: 16-bit grayscale scaled (not clipped), every other mode
+    (grayscale, palette, RGBA, CMYK, ...) by Pillow's conversion."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        values = np.clip(np.asarray(img), 0, 65535).astype(np.uint32) >> 8
+        return Image.fromarray(values.astype(np.uint8), "L").convert("RGB")
+    return img.convert("RGB")
+
+
 def read_image(path: str) -> Image.Image:
-    """Decode a whole image file as RGB (grayscale, palette, RGBA and CMYK converted)."""
+    """Decode a whole image file as RGB (grayscale, 16-bit grayscale, palette, RGBA and
+    CMYK converted), turned upright by its EXIF orientation.
+
+    Deviation (image folders only): a photo whose EXIF data says the camera was turned is
+    rotated/mirrored as a viewer shows it (``ImageOps.exif_transpose``), in training,
+    evaluation and the normalisation statistics alike; torchvision's loader ignores it."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")   # decodes everything: a truncated file fails here
+            if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                img = ImageOps.exif_transpose(img)
+            return to_rgb(img)   # decodes everything: a truncated file fails here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadImageError(f"cannot read image {path}: {e}. Replace or remove the file, or "
                             "pass --skip_bad_images to leave unreadable images out") from None
@@ -541,6 +569,7 @@ class FolderDataset(Dataset):
         self.root, self.samples, self.classes = root, samples, classes
         self.transform = transform
         self.skipped: list[str] = []    # why each unreadable image was left out
+        self.notes: list[str] = []      # warnings for the log: files not read, blank images
 
     @property
     def targets(self) -> list[int]:
@@ -555,13 +584,152 @@ class FolderDataset(Dataset):
         return (self.transform(img) if self.transform is not None else img), y
 
     def subset(self, indices: Sequence[int], transform=None) -> FolderDataset:
-        return FolderDataset(self.root, [self.samples[i] for i in indices], self.classes, transform)
+        part = FolderDataset(self.root, [self.samples[i] for i in indices], self.classes, transform)
+        part.notes = list(self.notes)
+        return part
 
 
 def scan_folder(path: str, what: str = "image folder") -> FolderDataset:
     """The images of a folder of class subfolders (file names only, nothing decoded)."""
-    scanned = get_image_folder(path, None, what)
-    return FolderDataset(path, list(scanned.samples), list(scanned.classes))
+    return get_image_folder(path, None, what)
+
+
+# The file types read, by extension (any case): torchvision's ImageFolder's.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+EXAMPLES_SHOWN = 3
+
+
+class NotRead:
+    """What a scan of an image tree passed over, by reason, for one line in the log."""
+
+    def __init__(self) -> None:
+        self.by_type: dict[str, list[str]] = {}   # extension -> files
+        self.hidden: list[str] = []                # hidden files and folders (names with '.')
+        self.repeated: list[str] = []              # folder links to a folder already read
+        self.unlisted: list[str] = []              # folders that could not be listed
+        self.outside: list[str] = []               # files beside the class folders
+
+    def count(self) -> int:
+        return (sum(map(len, self.by_type.values())) + len(self.hidden) + len(self.repeated)
+                + len(self.unlisted) + len(self.outside))
+
+    def describe(self, root: str) -> str | None:
+        if not self.count():
+            return None
+
+        def shown(items: list[str]) -> str:
+            return ", ".join(items[:EXAMPLES_SHOWN]) + (" ..." if len(items) > EXAMPLES_SHOWN else "")
+
+        parts = []
+        for ext, files in sorted(self.by_type.items()):
+            parts.append(f"{len(files)} {ext or 'without extension'} (e.g. {shown(files)})")
+        if parts:
+            parts = [f"{'; '.join(parts)}: not a file type read here "
+                     f"({' '.join(IMAGE_EXTENSIONS)}; convert them to read them)"]
+        if self.hidden:
+            parts.append(f"{len(self.hidden)} hidden ({shown(self.hidden)}): names starting "
+                         "with '.' are skipped")
+        if self.outside:
+            parts.append(f"{len(self.outside)} beside the class folders ({shown(self.outside)})")
+        if self.repeated:
+            parts.append(f"{len(self.repeated)} folder link(s) to a folder already read "
+                         f"({shown(self.repeated)}; a loop or a second path), each folder "
+                         "read once")
+        if self.unlisted:
+            parts.append(f"{len(self.unlisted)} folder(s) that could not be listed "
+                         f"({shown(self.unlisted)})")
+        return f"{self.count()} entries of {root} not read: " + "; ".join(parts)
+
+
+def _relative(path: str, root: str) -> str:
+    return os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def _class_files(class_dir: str, root: str, not_read: NotRead) -> list[str]:
+    """The image files under ``class_dir`` in torchvision's order (folders by path, files
+    by name in each). Symbolic links are followed, each real folder read once (a link
+    ``loop -> .`` read it again and again, until the path grew too long); hidden files and
+    folders are skipped, other files counted in ``not_read``."""
+    def unlisted(e: OSError) -> None:
+        not_read.unlisted.append(f"{_relative(e.filename, root)} ({e.strerror})"
+                                 if e.filename else str(e))
+
+    try:
+        top = os.stat(class_dir)
+    except OSError as e:
+        unlisted(e)
+        return []
+    visited = {(top.st_dev, top.st_ino)}
+    found: list[tuple[str, list[str]]] = []
+    for dirpath, dirnames, filenames in os.walk(class_dir, onerror=unlisted, followlinks=True):
+        dirnames.sort()   # which of two paths to one folder is read: the first in this order
+        keep = []
+        for name in dirnames:
+            path = os.path.join(dirpath, name)
+            if name.startswith("."):
+                not_read.hidden.append(_relative(path, root) + "/")
+                continue
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                unlisted(e)
+                continue
+            if (st.st_dev, st.st_ino) in visited:
+                not_read.repeated.append(f"{_relative(path, root)} -> {os.readlink(path)}"
+                                         if os.path.islink(path) else _relative(path, root))
+                continue
+            visited.add((st.st_dev, st.st_ino))
+            keep.append(name)
+        dirnames[:] = keep
+        files = []
+        for name in sorted(filenames):
+            if name.startswith("."):
+                not_read.hidden.append(_relative(os.path.join(dirpath, name), root))
+            elif name.lower().endswith(IMAGE_EXTENSIONS):
+                files.append(name)
+            else:
+                ext = os.path.splitext(name)[1].lower()
+                not_read.by_type.setdefault(ext, []).append(_relative(os.path.join(dirpath, name), root))
+        found.append((dirpath, files))
+    return [os.path.join(dirpath, name) for dirpath, files in sorted(found) for name in files]
+
+
+def scan_image_tree(path: str, what: str = "image folder") -> FolderDataset:
+    """The class folders of ``path`` (sorted; hidden ones skipped) and their image files,
+    as torchvision's ImageFolder lists them for an ordinary tree; what was not read (other
+    file types, hidden names, repeated folder links) is one line in ``dataset.notes``.
+    A class folder without an image file is a DataError."""
+    not_read = NotRead()
+    classes = []
+    try:
+        entries = sorted(os.scandir(path), key=lambda entry: entry.name)
+    except OSError as e:
+        raise DataError(f"cannot list {what} {path}: {e.strerror}") from None
+    for entry in entries:
+        if entry.name.startswith("."):
+            not_read.hidden.append(entry.name + ("/" if entry.is_dir() else ""))
+        elif entry.is_dir():
+            classes.append(entry.name)
+        else:
+            not_read.outside.append(entry.name)
+    if not classes:
+        raise DataError(f"cannot use {path} as {what}: it has no class folder (expected one "
+                        "subfolder of images per class)")
+    samples, empty = [], []
+    for label, name in enumerate(classes):
+        files = _class_files(os.path.join(path, name), path, not_read)
+        if not files:
+            empty.append(name)
+        samples += [(f, label) for f in files]
+    data = FolderDataset(path, samples, classes)
+    note = not_read.describe(path)
+    if empty:
+        raise DataError(f"cannot use {path} as {what}: class folder(s) {', '.join(empty[:COUNTS_SHOWN])} "
+                        f"hold no image file ({' '.join(IMAGE_EXTENSIONS)})"
+                        + (f"; {note}" if note else ""))
+    if note:
+        data.notes.append(note)
+    return data
 
 
 def files_dataset(root: str, names: Sequence[str], classes: list[str], source: str) -> FolderDataset:
@@ -606,6 +774,15 @@ def folder_tree(root: str) -> tuple[str, str | None, str | None]:
             raise DataError(f"{root} has train/ but no val/ or test/: add one, or put the class "
                             "folders at the top to hold out --val_portion of them")
         return train, val if os.path.isdir(val) else None, test if os.path.isdir(test) else None
+    try:
+        top = [e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
+    except OSError:
+        top = []
+    if top and all(name in EVAL_FOLDERS for name in top):
+        # val/ or test/ alone: the layout with train/ missing, not classes named "val".
+        raise DataError(f"{root} has {' and '.join(n + '/' for n in sorted(top))} but no train/: "
+                        "add train/ with the same class folders, or put the class folders at "
+                        "the top to hold out --val_portion of them")
     return root, None, None
 
 
@@ -653,14 +830,49 @@ def open_training_folder(path: str, image_size: int, seed: int, skip_bad_images:
     images unless given (a resumed run passes its own)."""
     data = scan_folder(path, what)
     if skip_bad_images:
-        data, skipped = drop_unreadable(data, workers)
+        scanned = data
+        data, skipped = drop_unreadable(scanned, workers)
         data.skipped = skipped
         if len(data) == 0:
             raise DataError(f"no readable image in {path}")
+        left = Counter(data.targets)
+        emptied = [k for k in range(len(data.classes)) if not left[k]]
+        if emptied:
+            names = [data.classes[k] for k in emptied]
+            bad = [p for p, y in scanned.samples if y in emptied]
+            raise DataError(
+                f"--skip_bad_images left class(es) {', '.join(names[:COUNTS_SHOWN])} of {path} "
+                f"without a readable image (all {len(bad)} of its files unreadable, e.g. "
+                f"{bad[0]}); replace the files, or remove the class folder to train without "
+                "that class")
     if stats is None:
-        mean, std, count = image_stats(data, image_size, seed, workers=workers)
+        mean, std, count, constant = _image_stats(data, image_size, seed, NORM_SAMPLE, workers)
         stats = {"mean": list(mean), "std": list(std), "images": count}
+        note = constant_images_note(constant, count, std, path)
+        if note:
+            data.notes.append(note)
     return data, stats
+
+
+# A channel whose pixels vary less than this (std on 0..1) is normalised by dividing by
+# almost nothing (the std is clamped at 1e-6): inputs of size ~1e6 instead of ~1.
+FLAT_STD = 1e-3
+
+
+def constant_images_note(constant: int, count: int, std: Sequence[float], path: str) -> str | None:
+    """A warning when sampled training images are a single colour (every pixel alike):
+    there is nothing in them to learn from, and when all are alike the normalisation
+    divides by ~0."""
+    flat = [c for c, v in zip("RGB", std) if v < FLAT_STD]
+    if not constant and not flat:
+        return None
+    what = (f"{constant} of the {count} sampled training images of {path} are a single colour "
+            "(every pixel alike): they carry nothing to learn")
+    if flat:
+        what += (f"; channel(s) {', '.join(flat)} hardly vary over the sample (std "
+                 f"{', '.join(f'{v:.2g}' for v in std)}), so normalising divides by ~0 and "
+                 "the network sees inputs of ~1e6")
+    return what + "; check the images (blank, or an export that lost them)"
 
 
 def describe_stats(stats: dict) -> str:
@@ -674,13 +886,19 @@ def image_stats(dataset: FolderDataset, image_size: int, seed: int = 0,
                 ) -> tuple[tuple[float, ...], tuple[float, ...], int]:
     """Per-channel mean and std of the pixels of at most ``max_images`` images (a seeded
     sample), resized and centre-cropped as for evaluation; returns (mean, std, count)."""
+    return _image_stats(dataset, image_size, seed, max_images, workers)[:3]
+
+
+def _image_stats(dataset: FolderDataset, image_size: int, seed: int, max_images: int,
+                 workers: int) -> tuple[tuple[float, ...], tuple[float, ...], int, int]:
+    """``image_stats`` and the number of sampled images that are a single colour."""
     n = len(dataset)
     g = torch.Generator().manual_seed(int(seed))
     indices = sorted(torch.randperm(n, generator=g)[:max_images].tolist())
     geometry = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor()])
     total = torch.zeros(3, dtype=torch.float64)
     squares = torch.zeros(3, dtype=torch.float64)
-    pixels = 0
+    pixels = constant = 0
     for _, err, x in _decode_all(dataset, indices, geometry, workers):
         if err:
             raise BadImageError(err)
@@ -688,9 +906,11 @@ def image_stats(dataset: FolderDataset, image_size: int, seed: int = 0,
         total += x.sum(1)
         squares += (x * x).sum(1)
         pixels += x.shape[1]
+        constant += bool((x == x[:, :1]).all())
     mean = total / pixels
     std = (squares / pixels - mean * mean).clamp(min=1e-12).sqrt()
-    return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist()), len(indices)
+    return (tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist()),
+            len(indices), constant)
 
 
 def get_dataset(name: str, root: str, train: bool, transform, download: bool = False,

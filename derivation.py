@@ -14,7 +14,6 @@ The search network (model_search.py) and the run folder (runs.py) build on these
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 from config import PAPER_KEEP, PAPER_OPS
 from errors import UserError
-from genotypes import PRIMITIVES, Genotype
+from genotypes import PRIMITIVES, Genotype, alpha_rows_problem
 from utils import logger
 
 NONE = PRIMITIVES.index("none")
@@ -226,15 +225,10 @@ def replay_stages(stages: Sequence[dict], source: str = "arch state", finished: 
     for s, stage in enumerate(stages):
         for key in ("alphas_normal", "alphas_reduce"):
             rows = stage.get(key) if isinstance(stage, dict) else None
-            ok = (isinstance(rows, list) and len(rows) == NUM_EDGES
-                  and all(isinstance(r, list) and len(r) == OPS_PER_STAGE[s]
-                          and all(isinstance(v, (int, float)) for v in r) for r in rows))
-            if not ok:
-                raise UserError(f"{source}: stage {s + 1} needs '{key}' as {NUM_EDGES} rows of "
-                                f"{OPS_PER_STAGE[s]} numbers (one column per op on, PRIMITIVES order)")
-            if not all(math.isfinite(v) for r in rows for v in r):
-                raise UserError(f"{source}: stage {s + 1} '{key}' holds non-finite values (NaN or "
-                                "infinity): the search diverged, and no cell can be derived from it")
+            problem = alpha_rows_problem(rows, [OPS_PER_STAGE[s]] * NUM_EDGES)
+            if problem:
+                raise UserError(f"{source}: stage {s + 1} '{key}' {problem} (it needs {NUM_EDGES} "
+                                f"rows of {OPS_PER_STAGE[s]} numbers, one column per op on)")
         result.append((sw_n, sw_r))
         if not finished or s < len(stages) - 1:
             sw_n, sw_r = prune_after_stage(s, sw_n, sw_r, softmax_rows(stage["alphas_normal"]),

@@ -74,9 +74,22 @@ def init_distributed(device_arg: str = "auto", timeout_s: float = DIST_TIMEOUT_S
     if world_size > 1 and not dist.is_initialized():
         if not timeout_s > 0:
             raise UserError(f"--dist_timeout must be a positive number of seconds (got {timeout_s})")
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        except getattr(dist, "DistNetworkError", dist.DistError) as e:   # torch >= 2.2 has the first
+            # Before the job exists no other process can be blamed: the rendezvous itself failed.
+            raise UserError(rendezvous_failure(e)) from None
     return DistInfo(rank, world_size, local_rank, device)
+
+
+def rendezvous_failure(e: Exception) -> str:
+    """One line for a process group that could not be formed: the address it tried."""
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return (f"the rendezvous address {where} (MASTER_ADDR:MASTER_PORT) of this torchrun job cannot "
+            f"be reached ({first}); check the host name and port (torchrun --master_addr / "
+            "--master_port, or --rdzv_endpoint) and that the master node is up")
 
 
 def cleanup_distributed() -> None:

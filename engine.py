@@ -67,6 +67,7 @@ from data import (
     split_indices,
 )
 from distributed import DistInfo, barrier, sync_buffers
+from divergence import DivergenceMonitor
 from errors import UserError, write_json_atomic
 from genotypes import (
     Genotype,
@@ -249,6 +250,7 @@ def folder_data(cfg: TrainConfig, cutout: int, resume: dict | None, augment: str
                      f"{SPLIT}); images per class training/held-out: "
                      + describe_counts(data.classes, train_counts, eval_counts))
     lines += [f"left out: {reason}" for reason in data.skipped]
+    lines += [f"warning: {note}" for note in data.notes + (eval_set.notes if eval_dir else [])]
     if data.skipped:
         lines.append(f"{len(data.skipped)} unreadable image(s) left out (--skip_bad_images)")
     train_set.transform = own_transforms(augment, True, size, stats["mean"], stats["std"],
@@ -619,6 +621,7 @@ def _fit(cfg: TrainConfig, env: DistInfo, spec: RunSpec, resume: dict | None) ->
     if isinstance(train_loader, DeviceLoader):
         logger.info("input pipeline: images on the GPU as uint8, augmented there in batches")
 
+    divergence = DivergenceMonitor(spec.network["num_classes"], "training")
     for epoch in range(start_epoch, cfg.epochs):
         # Deviation: reseeded every epoch (the release seeds once) so --resume is exact.
         seed_everything(epoch_seed(cfg.seed, epoch, env.rank), cfg.deterministic)
@@ -662,6 +665,10 @@ def _fit(cfg: TrainConfig, env: DistInfo, spec: RunSpec, resume: dict | None) ->
                     best["acc"], best["epoch"])
         logger.info("epoch time %.1fs (train %.1fs, %.0f images/s)", epoch_time, train_time,
                     images_per_sec)
+        warning = divergence.check(f"epoch {epoch}", {"training loss": train["loss"],
+                                                      "test loss": test["loss"]})
+        if warning and env.is_main:
+            logger.warning(warning)
         metrics.write({
             "epoch": epoch, "lr": lr, "drop_path_prob": model.drop_path_prob,
             "train_loss": train["loss"], "train_acc": train["top1"], "train_top5": train.get("top5"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 from typing import Any
 
 
@@ -60,6 +61,84 @@ class GenotypeError(ValueError):
 # What run_main reports as one line (CheckpointError and GenotypeError predate UserError
 # and keep their bases: callers catch them as RuntimeError / ValueError).
 ONE_LINE_ERRORS = (UserError, CheckpointError, GenotypeError)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading a user's JSON; what a path is when it is not a regular file
+# ---------------------------------------------------------------------------------------
+
+# Every JSON file of this project nests a few levels (arch_state.json: object, stages,
+# rows, numbers); a file nested deeper is not one of them. Python's parser raises
+# RecursionError (not a decode error) from about 1000 levels on, and code that walks a
+# parsed value recursively can meet it sooner.
+MAX_JSON_DEPTH = 64
+
+
+class JSONTooDeep(json.JSONDecodeError):
+    """A JSON text nested deeper than MAX_JSON_DEPTH: a decode error to every caller that
+    catches ``json.JSONDecodeError`` (or ValueError)."""
+
+    def __str__(self) -> str:   # no line and column: the whole text is the fault
+        return self.msg
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (iteratively: no recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (list, dict)):
+            deepest = max(deepest, d)
+            if d > MAX_JSON_DEPTH:
+                break
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads``, with a text nested deeper than MAX_JSON_DEPTH levels refused as a
+    decode error (JSONTooDeep) instead of a RecursionError."""
+    too_deep = JSONTooDeep(f"nested more than {MAX_JSON_DEPTH} levels deep; the project's files "
+                           "nest a few levels", "", 0)
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise too_deep from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise too_deep
+    return value
+
+
+def load_json(f) -> Any:
+    """``json.load`` of an open text file, as ``parse_json``."""
+    return parse_json(f.read())
+
+
+def special_path(path: str) -> str | None:
+    """What ``path`` is when it exists but is not a regular file (a folder, a dangling
+    symbolic link, a FIFO, a device, a socket), in words; None for a regular file (or a
+    link to one) and for a path that does not exist."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(path)
+        if not os.path.exists(path):
+            return f"a symbolic link to {target}, which does not exist"
+        inner = special_path(os.path.realpath(path))
+        return f"a symbolic link to {target}, {inner}" if inner else None
+    if stat.S_ISREG(st.st_mode):
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder"
+    if stat.S_ISFIFO(st.st_mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        return "a device file"
+    if stat.S_ISSOCK(st.st_mode):
+        return "a socket"
+    return "not a regular file"
 
 
 # ---------------------------------------------------------------------------------------

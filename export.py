@@ -38,10 +38,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from checkpoint import checkpoint_genotype
 from engine import TrainedNetwork, load_trained_network, resolve_trained_network
-from errors import StorageError, UserError, write_bytes_atomic
+from errors import StorageError, UserError, special_path, write_bytes_atomic
 from flags import HelpFormatter, int_at_least, positive_float
-from genotypes import format_genotype, genotype_to_dict
+from genotypes import check_same_cell, format_genotype, genotype_to_dict
 from run_files import CHECKPOINT
 from runs import run_main, setup_logging
 from utils import logger
@@ -135,6 +136,20 @@ def default_out(trained: TrainedNetwork, fmt: str) -> str:
     return os.path.join(folder, name + FORMATS[fmt])
 
 
+def check_out(out: str) -> None:
+    """``--out`` must be a regular file (replaced) or a new path: the file is written
+    beside it and renamed over it, which would replace a device (``/dev/full``), a FIFO or
+    a symbolic link by a regular file."""
+    what = special_path(out)
+    if what is None and os.path.islink(out):
+        what = f"a symbolic link to {os.readlink(out)}"
+    if what is not None:
+        raise UserError(f"--out {out} is {what}; export.py writes only a regular file or a new "
+                        "path (it never replaces a device, a pipe, a folder or a link): give "
+                        "another --out" + (f", or the link's target {os.path.realpath(out)}"
+                                           if os.path.islink(out) else ""))
+
+
 def preprocessing(trained: TrainedNetwork) -> str:
     """How an image becomes the network's input, in words (as the test transforms do)."""
     size = trained.image_size
@@ -214,9 +229,28 @@ def export_onnx(module: nn.Module, example: torch.Tensor, opset: int, dynamo: bo
                             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                             opset_version=opset, **kwargs)
     except Exception as e:  # noqa: BLE001 - any exporter failure: one line, and the way out
+        if "opset" in _first_line(e).lower():   # --dynamo cannot write it either
+            raise ExportError(f"the ONNX export failed ({_first_line(e)}): "
+                              f"{opset_advice(opset, dynamo)}") from None
         raise ExportError(f"the ONNX export failed ({_first_line(e)}); try --format "
                           f"torchscript{'' if dynamo else ' or --dynamo'}") from None
     return result.model_proto if dynamo else onnx.load_from_string(buffer.getvalue())
+
+
+def opset_advice(opset: int, dynamo: bool) -> str:
+    """Which opsets this torch's exporter writes, as far as it says (a private constant of
+    torch.onnx: without it, only the default is named)."""
+    exporter = "torch.export-based" if dynamo else "TorchScript-based"
+    default = DEFAULT_OPSET["dynamo" if dynamo else "torchscript"]
+    try:
+        from torch.onnx import _constants as c
+        low = DEFAULT_OPSET["dynamo"] if dynamo else c.ONNX_MIN_OPSET
+        high = c.ONNX_MAX_OPSET if dynamo else c.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    except (ImportError, AttributeError):
+        return (f"the {exporter} exporter of this torch does not write opset {opset}; use a "
+                f"lower --opset (default {default})")
+    return (f"the {exporter} exporter of this torch writes opsets {low} to {high}, not {opset}; "
+            f"use --opset {low}..{high} (default {default})")
 
 
 def set_onnx_metadata(proto, meta: dict) -> None:
@@ -290,11 +324,15 @@ def main(args: argparse.Namespace) -> int:
         args.model_path, dataset=args.dataset, cifar100=args.cifar100, arch=args.arch,
         init_channels=args.init_channels, layers=args.layers, auxiliary=args.auxiliary,
         purpose="export.py exports")
+    if args.arch and trained.ours:   # the run records its cell: another wiring loads, and is wrong
+        check_same_cell(trained.genotype, checkpoint_genotype(trained.checkpoint, trained.path),
+                        args.arch, trained.path)
+    out = args.out or default_out(trained, args.format)
+    check_out(out)
     network = load_trained_network(trained)
     network.drop_auxiliary_head()
     network.drop_path_prob = 0.0
     module = Logits(network).eval()
-    out = args.out or default_out(trained, args.format)
     size = trained.image_size
     example = torch.randn(TRACE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(1))
     logger.info("model %s: %s", trained.path, json.dumps(trained.info))
@@ -322,6 +360,7 @@ def main(args: argparse.Namespace) -> int:
              f"{args.tolerance:g} x max(1, largest |logit| {scale:.3g}))")
     if not diff <= allowed:     # NaN fails too
         raise ExportError(f"the exported model does not match PyTorch: {check}; nothing written")
+    check_out(out)   # again: the export took a while
     try:
         write_bytes_atomic(data, out, f"the {args.format} file")
     except StorageError as e:   # its advice names the training scripts' flag

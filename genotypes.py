@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 from collections import namedtuple
+from collections.abc import Sequence
 from typing import Any
 
-from errors import GenotypeError, write_json_atomic
+from errors import GenotypeError, load_json, write_json_atomic
 from run_files import GENOTYPE
 
 Genotype = namedtuple("Genotype", "normal normal_concat reduce reduce_concat")
@@ -242,7 +244,7 @@ def save_genotype(genotype: Genotype, path: str) -> None:
 def load_genotype_file(path: str) -> Genotype:
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            data = load_json(f)
     except UnicodeDecodeError:
         raise GenotypeError(f"{path} is not a genotype JSON file (it is not text); pass the "
                             f"{GENOTYPE} a search wrote, or a cell name") from None
@@ -277,6 +279,35 @@ def get_genotype(name_or_path: str) -> Genotype:
     return validate_genotype(globals()[name], name)
 
 
+def genotype_differences(a: Genotype, b: Genotype, limit: int = 4) -> list[str]:
+    """Where cell ``a`` differs from cell ``b``: '{kind}[k] (op, input) vs (op, input)' per
+    pair, and the concat lists ([] when they are the same cell); at most ``limit`` items
+    and a count of the others."""
+    parts = []
+    for kind in ("normal", "reduce"):
+        pa, pb = [tuple(p) for p in getattr(a, kind)], [tuple(p) for p in getattr(b, kind)]
+        if len(pa) != len(pb):
+            parts.append(f"{kind}: {len(pa)} pairs vs {len(pb)}")
+        else:
+            parts += [f"{kind}[{k}] {x} vs {y}" for k, (x, y) in enumerate(zip(pa, pb)) if x != y]
+        ca, cb = list(getattr(a, kind + "_concat")), list(getattr(b, kind + "_concat"))
+        if ca != cb:
+            parts.append(f"{kind}_concat {ca} vs {cb}")
+    return parts[:limit] + ([f"and {len(parts) - limit} more"] if len(parts) > limit else [])
+
+
+def check_same_cell(given: Genotype, recorded: Genotype, arch: str, source: str) -> None:
+    """A GenotypeError when ``--arch`` (``given``) is not the cell ``source`` (a training
+    checkpoint) records: the weights were trained with that cell, and another wiring of
+    the same ops loads without a complaint and computes something else."""
+    differences = genotype_differences(given, recorded)
+    if differences:
+        raise GenotypeError(
+            f"--arch {arch} is not the cell {source} was trained with; they differ in "
+            f"{', '.join(differences)} (--arch vs the checkpoint's). The checkpoint records "
+            "its cell: drop --arch")
+
+
 def format_genotype(genotype: Genotype) -> str:
     """The ``Genotype(...)`` line that can be pasted into this module."""
     g = genotype_to_dict(genotype)
@@ -284,3 +315,61 @@ def format_genotype(genotype: Genotype) -> str:
     reduce = ", ".join(f"('{op}', {i})" for op, i in g["reduce"])
     return (f"Genotype(normal=[{normal}], normal_concat={g['normal_concat']}, "
             f"reduce=[{reduce}], reduce_concat={g['reduce_concat']})")
+
+
+# ---------------------------------------------------------------------------------------
+# Saved alphas (arch_state.json): one check for every reader (runs.read_arch_state for
+# plots and reports, model_search.replay_stages for --derive)
+# ---------------------------------------------------------------------------------------
+
+# The search holds its alphas in float32; a saved value beyond its range (1e39 is valid
+# JSON) becomes infinity in the softmax and NaN weights, which rank as nothing does.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def alpha_rows_problem(rows: Any, widths: Sequence[int]) -> str | None:
+    """Why ``rows`` are not saved alphas of one cell (None when they are): a list of
+    ``len(widths)`` rows (one per edge), row e holding ``widths[e]`` numbers (one per op
+    switched on, in PRIMITIVES order), each finite and within float32's range. true and
+    false are not numbers here (JSON has them; Python would take them as 1 and 0)."""
+    if not isinstance(rows, list) or len(rows) != len(widths):
+        return (f"must be {len(widths)} rows (one per edge), got "
+                f"{f'{len(rows)} rows' if isinstance(rows, list) else json.dumps(rows)[:40]}")
+    for e, (row, width) in enumerate(zip(rows, widths)):
+        if not isinstance(row, list) or len(row) != width:
+            got = f"{len(row)} values" if isinstance(row, list) else json.dumps(row)[:40]
+            return (f"row {e} must hold {width} numbers (one per op switched on, PRIMITIVES "
+                    f"order), got {got}")
+        for v in row:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                return f"row {e} holds {json.dumps(v)[:40]}, not a number"
+            if isinstance(v, float) and not math.isfinite(v):
+                return (f"holds non-finite values (NaN or infinity, row {e}): the search "
+                        "diverged, and no cell can be derived from it")
+            if not -FLOAT32_MAX <= v <= FLOAT32_MAX:   # exact for integers of any size
+                shown = f"{v:.3g}" if isinstance(v, float) else f"an integer of {len(str(abs(v)))} digits"
+                return (f"row {e} holds {shown}, beyond the float32 range the search computes in "
+                        f"(|alpha| <= {FLOAT32_MAX:.3g}); no search writes such a value: the "
+                        "file was edited or damaged")
+    return None
+
+
+def primitives_problem(state: Any) -> str | None:
+    """Why the op list an arch_state.json names (``primitives``) is not this version's
+    PRIMITIVES, the order its alpha columns and switches follow (None when it is, or when
+    the file names none, as hand-made files may)."""
+    names = state.get("primitives") if isinstance(state, dict) else None
+    if names is None or names == PRIMITIVES:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return f"'primitives' must be a list of op names, got {json.dumps(names)[:60]}"
+    unknown = [n for n in names if n not in PRIMITIVES]
+    missing = [n for n in PRIMITIVES if n not in names]
+    if unknown or missing or len(names) != len(PRIMITIVES):
+        parts = ([f"ops this version lacks: {', '.join(unknown)}"] if unknown else []) + \
+                ([f"missing: {', '.join(missing)}"] if missing else []) + \
+                ([f"{len(names)} names for {len(PRIMITIVES)} ops"] if not unknown and not missing else [])
+        return (f"'primitives' {json.dumps(names)} is not this version's search space ("
+                f"{'; '.join(parts)}); its alphas cannot be read with this version's ops")
+    return (f"'primitives' lists the ops in another order ({', '.join(names)}) than this "
+            f"version ({', '.join(PRIMITIVES)}); the alpha columns would be read as other ops")

@@ -95,8 +95,12 @@ def expand_run_dirs(paths: Sequence[str]) -> list[str]:
                 raise UserError(f"{path} is not a run folder: no metrics.jsonl, arch_state.json or "
                                 "checkpoint.pt of train_search.py, train_cifar.py or "
                                 "train_imagenet.py in it or in its subfolders")
-        found += [d for d in found_here
-                  if os.path.normpath(d) not in {os.path.normpath(f) for f in found}]
+        # One run given twice (a link to it, a second glob, a/../a) is counted once.
+        seen = {os.path.realpath(f) for f in found}
+        for d in found_here:
+            if os.path.realpath(d) not in seen:
+                seen.add(os.path.realpath(d))
+                found.append(d)
     return found
 
 

@@ -32,6 +32,7 @@ except ImportError:  # Windows: run folders are not locked
 import torch
 
 from checkpoint import load_file
+from console import guard_stdout
 from derivation import NUM_EDGES, NUM_STAGES, replay_stages
 from distributed import broadcast_object, cleanup_distributed, is_collective_failure
 from errors import (
@@ -41,14 +42,17 @@ from errors import (
     NonFiniteLossError,
     RunFolderError,
     UserError,
+    load_json,
+    parse_json,
     remove_stale_temporaries,
+    special_path,
     storage_error,
     write_all,
     write_bytes_atomic,
     write_json_atomic,
 )
 from flags import available_cpus
-from genotypes import PRIMITIVES, genotype_from_dict
+from genotypes import PRIMITIVES, alpha_rows_problem, genotype_from_dict, primitives_problem
 from run_files import (
     ARCH_STATE,
     CHECKPOINT,
@@ -116,6 +120,11 @@ def lock_run_dir(run_dir: str) -> None:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
+            what = special_path(path)
+            if what is not None:   # --save plays no part in a resume: say what to remove
+                raise UserError(f"cannot lock the run folder {run_dir}: {path} is {what}, not "
+                                "its lock file; remove it (it only marks which process owns "
+                                "the run), then run again") from None
             raise storage_error(e, path, "the run lock") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -146,7 +155,7 @@ def lock_run_dir(run_dir: str) -> None:
 
 def _read_lock(fd: int) -> dict:
     try:
-        holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        holder = parse_json(os.pread(fd, 4096, 0).decode() or "{}")
     except (OSError, ValueError):
         return {}
     return holder if isinstance(holder, dict) else {}
@@ -185,9 +194,19 @@ def setup_logging(run_dir: str | None, is_main: bool = True) -> logging.Logger:
         stream.setFormatter(fmt)
         logger.addHandler(stream)
         if run_dir is not None:
-            fh = _LogFileHandler(os.path.join(run_dir, LOG))
-            fh.setFormatter(fmt)
-            logger.addHandler(fh)
+            path = os.path.join(run_dir, LOG)
+            try:
+                # UTF-8 whatever the locale: a unicode path is logged as it is.
+                fh = _LogFileHandler(path, encoding="utf-8")
+            except OSError as e:   # a folder in its place, no permission: stdout only
+                what = special_path(path)
+                sys.stderr.write(f"warning: cannot write the log {path}: "
+                                 f"{f'it is {what}' if what else e.strerror or e}; the log goes "
+                                 "on to stdout only (rename or remove what is in its place to "
+                                 "keep one)\n")
+            else:
+                fh.setFormatter(fmt)
+                logger.addHandler(fh)
         while _notes:
             logger.info(_notes.pop(0))
     else:
@@ -272,7 +291,7 @@ def read_metrics_file(path: str) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append(parse_json(line))
         except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
             if any(rest.strip() for rest in lines[i + 1:]):
                 raise UserError(f"{path}: line {i + 1} is not JSON; repair or remove that "
@@ -335,15 +354,56 @@ def open_run_dir(save: str, kind: str, note: str, is_main: bool, existing: str |
     return broadcast_object(run_dir)
 
 
-def truncate_metrics(path: str, epochs_done: int, stage: int | None = None) -> None:
+def truncate_metrics(path: str, epochs_done: int, stage: int | None = None,
+                     epochs: int | None = None) -> None:
     """On resume: drop the metrics lines of epochs the checkpoint does not include (they
     will be run again) and a torn last line. A search counts epochs within its ``stage``
-    (0-based); a training run has no stages."""
+    (0-based) of ``epochs`` each; a training run has no stages. A file that lacks epochs
+    the checkpoint has done (deleted, or cut short) is a warning."""
     if stage is None:
         rewrite_metrics(path, lambda record: record.get("epoch", -1) < epochs_done)
     else:
         rewrite_metrics(path, lambda record: (record.get("stage", 0) - 1, record.get("epoch", -1))
                         < (stage, epochs_done))
+    warning = missing_metrics_warning(path, epochs_done, stage, epochs)
+    if warning:
+        logger.warning(warning)
+
+
+def missing_metrics_warning(path: str, epochs_done: int, stage: int | None = None,
+                            epochs: int | None = None) -> str | None:
+    """A warning naming the epochs done (by the checkpoint) that ``metrics.jsonl`` has no
+    line for, or None. ``epochs`` (a search's epochs per stage) lets the earlier stages be
+    checked too."""
+    if stage is None:
+        expected = [(None, e) for e in range(epochs_done)]
+    else:
+        earlier = range(stage) if epochs is not None else []
+        expected = ([(s + 1, e) for s in earlier for e in range(epochs)]
+                    + [(stage + 1, e) for e in range(epochs_done)])
+    if not expected:
+        return None
+    records = read_metrics_file(path)
+    have = {(r.get("stage") if stage is not None else None, r.get("epoch"))
+            for r in records if isinstance(r, dict)}
+    missing = [key for key in expected if key not in have]
+    if not missing:
+        return None
+    spans: list[list] = []   # runs of consecutive epochs, per stage
+    for s, e in missing:
+        if spans and spans[-1][0] == s and spans[-1][2] == e - 1:
+            spans[-1][2] = e
+        else:
+            spans.append([s, e, e])
+    shown = ", ".join((f"stage {s} " if s is not None else "")
+                      + (f"epoch {a}" if a == b else f"epochs {a}-{b}")
+                      for s, a, b in spans[:6]) + (" ..." if len(spans) > 6 else "")
+    state = (f"is missing, so it has no line for the {len(expected)} epoch(s) the checkpoint has "
+             f"done ({shown})" if not os.path.exists(path) else
+             f"has lines for {len(expected) - len(missing)} of the {len(expected)} epochs the "
+             f"checkpoint has done (none for {shown})")
+    return (f"warning: {path} {state}; the resumed run appends its own epochs, so plots.py and "
+            "report.py will lack those (restore the file from a copy to keep them)")
 
 
 def write_arch_state(run_dir: str, stages: list[dict], extra: dict | None = None) -> None:
@@ -461,6 +521,7 @@ def run_main(main, args) -> int:
     lock is released either way."""
     _current_run.update(dir=None, checkpoint=CHECKPOINT, script=None, created=False)
     previous = _catch_sigterm()
+    restore_stdout = guard_stdout()   # a closed, broken or full stdout must not stop the run
     try:
         try:
             return _run_reporting_errors(main, args)
@@ -471,6 +532,7 @@ def run_main(main, args) -> int:
             signal.signal(signal.SIGTERM, previous)
         release_run_locks()
         cleanup_distributed()
+        restore_stdout()
 
 
 def _run_reporting_errors(main, args) -> int:
@@ -490,17 +552,21 @@ def _run_reporting_errors(main, args) -> int:
 
 
 NONFINITE_FIXES = "with a lower --learning_rate, without --amp, or with checked data"
+# The search has a second rate: its alpha steps (Adam) can blow up the alphas alone.
+SEARCH_NONFINITE_FIXES = ("with a lower --learning_rate or --arch_learning_rate, without --amp, "
+                          "or with checked data")
 
 
 def _nonfinite_advice() -> str:
     """What to do after a non-finite value stopped the run, true to what its folder holds."""
+    fixes = SEARCH_NONFINITE_FIXES if _script_name() == "train_search.py" else NONFINITE_FIXES
     if not _has_checkpoint():
         run_dir = _current_run["dir"]
         held = f" ({run_dir} holds no checkpoint)" if run_dir else ""
-        return f"no epoch was saved yet{held}: start a new run {NONFINITE_FIXES}"
+        return f"no epoch was saved yet{held}: start a new run {fixes}"
     return ("the run folder keeps the checkpoint of the last good epoch. A resumed run keeps "
             "its recipe, so --resume helps only if the cause was transient (e.g. a hardware "
-            f"fault); otherwise start a new run {NONFINITE_FIXES}")
+            f"fault); otherwise start a new run {fixes}")
 
 
 def _report_interrupt(terminated: bool) -> int:
@@ -538,11 +604,11 @@ def _report_error(message: str) -> int:
 
 def read_json(path: str) -> Any:
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:
+            return load_json(f)
     except OSError as e:
         raise RunFolderError(f"cannot read {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunFolderError(f"{path} is not valid JSON ({e})") from None
 
 
@@ -566,7 +632,7 @@ def read_metrics(run_dir: str) -> list[dict]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = parse_json(line)
         except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
             if i == last:
                 logger.warning("%s: dropped a torn last line (an interrupted write)", path)
@@ -603,7 +669,9 @@ def _is_value(v: Any) -> bool:
     """A metrics value: a number, true/false, null, or a (nested) list of numbers."""
     if isinstance(v, list):
         return all(_is_value(x) and not isinstance(x, bool) for x in v)
-    return v is None or isinstance(v, bool) or (_is_number(v) and math.isfinite(v))
+    # An integer is compared, not converted: float(10**400) raises OverflowError.
+    return v is None or isinstance(v, bool) or (_is_number(v) and -sys.float_info.max
+                                                <= v <= sys.float_info.max)
 
 
 def metrics_record_problem(record: Any) -> str | None:
@@ -666,6 +734,9 @@ def read_arch_state(run_dir: str) -> dict | None:
         raise RunFolderError(f"{path}: expected a JSON object with a 'stages' list")
     if len(state["stages"]) > NUM_STAGES:
         raise RunFolderError(f"{path}: {len(state['stages'])} stages, a search has {NUM_STAGES}")
+    problem = primitives_problem(state)
+    if problem:
+        raise RunFolderError(f"{path}: {problem}")
     for s, stage in enumerate(state["stages"]):
         problem = _arch_stage_problem(stage)
         if problem:
@@ -684,12 +755,10 @@ def _arch_stage_problem(stage: Any) -> str | None:
                         and all(isinstance(v, bool) for v in row) for row in switches)):
             return (f"needs 'switches_{cell}' as {NUM_EDGES} rows of {len(PRIMITIVES)} true/false "
                     "values (at least one true)")
-        alphas = stage.get(f"alphas_{cell}")
-        if not (isinstance(alphas, list) and len(alphas) == NUM_EDGES
-                and all(isinstance(row, list) and len(row) == sum(on)
-                        and all(_is_number(v) for v in row) for row, on in zip(alphas, switches))):
+        problem = alpha_rows_problem(stage.get(f"alphas_{cell}"), [sum(on) for on in switches])
+        if problem:
             return (f"needs 'alphas_{cell}' as {NUM_EDGES} rows, one number per op switched on "
-                    f"in 'switches_{cell}'")
+                    f"in 'switches_{cell}': {problem}")
     return None
 
 

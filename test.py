@@ -30,6 +30,7 @@ import sys
 
 import torch.nn as nn
 
+from checkpoint import checkpoint_genotype
 from data import (
     DataError,
     cifar_transforms,
@@ -52,7 +53,7 @@ from engine import (
     top5_text,
     topk_for,
 )
-from errors import UserError
+from errors import UserError, load_json
 from flags import (
     DEFAULT_DATA_DIR,
     ArgumentParser,
@@ -63,7 +64,7 @@ from flags import (
     positive_int,
     workers_help,
 )
-from genotypes import format_genotype
+from genotypes import check_same_cell, format_genotype
 from loop import evaluate
 from model import format_summary, model_summary
 from run_files import SPLIT
@@ -163,6 +164,8 @@ def folder_test_set(data_info: dict | None, root: str | None, checkpoint_path: s
         for reason in bad:
             logger.warning("left out: %s", reason)
         what += f", {len(bad)} unreadable image(s) left out"
+    for note in test_set.notes:   # files not read
+        logger.warning("warning: %s", note)
     test_set.transform = own_transforms(data_info.get("augment", "cifar"), False, size,
                                         stats["mean"], stats["std"])
     return test_set, what
@@ -171,7 +174,7 @@ def folder_test_set(data_info: dict | None, root: str | None, checkpoint_path: s
 def _read_split(path: str) -> dict:
     try:
         with open(path) as f:
-            stored = json.load(f)
+            stored = load_json(f)
     except OSError as e:
         raise DataError(f"cannot read the run's held-out split {path}: {e.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -191,6 +194,8 @@ def main(args: argparse.Namespace) -> int:
         init_channels=args.init_channels, layers=args.layers, auxiliary=args.auxiliary,
         purpose="test.py evaluates")
     path, ours, dataset, info = trained.path, trained.ours, trained.dataset, trained.info
+    if args.arch and ours:   # the run records its cell: another wiring loads, and is wrong
+        check_same_cell(trained.genotype, checkpoint_genotype(trained.checkpoint, path), args.arch, path)
     kind, num_classes, data_info = info["kind"], info["num_classes"], trained.data_info
     genotype, batch_default = trained.genotype, RELEASE_DEFAULTS[kind][2]
     batch = per_process_batch(args.batch_size or batch_default, env.world_size)

@@ -130,6 +130,7 @@ def main(cfg: ImageNetConfig) -> int:
             raise DataError(f"imagenet/train has {len(train_set.classes)} classes and imagenet/val "
                             f"{len(test_set.classes)}; the class folders must be the same")
         classes = train_set.classes
+        data_lines = [f"warning: {note}" for note in train_set.notes + test_set.notes]
 
     spec = RunSpec(
         genotype=genotype,

@@ -67,8 +67,16 @@ from distributed import (
     init_distributed,
     sync_buffers,
 )
-from errors import UserError, write_json_atomic
-from genotypes import PRIMITIVES, Genotype, format_genotype, genotype_to_dict, load_genotype_file
+from divergence import DivergenceMonitor
+from errors import UserError, load_json, write_json_atomic
+from genotypes import (
+    PRIMITIVES,
+    Genotype,
+    format_genotype,
+    genotype_to_dict,
+    load_genotype_file,
+    primitives_problem,
+)
 from loop import (
     batch_norm_updates,
     check_finite,
@@ -268,7 +276,7 @@ def run_derive(cfg: SearchConfig) -> int:
     """``--derive FILE``: print the cell for every skip budget, then the chosen one last."""
     try:
         with open(cfg.derive, encoding="utf-8") as f:
-            state = json.load(f)
+            state = load_json(f)
     except UnicodeDecodeError:
         raise UserError(f"{cfg.derive} is not an arch_state.json file (it is not text)") from None
     except OSError as e:
@@ -277,6 +285,8 @@ def run_derive(cfg: SearchConfig) -> int:
         raise UserError(f"{cfg.derive} is not valid JSON ({e})") from None
     if not isinstance(state, dict) or "stages" not in state:
         raise UserError(f"{cfg.derive}: expected a JSON object with a top-level 'stages' list")
+    if primitives_problem(state):   # the alpha columns follow the file's op order
+        raise UserError(f"{cfg.derive}: {primitives_problem(state)}")
     if state.get("stem", "cifar") != "cifar":
         # The cell does not depend on the stem; where it was found does (train it with
         # train_imagenet.py, whose network has the same stem).
@@ -385,6 +395,8 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
                               env.device, cfg.amp)
 
     collapse = CollapseMonitor(stage + 1, cfg.arch_warmup_epochs, env.is_main)
+    divergence = DivergenceMonitor(run.num_classes, "the search", "a lower --learning_rate or "
+                                   "--arch_learning_rate", " (warned once per stage)")
     for epoch in range(first_epoch, cfg.epochs):
         t0 = time.time()
         lr = learning_rate(epoch, cfg.epochs, cfg.learning_rate, cfg.learning_rate_min,
@@ -433,6 +445,11 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
                     "" if valid["valid_acc"] is None else
                     f", valid_acc {valid['valid_acc']:.2f} valid_loss {valid['valid_loss']:.4f}",
                     seconds, record["images_per_s"])
+        warning = divergence.check(f"stage {stage + 1} epoch {epoch}", {
+            "training loss": stats["train_loss"], "alpha-step loss": stats["arch_loss"],
+            "validation loss": valid["valid_loss"]})
+        if warning and env.is_main:
+            logger.warning(warning)
         state = search_state(
             cfg, env, stage=stage, epochs_done=epoch + 1, switches_normal=switches_n,
             switches_reduce=switches_r,
@@ -573,6 +590,8 @@ def _main(cfg: SearchConfig) -> int:
     logger.info("data: %s; %d train the weights, %d the alphas", description, *data.sizes)
     for reason in getattr(dataset, "skipped", []):
         logger.warning("left out: %s", reason)
+    for note in getattr(dataset, "notes", []):   # files not read, single-colour images
+        logger.warning("warning: %s", note)
     logger.info("split %s%s, images per class weight/alpha half: %s", split.rule,
                 f" with seed {cfg.seed}" if split.rule != "in order" else "",
                 describe_split(dataset, split))
@@ -597,7 +616,7 @@ def _main(cfg: SearchConfig) -> int:
                                       lr_min=cfg.learning_rate_min), cfg.epochs, 0)
         logger.info("resuming %s %s", run_dir, resume_position(start_stage, ckpt["epoch"], cfg.epochs))
         if env.is_main:
-            truncate_metrics(os.path.join(run_dir, METRICS), ckpt["epoch"], start_stage)
+            truncate_metrics(os.path.join(run_dir, METRICS), ckpt["epoch"], start_stage, cfg.epochs)
 
     search_start = time.time()
     for stage in range(start_stage, cfg.num_stages):

@@ -13,6 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from console import is_tty
 from distributed import dist_device
 
 LOGGER_NAME = "pdarts"
@@ -80,7 +81,7 @@ class Progress:
         self.desc = desc
         self.report_freq = max(1, report_freq)
         self.enabled = enabled
-        self.tty = enabled and sys.stdout.isatty()
+        self.tty = enabled and is_tty(sys.stdout)   # False for a closed or broken stdout
         self.start = time.time()
         self.interval_s = interval_s
         self.last_line = self.start
