@@ -7,7 +7,6 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
 torch.set_num_threads(1)  # tiny nets: threads only add overhead, and CI has 2 cores
 
@@ -41,10 +40,8 @@ def test_device():
 
 @pytest.fixture
 def fixtures_dir():
-    path = os.path.join(SHARED, "fixtures")
-    if not os.path.isdir(path):
-        pytest.skip("../shared/fixtures is not beside the checkout")
-    return path
+    """The authors' checkpoint layouts, kept in the repository (tests/fixtures)."""
+    return os.path.join(ROOT, "tests", "fixtures")
 
 
 def write_cifar_folder(root: str, num_classes: int = 10, per_file: int = 20, seed: int = 0) -> str:
