@@ -75,6 +75,7 @@ from flags import (
     positive_float,
     positive_int,
     prob,
+    report_steps,
     run_note,
     seed_int,
     workers_help,
@@ -89,6 +90,7 @@ from genotypes import (
 )
 from memory import plan_memory, report_out_of_memory
 from model import NetworkCIFAR, NetworkImageNet, format_summary, model_summary
+from model_search import batch_norm_updates, validation_warning
 from plots import add_plot_args, plot_run_safely
 from runs import (
     MetricsWriter,
@@ -145,8 +147,8 @@ def top5_text(stats: dict) -> str:
 # Flags that may differ from the saved run on --resume: they change where things are
 # read and how often they are reported, not what is computed.
 RESUME_FREE_FLAGS = {"resume", "tmp_data_dir", "data", "workers", "report_freq", "device",
-                     "save", "note", "download", "deterministic", "host_data", "channels_last",
-                     "compile", "dist_timeout", "plot_format", "skip_bad_images",
+                     "gpu", "threads", "save", "note", "download", "deterministic", "host_data",
+                     "channels_last", "compile", "dist_timeout", "plot_format", "skip_bad_images",
                      "checkpoint_cells"}
 # What load_resume and test.py need in a training checkpoint.
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "args", "genotype", "network",
@@ -202,7 +204,7 @@ def add_training_args(parser: argparse.ArgumentParser, *, epochs: int, batch_siz
     wd_help = ("SGD weight decay" if weight_decay is not None else
                "SGD weight decay (default 3e-4, 5e-4 on CIFAR-100)")
     p.add_argument("--weight_decay", type=nonneg_float, default=weight_decay, help=wd_help)
-    p.add_argument("--report_freq", type=positive_int, default=report_freq,
+    p.add_argument("--report_freq", type=report_steps, default=report_freq,
                    help="steps between progress lines")
     p.add_argument("--epochs", type=positive_int, default=epochs, help="training epochs")
     p.add_argument("--init_channels", type=int_at_least(2), default=init_channels,
@@ -934,6 +936,11 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
                     best["acc"], best["epoch"])
         logger.info("epoch time %.1fs (train %.1fs, %.0f images/s)", epoch_time, train_time,
                     images_per_sec)
+        warning = validation_warning(None, epoch, epoch == args.epochs - 1, test["top1"], train["top1"],
+                                     spec.network["num_classes"], *batch_norm_updates(model),
+                                     training=True)   # the search's rule, at the last epoch
+        if warning:
+            logger.warning(warning)
         metrics.write({
             "epoch": epoch, "lr": lr, "drop_path_prob": model.drop_path_prob,
             "train_loss": train["loss"], "train_acc": train["top1"], "train_top5": train.get("top5"),

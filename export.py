@@ -40,7 +40,7 @@ import torch.nn as nn
 
 from engine import CHECKPOINT_NAME, TrainedNetwork, load_trained_network, resolve_trained_network
 from errors import StorageError, UserError, write_bytes_atomic
-from flags import HelpFormatter, int_at_least, positive_float
+from flags import ArgumentParser, HelpFormatter, int_at_least, positive_float
 from genotypes import format_genotype, genotype_to_dict
 from runs import run_main, setup_logging
 from utils import logger
@@ -78,7 +78,7 @@ class Logits(nn.Module):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Export a trained network to ONNX or TorchScript (eval mode, fixed image "
                     "size, free batch size), checked against PyTorch before it is written.",
         formatter_class=HelpFormatter)

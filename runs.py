@@ -47,7 +47,7 @@ from errors import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from flags import available_cpus
+from flags import available_cpus, no_effect_lines
 from genotypes import PRIMITIVES, format_genotype, genotype_from_dict, load_genotype_file
 from model_search import NUM_EDGES, NUM_STAGES, all_on_switches, prune_after_stage, softmax_rows
 from utils import LOGGER_NAME, logger
@@ -315,6 +315,8 @@ def log_run_start(args, device: torch.device) -> None:
     if hasattr(args, "workers"):
         logger.info("data loading: %d worker process(es), %d CPU core(s) available",
                     args.workers, available_cpus())
+    for line in no_effect_lines(args):      # the release's --gpu
+        logger.info(line)
 
 
 def refuse_changed_flags(given: dict, saved: dict, free, defaults: dict | None = None) -> None:

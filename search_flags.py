@@ -12,6 +12,7 @@ from flags import (
     DEFAULT_DATA_DIR,
     ArgumentParser,
     HelpFormatter,
+    add_no_effect_flags,
     count_or_fraction,
     default_workers,
     fraction,
@@ -23,6 +24,7 @@ from flags import (
     positive_float,
     positive_int,
     prob,
+    report_steps,
     run_note,
     seed_int,
     workers_help,
@@ -58,7 +60,7 @@ DEMO_DEFAULTS = dict(dataset="demo", epochs=5, arch_warmup_epochs=2, batch_size=
                      add_layers=[0, 2, 4], workers=0, report_freq=5, note="demo",
                      image_size=16, threads=1, channels_last=True)
 # On --resume these come from the new command line; everything else from the run itself.
-RUNTIME_FLAGS = ("resume", "workers", "report_freq", "device", "tmp_data_dir", "download",
+RUNTIME_FLAGS = ("resume", "workers", "report_freq", "device", "gpu", "tmp_data_dir", "download",
                  "stop_after_epochs", "derive", "threads", "host_data", "channels_last", "compile",
                  "dist_timeout", "plot_format", "checkpoint_cells")
 
@@ -214,11 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto = CUDA when available")
     add_dist_timeout_arg(g)
+    add_no_effect_flags(g)      # the release's --gpu
     g.add_argument("--threads", type=nonneg_int, default=None,
                    help="CPU threads for PyTorch; 0 = PyTorch's default (all cores). The demo "
                         "uses 1: its tensors are too small to gain from more, and on a busy "
                         "machine several threads per tiny op slow it down many times")
-    g.add_argument("--report_freq", type=positive_int, default=None,
+    g.add_argument("--report_freq", type=report_steps, default=None,
                    help=f"steps between progress lines (default {PAPER_DEFAULTS['report_freq']}, "
                         f"demo {d['report_freq']})")
     g.add_argument("--demo", action="store_true",

@@ -41,7 +41,7 @@ from engine import (
     network_info,
 )
 from errors import UserError
-from flags import ArgumentParser, HelpFormatter, prob
+from flags import ArgumentParser, HelpFormatter, add_no_effect_flags, prob
 from genotypes import get_genotype
 from runs import run_main
 
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                     image_help="--dataset folder: training crops of this side "
                                "(RandomResizedCrop); evaluation resizes to 256/224 of it and "
                                "centre-crops")
+    add_no_effect_flags(p)      # the release's --gpu
     return p
 
 
