@@ -24,6 +24,7 @@ import math
 import sys
 from functools import partial
 
+import torch
 import torch.nn as nn
 
 from data import (
@@ -46,19 +47,50 @@ from engine import (
     network_info,
 )
 from errors import UserError
-from flags import ArgumentParser, HelpFormatter, nonneg_float, positive_int
+from flags import (
+    ArgumentParser,
+    HelpFormatter,
+    add_no_effect_flags,
+    add_presets,
+    default_workers,
+    nonneg_float,
+    nonneg_int,
+    positive_int,
+    resolve_presets,
+)
 from genotypes import get_genotype
 from runs import run_main
 
+RELEASE_WORKERS = 4      # the release's loader processes; never more than the CPU cores
 IMAGE_SIZE = 32          # CIFAR's, and the default for an image folder
 MIN_IMAGE_SIZE = 8
 AUX_POOL, AUX_STRIDE = 5, 3   # the CIFAR auxiliary head's average pool
 
 
+# Flags whose default depends on --demo (None on the command line = not given); the
+# paper's recipe (SPEC section 5) is the other column. The demo trains a small network of
+# the same cells on the built-in generated data (data.py) in a few minutes on a 2-core CPU.
+PAPER_DEFAULTS = dict(epochs=600, batch_size=128, learning_rate=0.025, init_channels=36,
+                      layers=20, report_freq=50, workers=default_workers(RELEASE_WORKERS),
+                      note="try", threads=0, channels_last=False)
+# 5 cells of C = 8 (N R N R N: each kind of cell, one normal cell at every resolution) for
+# 10 epochs; batch 50 gives 20 steps an epoch on the 1,000 demo images, 200 in all (the
+# paper: ~235,000). At the paper's rate 0.025 those steps reached 93% on the demo data and
+# 27% on a small image folder, at 0.1 99% and 53% (93% in 30 epochs). channels_last: the
+# CPU's depthwise convolutions are much faster in NHWC. One thread: tensors this small
+# gain little from more, and on a busy machine several threads per tiny op slow it down
+# many times. Measurements: benchmarks/RESULTS.md (2026-12-07).
+DEMO_DEFAULTS = dict(epochs=10, batch_size=50, learning_rate=0.1, init_channels=8, layers=5,
+                     report_freq=5, workers=0, note="demo", threads=1, channels_last=True)
+DEMO_DATASET = "demo"     # with --demo, unless --dataset or --cifar100 says otherwise
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0] + " First try: python train_cifar.py --demo",
+                       formatter_class=HelpFormatter)
     add_training_args(p, epochs=600, batch_size=128, learning_rate=0.025, weight_decay=None,
-                      init_channels=36, layers=20, drop_path_prob=0.3, report_freq=50, workers=4)
+                      init_channels=36, layers=20, drop_path_prob=0.3, report_freq=50,
+                      workers=RELEASE_WORKERS)
     p.add_argument("--learning_rate_min", type=nonneg_float, default=0.0,
                    help="final learning rate of the cosine schedule")
     p.add_argument("--cutout", action="store_true", default=False,
@@ -66,19 +98,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cutout_length", type=positive_int, default=16, help="cutout square side")
     p.add_argument("--cifar100", action="store_true", default=False, help="train on CIFAR-100")
     p.add_argument("--dataset", choices=["cifar10", "cifar100", "demo", "folder"], default=None,
-                   help="cifar10 unless --cifar100; demo: generated data, no download; folder: "
-                        "your own images in --tmp_data_dir (train/ and val/ or test/ class "
-                        "folders, or class folders at the top with --val_portion held out)")
+                   help="cifar10 unless --cifar100 (demo with --demo); demo: generated data, no "
+                        "download; folder: your own images in --tmp_data_dir (train/ and val/ or "
+                        "test/ class folders, or class folders at the top with --val_portion "
+                        "held out)")
     add_folder_args(p, image_size=IMAGE_SIZE, min_image_size=MIN_IMAGE_SIZE,
                     image_help="--dataset folder: images are resized (shorter side) and "
                                "centre-cropped to this size")
     p.add_argument("--download", action="store_true",
                    help="download CIFAR into --tmp_data_dir if it is not there")
+    p.add_argument("--threads", type=nonneg_int, default=None,
+                   help="CPU threads for PyTorch; 0 = PyTorch's default (all cores)")
+    p.add_argument("--demo", action="store_true",
+                   help="train a small network on the built-in demo data in minutes on a CPU "
+                        "(flags given with it override its presets)")
+    add_no_effect_flags(p)      # the release's --gpu
+    add_presets(p, PAPER_DEFAULTS, DEMO_DEFAULTS)
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if args.demo and args.dataset is None and not args.cifar100:
+        args.dataset = DEMO_DATASET
+    resolve_presets(args, PAPER_DEFAULTS, DEMO_DEFAULTS)
+    return args
 
 
 def resolve_dataset(args: argparse.Namespace) -> None:
@@ -100,6 +144,12 @@ def resolve_dataset(args: argparse.Namespace) -> None:
                         "drop --auxiliary or use an --image_size in 29..40")
 
 
+def set_threads(threads: int | None) -> None:
+    """--threads: PyTorch's CPU threads (0 or None: its default, all cores)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def auxiliary_fits(image_size: int) -> bool:
     """The CIFAR auxiliary head (average pool 5 stride 3, then a 2x2 convolution) needs a
     2x2 pooled map: its input, after two stride-2 reductions, must be 8 to 10 pixels."""
@@ -110,6 +160,7 @@ def auxiliary_fits(image_size: int) -> bool:
 def main(args: argparse.Namespace) -> int:
     env = init_distributed(args.device, args.dist_timeout)
     args, resume = load_resume(args, vars(parse_args([])))
+    set_threads(args.threads)
     resolve_dataset(args)
     genotype = checkpoint_genotype(resume, args.resume) if resume else get_genotype(args.arch)
     check_sizes(args.init_channels, args.layers, "cifar")
