@@ -951,8 +951,9 @@ def _fit(args: argparse.Namespace, env: DistInfo, spec: RunSpec, resume: dict | 
             "peak_memory_mb": peak_memory_mb(device), "world_size": env.world_size,
         })
         if env.is_main:
-            # Faithful to the release: weights.pt, a plain state dict, every epoch (without
-            # the 'module.' prefix DataParallel gave the release's). checkpoint.pt is new.
+            # Faithful to the release: weights.pt, a plain state dict without a 'module.'
+            # prefix, every epoch (the release's train_cifar.py saves model.module's; its
+            # train_imagenet.py writes none, this one does). checkpoint.pt is new.
             save_atomic(checkpoint_state(model, optimizer, epoch + 1, args, spec.genotype,
                                          spec.network, best, last, spec.data_info),
                         os.path.join(run_dir, CHECKPOINT_NAME), resume_hint=run_dir)

@@ -18,8 +18,9 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-# Every script reads its data from here unless --tmp_data_dir / --data says otherwise: the
-# release's training and test scripts' folder, beside the checkout.
+# Every script reads its data from here unless --tmp_data_dir / --data says otherwise:
+# beside the checkout. Deviation: the release's test.py default; its search and training
+# scripts default to /tmp/cache/.
 DEFAULT_DATA_DIR = "../data"
 
 

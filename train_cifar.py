@@ -8,7 +8,7 @@ drop path 0.3 growing linearly, 20 cells, C = 36; ``--auxiliary`` (weight 0.4) a
     python train_cifar.py --tmp_data_dir DATA --auxiliary --cutout --save LOG --note NOTE [--cifar100]
     python train_cifar.py --arch search-run/genotype.json ...      # a searched cell
     python train_cifar.py --init_channels 64 ...                    # the paper's large setting
-    python train_cifar.py --dataset demo --epochs 5 --layers 8 --init_channels 16   # a quick try
+    python train_cifar.py --demo                                    # a first try: ~1 min on a CPU
     torchrun --nproc_per_node 8 train_cifar.py ...                  # global batch and lr unchanged
     python train_cifar.py --tmp_data_dir DATA --resume LOG/eval-NOTE-20190101-120000
     python train_cifar.py --dataset folder --tmp_data_dir TREE --image_size 64 --arch RUN/genotype.json
