@@ -88,7 +88,8 @@ def whole_number_at_least(low: int) -> Callable[[str], int]:
 
 positive_int = int_at_least(1)
 nonneg_int = int_at_least(0)
-# --report_freq: a float in the release's scripts (its command lines pass 50.0).
+# --report_freq: a float in the release's scripts (its command lines pass 50.0). Deviation:
+# a fraction (12.5) is refused; the release's step % 12.5 == 0 would report every 25 steps.
 report_steps = whole_number_at_least(1)
 positive_float = float_range(0.0, low_open=True)        # learning rates
 nonneg_float = float_range(0.0)                         # weight decay, loss weights, clip (0 = off)
@@ -166,6 +167,7 @@ class ArgumentParser(argparse.ArgumentParser):
     an unknown flag is refused with the nearest known ones."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Deviation: the release's parsers match prefixes (argparse's default).
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
@@ -235,8 +237,8 @@ def resolve_presets(args: argparse.Namespace, paper: Mapping[str, Any],
 # The release's flags that change nothing here
 # ---------------------------------------------------------------------------------------
 
-# Accepted so that the release's command lines run; the log says that each one given had
-# no effect, and why.
+# Deviation: accepted so that the release's command lines run, but without effect; the log
+# says that each one given had no effect, and why.
 NO_EFFECT = {
     "gpu": "the device comes from --device (auto: CUDA when available); choose the GPU with "
            "CUDA_VISIBLE_DEVICES=N, several with torchrun",
