@@ -49,6 +49,8 @@ class RunConfig:
     """What every run's config has: the flags the command line gave."""
 
     given: frozenset[str] = field(default=frozenset(), compare=False, metadata=NOT_SAVED)
+    # The log lines of the release's flags given that have no effect here (--gpu).
+    no_effect: tuple[str, ...] = field(default=(), compare=False, metadata=NOT_SAVED)
 
     def to_dict(self) -> dict[str, Any]:
         """The saved settings (lists for tuples, as the checkpoints always held them)."""
@@ -270,8 +272,24 @@ class CifarConfig(TrainConfig):
     cutout: bool = False
     cutout_length: int = 16
     download: bool = False
+    threads: int = 0                  # 0: PyTorch's default (all cores)
+    demo: bool = False
 
     CIFAR100_WEIGHT_DECAY: ClassVar[float] = 5e-4
+
+
+# train_cifar.py --demo: 5 cells of C = 8 (N R N R N: each kind of cell, one normal cell at
+# every resolution) for 10 epochs; batch 50 gives 20 steps an epoch on the 1,000 demo
+# images, 200 in all (the paper: ~235,000). At the paper's rate 0.025 those steps reached
+# 93% on the demo data and 27% on a small image folder, at 0.1 99% and 53% (93% in 30
+# epochs). channels_last: the CPU's depthwise convolutions are much faster in NHWC. One
+# thread: tensors this small gain little from more, and on a busy machine several threads
+# per tiny op slow it down many times. Measurements: benchmarks/RESULTS.md (2026-12-07).
+# Flags given with --demo override these; the dataset is the demo's unless --dataset or
+# --cifar100 names another.
+CIFAR_DEMO = dict(epochs=10, batch_size=50, learning_rate=0.1, init_channels=8, layers=5,
+                  report_freq=5, workers=0, note="demo", threads=1, channels_last=True)
+CIFAR_DEMO_DATASET = "demo"
 
 
 @dataclass(frozen=True)

@@ -26,14 +26,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms as T
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from config import SearchConfig
 from distributed import DistInfo
-from errors import BadImageError, DataError, UserError
+from errors import BadImageError, DataError, UserError, exit_on_torchvision_error
 from utils import seed_for
+
+try:    # the project's first import of torchvision
+    import torchvision.transforms as T
+except Exception as e:  # noqa: BLE001 - a torchvision built for another torch fails in many ways
+    exit_on_torchvision_error(e, torch.__version__)
 
 CIFAR10_MEAN = (0.49139968, 0.48215827, 0.44653124)
 CIFAR10_STD = (0.24703233, 0.24348505, 0.26158768)
@@ -151,6 +155,27 @@ def _batch_arrays(batch: dict, path: str, label_key: str,
     return x.astype(np.uint8, copy=False), [int(v) for v in y]
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def looks_like_image_folder(root: str) -> bool:
+    """Class subfolders with image files in them at ``root`` (or in ``root/train``): what
+    ``--dataset folder`` reads. Only the first files of each subfolder are looked at."""
+    for top in (os.path.join(root, "train"), root):
+        try:
+            subfolders = [e.path for e in os.scandir(top) if e.is_dir()]
+        except OSError:
+            continue
+        for sub in subfolders[:20]:
+            try:
+                names = [e.name.lower() for _, e in zip(range(20), os.scandir(sub))]
+            except OSError:
+                continue
+            if any(name.endswith(IMAGE_SUFFIXES) for name in names):
+                return True
+    return False
+
+
 def cifar_folder(root: str, dataset: str) -> str:
     return os.path.join(root, CIFAR_FOLDERS[dataset][0])
 
@@ -171,6 +196,10 @@ def load_cifar_arrays(root: str, dataset: str, train: bool, download: bool = Fal
             raise DataError(f"could not download {dataset} into {root}: {e}") from None
     files = train_files if train else test_files
     if not os.path.isdir(folder):
+        if looks_like_image_folder(root):
+            raise DataError(f"{dataset} not found in {root}, which looks like an image folder "
+                            f"(class subfolders of images): add --dataset folder to use it, or set "
+                            f"--tmp_data_dir to the folder that contains {folder_name}")
         raise DataError(
             f"{dataset} not found: expected the python-version folder {folder} "
             f"(with {', '.join(files)}). Set --tmp_data_dir to the folder that contains "
@@ -556,8 +585,10 @@ def read_image(path: str) -> Image.Image:
                 img = ImageOps.exif_transpose(img)
             return to_rgb(img)   # decodes everything: a truncated file fails here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BadImageError(f"cannot read image {path}: {e}. Replace or remove the file, or "
-                            "pass --skip_bad_images to leave unreadable images out") from None
+        raise BadImageError(f"cannot read image {path}: {e}{SKIP_ADVICE}") from None
+
+
+SKIP_ADVICE = ". Replace or remove the file, or pass --skip_bad_images to leave unreadable images out"
 
 
 class FolderDataset(Dataset):
@@ -818,7 +849,9 @@ def drop_unreadable(dataset: FolderDataset, workers: int = 0) -> tuple[FolderDat
     returns the remaining dataset and the messages of the ones left out."""
     bad = {i: err for i, err, _ in _decode_all(dataset, range(len(dataset)), None, workers) if err}
     keep = [i for i in range(len(dataset)) if i not in bad]
-    return dataset.subset(keep, dataset.transform), [bad[i] for i in sorted(bad)]
+    # The reasons, without the advice to pass --skip_bad_images: it was given.
+    return dataset.subset(keep, dataset.transform), [bad[i].removesuffix(SKIP_ADVICE)
+                                                     for i in sorted(bad)]
 
 
 def open_training_folder(path: str, image_size: int, seed: int, skip_bad_images: bool = False,

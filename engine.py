@@ -76,6 +76,7 @@ from genotypes import (
 )
 from loop import (
     averages,
+    batch_norm_updates,
     check_finite,
     check_finite_state,
     evaluate,
@@ -83,6 +84,7 @@ from loop import (
     stop_if_nonfinite,
     to_device,
     update_meters,
+    validation_warning,
 )
 from memory import plan_memory, report_out_of_memory
 from model import NetworkCIFAR, NetworkImageNet, format_summary, model_summary
@@ -665,10 +667,14 @@ def _fit(cfg: TrainConfig, env: DistInfo, spec: RunSpec, resume: dict | None) ->
                     best["acc"], best["epoch"])
         logger.info("epoch time %.1fs (train %.1fs, %.0f images/s)", epoch_time, train_time,
                     images_per_sec)
-        warning = divergence.check(f"epoch {epoch}", {"training loss": train["loss"],
-                                                      "test loss": test["loss"]})
-        if warning and env.is_main:
-            logger.warning(warning)
+        for warning in (divergence.check(f"epoch {epoch}", {"training loss": train["loss"],
+                                                            "test loss": test["loss"]}),
+                        # the search's rule, at the last epoch
+                        validation_warning(None, epoch, epoch == cfg.epochs - 1, test["top1"],
+                                           train["top1"], spec.network["num_classes"],
+                                           *batch_norm_updates(model), training=True)):
+            if warning and env.is_main:
+                logger.warning(warning)
         metrics.write({
             "epoch": epoch, "lr": lr, "drop_path_prob": model.drop_path_prob,
             "train_loss": train["loss"], "train_acc": train["top1"], "train_top5": train.get("top5"),

@@ -12,6 +12,8 @@ import errno
 import json
 import os
 import stat
+import sys
+from importlib import metadata
 from typing import Any
 
 
@@ -139,6 +141,54 @@ def special_path(path: str) -> str | None:
     if stat.S_ISSOCK(st.st_mode):
         return "a socket"
     return "not a regular file"
+
+
+# ---------------------------------------------------------------------------------------
+# A torchvision built for another torch
+# ---------------------------------------------------------------------------------------
+
+# torchvision 0.(M + 15) is built for torch 2.M (0.16 for 2.1, ..., 0.29 for 2.14), the
+# same patch release: torch 2.5.1 takes torchvision 0.20.1.
+TORCHVISION_MINOR_OFFSET = 15
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def torchvision_error_line(error: BaseException, torch_version: str,
+                           torchvision_version: str | None) -> str:
+    """The one line for an ``import torchvision`` that failed: a torchvision wheel built
+    for another torch fails with ``RuntimeError: operator torchvision::nms does not
+    exist``; say which versions do not fit and the pip command that pairs them."""
+    said = (f"{type(error).__name__}: {error}".strip().splitlines() or [""])[0]
+    if torchvision_version is None:
+        return (f"torchvision is not installed ({said}); install it with the matching torch: "
+                "pip install -r requirements.txt")
+    torch_base, vision_base = torch_version.split("+")[0], torchvision_version.split("+")[0]
+    parts = torch_base.split(".")
+    wanted = (f"0.{int(parts[1]) + TORCHVISION_MINOR_OFFSET}.{parts[2]}"
+              if len(parts) >= 3 and parts[0] == "2" and parts[1].isdigit() else None)
+    if wanted and vision_base.split(".")[:2] != wanted.split(".")[:2]:
+        vision_minor = vision_base.split(".")[1] if vision_base.count(".") >= 1 else "?"
+        made_for = (f"torch 2.{int(vision_minor) - TORCHVISION_MINOR_OFFSET}"
+                    if vision_minor.isdigit() else "another torch")
+        return (f"torchvision {torchvision_version} is built for {made_for}, not for the "
+                f"installed torch {torch_version} (import torchvision failed: {said}); install "
+                f"the one made for this torch: pip install torchvision=={wanted} (or the pair "
+                f"again: pip install --force-reinstall torch=={torch_base} torchvision=={wanted}"
+                f"{' --index-url ' + CPU_INDEX if '+cpu' in torch_version else ''})")
+    return (f"torchvision {torchvision_version} cannot be imported with torch {torch_version} "
+            f"({said}); reinstall the pair together: pip install --force-reinstall "
+            f"torch=={torch_base} torchvision=={vision_base}")
+
+
+def exit_on_torchvision_error(error: BaseException, torch_version: str) -> None:
+    """Called where torchvision is first imported, when that failed: print the one line
+    (``error: ...``) and exit with status 2 instead of a traceback from every script."""
+    try:
+        version = metadata.version("torchvision")
+    except metadata.PackageNotFoundError:
+        version = None
+    sys.stderr.write(f"error: {torchvision_error_line(error, torch_version, version)}\n")
+    raise SystemExit(2)
 
 
 # ---------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import torch.nn as nn
 from checkpoint import checkpoint_genotype
 from engine import TrainedNetwork, load_trained_network, resolve_trained_network
 from errors import StorageError, UserError, special_path, write_bytes_atomic
-from flags import HelpFormatter, int_at_least, positive_float
+from flags import ArgumentParser, HelpFormatter, int_at_least, positive_float
 from genotypes import check_same_cell, format_genotype, genotype_to_dict
 from run_files import CHECKPOINT
 from runs import run_main, setup_logging
@@ -80,7 +80,7 @@ class Logits(nn.Module):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Export a trained network to ONNX or TorchScript (eval mode, fixed image "
                     "size, free batch size), checked against PyTorch before it is written.",
         formatter_class=HelpFormatter)

@@ -13,12 +13,15 @@ range (exit status 2), before anything is read or created::
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-# Every script reads its data from here unless --tmp_data_dir / --data says otherwise: the
-# release's training and test scripts' folder, beside the checkout.
+# Every script reads its data from here unless --tmp_data_dir / --data says otherwise:
+# beside the checkout. Deviation: the release's test.py default; its search and training
+# scripts default to /tmp/cache/.
 DEFAULT_DATA_DIR = "../data"
 
 
@@ -72,8 +75,23 @@ def float_range(low: float, high: float = math.inf, *, low_open: bool = False,
     return parse
 
 
+def whole_number_at_least(low: int) -> Callable[[str], int]:
+    """An integer >= ``low``, also written as a float with nothing after the point
+    (``50.0``): the release parses --report_freq as a float."""
+    def parse(text: str) -> int:
+        value = _number(float, text)
+        if value != int(value) or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low} (50 or 50.0), got {text}")
+        return int(value)
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 positive_int = int_at_least(1)
 nonneg_int = int_at_least(0)
+# --report_freq: a float in the release's scripts (its command lines pass 50.0). Deviation:
+# a fraction (12.5) is refused; the release's step % 12.5 == 0 would report every 25 steps.
+report_steps = whole_number_at_least(1)
 positive_float = float_range(0.0, low_open=True)        # learning rates
 nonneg_float = float_range(0.0)                         # weight decay, loss weights, clip (0 = off)
 prob = float_range(0.0, 1.0)                            # dropout and drop-path rates: [0, 1)
@@ -173,8 +191,91 @@ class HelpFormatter(argparse.HelpFormatter):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser with the project's error style: a bad command line prints the one
     line that says what is wrong and a hint to ``--help`` (exit status 2), not the whole
-    usage (25 lines for the search) above it."""
+    usage (25 lines for the search) above it. Prefix matching is off: argparse would take
+    ``--epoch 1`` as ``--epochs 1`` (and a future flag could change what a prefix means);
+    an unknown flag is refused with the nearest known ones."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Deviation: the release's parsers match prefixes (argparse's default).
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D102 - argparse's hook
+        if message.startswith("unrecognized arguments:"):
+            message += self._suggestions(message.split(":", 1)[1].split())
         hint = f"(python {self.prog} --help lists every flag)"
         self.exit(2, f"{self.prog}: error: {message}\n{hint}\n")
+
+    def _suggestions(self, words: list[str]) -> str:
+        known = [o[2:] for a in self._actions for o in a.option_strings if o.startswith("--")]
+        said = []
+        for word in words:
+            flag = word.split("=", 1)[0]
+            close = (difflib.get_close_matches(flag[2:], known, n=2, cutoff=0.75)
+                     if flag.startswith("--") else [])
+            if close:
+                said.append(f"{flag}: did you mean {' or '.join('--' + c for c in close)}?")
+        return f" ({'; '.join(said)})" if said else ""
+
+
+# ---------------------------------------------------------------------------------------
+# Presets: flags whose default depends on --demo
+# ---------------------------------------------------------------------------------------
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def add_presets(parser: argparse.ArgumentParser, paper: Mapping[str, Any],
+                demo: Mapping[str, Any]) -> None:
+    """Let the flags named in ``paper`` default to None on the command line (= not given),
+    to be resolved by the script from its presets table, and show both defaults in their help. An on/off
+    flag gets a ``--no-FLAG`` too, so that a preset that turns it on can be turned off."""
+    for action in list(parser._actions):
+        if action.dest not in paper:
+            continue
+        both = f"default {_shown(paper[action.dest])}, demo {_shown(demo[action.dest])}"
+        text = action.help or ""
+        if "(default" in text:      # a help that states its default in words
+            action.help = text[:-1] + f"; demo {_shown(demo[action.dest])})" if text.endswith(")") else text
+        else:
+            action.help = f"{text} ({both})"
+        action.default = None
+        if isinstance(action, argparse._StoreTrueAction):
+            flag = action.option_strings[0]
+            group = next((g for g in parser._action_groups if action in g._group_actions), parser)
+            group.add_argument(f"--no-{flag[2:]}", dest=action.dest, action="store_false",
+                               default=None, help=f"turn {flag} off (on with --demo)")
+
+
+# ---------------------------------------------------------------------------------------
+# The release's flags that change nothing here
+# ---------------------------------------------------------------------------------------
+
+# Deviation: accepted so that the release's command lines run, but without effect; the log
+# says that each one given had no effect, and why.
+NO_EFFECT = {
+    "gpu": "the device comes from --device (auto: CUDA when available); choose the GPU with "
+           "CUDA_VISIBLE_DEVICES=N, several with torchrun",
+}
+
+
+def add_no_effect_flags(parser, reasons: Mapping[str, str] = NO_EFFECT,
+                        switches: tuple[str, ...] = ()) -> None:
+    """Flags of the release that are parsed and never used (``--gpu N``; test.py's
+    ``--cutout``, one of the on/off ``switches``, and ``--cutout_length``). Their default,
+    None, means not given."""
+    for dest, reason in reasons.items():
+        kind = dict(action="store_true") if dest in switches else dict(metavar="N")
+        parser.add_argument(f"--{dest}", default=None, help=f"the release's flag; no effect: {reason}",
+                            **kind)
+
+
+def no_effect_lines(args: argparse.Namespace, reasons: Mapping[str, str] = NO_EFFECT) -> list[str]:
+    """One log line per no-effect flag that was given."""
+    return [f"--{dest}{'' if value is True else f' {value}'} has no effect here: {reasons[dest]}"
+            for dest in reasons if (value := getattr(args, dest, None)) not in (None, False)]

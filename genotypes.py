@@ -38,19 +38,21 @@ PRIMITIVES = [
 EXTRA_PRIMITIVES = ["sep_conv_7x7", "conv_7x1_1x7"]
 KNOWN_OPS = PRIMITIVES + EXTRA_PRIMITIVES
 # One colour per op, shared by the cell diagrams (visualize.py) and the plots of alphas
-# (plots.py), so an op looks the same everywhere. Parameter-free ops in greys, blue and
-# red (skip_connect, the op of the DARTS collapse), convolutions in greens, orange, purple.
+# (plots.py), so an op looks the same everywhere. Each op of the search space has a hue of
+# its own (two greens and two blues were hard to tell apart in alphas.png): none grey, the
+# pools blue and olive, skip_connect red (the op of the DARTS collapse), the convolutions
+# green, pink, orange and purple; the two ops of other papers' cells brown and cyan.
 OP_COLORS = {
     "none": "#9e9e9e",
     "max_pool_3x3": "#1f77b4",
-    "avg_pool_3x3": "#17becf",
+    "avg_pool_3x3": "#bcbd22",
     "skip_connect": "#d62728",
     "sep_conv_3x3": "#2ca02c",
-    "sep_conv_5x5": "#0b5d1e",
+    "sep_conv_5x5": "#e377c2",
     "dil_conv_3x3": "#ff7f0e",
     "dil_conv_5x5": "#9467bd",
     "sep_conv_7x7": "#8c564b",
-    "conv_7x1_1x7": "#e377c2",
+    "conv_7x1_1x7": "#17becf",
 }
 assert set(OP_COLORS) == set(KNOWN_OPS)
 

@@ -147,9 +147,9 @@ def batch_norm_updates(model) -> tuple[int, float]:
     return (fewest or 0), momentum
 
 
-def validation_warning(stage: int, epoch: int, last_epoch: bool, valid_acc: float,
+def validation_warning(stage: int | None, epoch: int, last_epoch: bool, valid_acc: float,
                        train_acc: float, num_classes: int, bn_updates: int,
-                       momentum: float = 0.1) -> str | None:
+                       momentum: float = 0.1, *, training: bool = False) -> str | None:
     """A one-line warning when the alpha half's validation says little, or None.
 
     Faithful to the release: validation runs in eval mode, on the running batch-norm
@@ -158,7 +158,9 @@ def validation_warning(stage: int, epoch: int, last_epoch: bool, valid_acc: floa
     stage's last epoch (earlier, validation at chance is normal while the statistics settle:
     the demo's stage 1 validates at 9% in epoch 1 and 100% in epoch 4): warned when
     validation is at chance while training is well above it, or when the statistics still
-    hold more than BN_LEFT_AT_END of their start."""
+    hold more than BN_LEFT_AT_END of their start. ``training``: the same rule worded for a
+    training run (train_cifar.py, train_imagenet.py): its test accuracy at its last epoch,
+    ``stage`` unused."""
     left = (1.0 - momentum) ** bn_updates
     chance = 100.0 / num_classes
     at_chance = valid_acc <= chance + CHANCE_MARGIN and train_acc >= valid_acc + TRAIN_ABOVE
@@ -166,17 +168,23 @@ def validation_warning(stage: int, epoch: int, last_epoch: bool, valid_acc: floa
     if not last_epoch or not (at_chance or unsettled):
         return None
     needed = math.ceil(math.log(BN_LEFT_AT_END / 2) / math.log(1.0 - momentum))
-    what = (f"WARNING stage {stage} epoch {epoch}: validation accuracy {valid_acc:.2f}% is at chance "
-            f"level ({num_classes} classes) while training accuracy is {train_acc:.2f}%"
-            if at_chance else
-            f"WARNING stage {stage} epoch {epoch}: validation accuracy {valid_acc:.2f}% is unreliable")
+    where, measured, scope = (("", "test accuracy", "run") if training else
+                              (f"stage {stage} ", "validation accuracy", "stage"))
+    head = f"WARNING {where}epoch {epoch}: {measured} {valid_acc:.2f}%"
+    what = (f"{head} is at chance level ({num_classes} classes) while training accuracy is "
+            f"{train_acc:.2f}%" if at_chance else f"{head} is unreliable")
+    more = "use more images, more epochs or a smaller --batch_size" if training else \
+        "use more images or more epochs"
     if unsettled or left > BN_LEFT_AT_END / 2:
-        why = (f"after {bn_updates} batch-norm updates in this stage the running statistics "
-               f"used by eval-mode validation still hold {left:.0%} of their initial values "
-               f"(momentum {momentum:g})")
-        fix = (f"use more images or more epochs (about {needed} or more updates per stage; each "
-               "weight and each alpha step is one)")
+        why = (f"after {bn_updates} batch-norm updates in this {scope} the running statistics "
+               f"used by eval-mode {'testing' if training else 'validation'} still hold "
+               f"{left:.0%} of their initial values (momentum {momentum:g})")
+        fix = (f"{more} (about {needed} or more updates in all; each training step is one)"
+               if training else
+               f"{more} (about {needed} or more updates per stage; each weight and each alpha "
+               "step is one)")
     else:
-        why = "the network fits the weight half but not the alpha half (eval mode)"
-        fix = "use more images or more epochs"
+        why = ("the network fits the training images but not the test images (eval mode)"
+               if training else "the network fits the weight half but not the alpha half (eval mode)")
+        fix = more
     return f"{what}: {why}; {fix}"

@@ -402,14 +402,18 @@ def write_plots(report: dict[str, Any], out_dir: str, fmt: str) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    # The docstring's first paragraph is the description; the rest (examples, what is
+    # summarised) follows the flags, each said once.
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                    help="run folders, globs of them, or folders holding run folders")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of Markdown")
     p.add_argument("--plots", metavar="OUT_DIR", default=None,
                    help="also draw accuracy per run and op frequencies into OUT_DIR (needs matplotlib)")
-    p.add_argument("--plot_format", choices=PLOT_FORMATS, default="png")
+    p.add_argument("--plot_format", choices=PLOT_FORMATS, default="png",
+                   help="format of the --plots files (default: png)")
     return p.parse_args(argv)
 
 

@@ -337,6 +337,8 @@ def log_run_start(cfg, device: torch.device) -> None:
     if hasattr(cfg, "workers"):
         logger.info("data loading: %d worker process(es), %d CPU core(s) available",
                     cfg.workers, available_cpus())
+    for line in getattr(cfg, "no_effect", ()):      # the release's --gpu
+        logger.info(line)
 
 
 def open_run_dir(save: str, kind: str, note: str, is_main: bool, existing: str | None = None) -> str:

@@ -18,20 +18,24 @@ from config import (
 from derivation import NUM_STAGES
 from distributed import add_dist_timeout_arg
 from flags import (
+    NO_EFFECT,
     ArgumentParser,
     HelpFormatter,
+    add_no_effect_flags,
     add_plot_args,
     count_or_fraction,
     fraction,
     int_at_least,
     int_between,
     momentum,
+    no_effect_lines,
     nonneg_float,
     nonneg_int,
     parse_given,
     positive_float,
     positive_int,
     prob,
+    report_steps,
     run_note,
     seed_int,
     workers_help,
@@ -197,11 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto = CUDA when available")
     add_dist_timeout_arg(g)
+    add_no_effect_flags(g)      # the release's --gpu
     g.add_argument("--threads", type=nonneg_int, default=None,
                    help="CPU threads for PyTorch; 0 = PyTorch's default (all cores). The demo "
                         "uses 1: its tensors are too small to gain from more, and on a busy "
                         "machine several threads per tiny op slow it down many times")
-    g.add_argument("--report_freq", type=positive_int, default=None,
+    g.add_argument("--report_freq", type=report_steps, default=None,
                    help=f"steps between progress lines (default {paper('report_freq')}, "
                         f"demo {d['report_freq']})")
     g.add_argument("--demo", action="store_true",
@@ -232,7 +237,8 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
             parser.error(f"--cifar100 contradicts --dataset {args.dataset}")
         args.dataset = "cifar100"
         given = given - {"cifar100"} | {"dataset"}
-    values = {k: v for k, v in vars(args).items() if k != "cifar100"}
+    no_effect = tuple(no_effect_lines(args))
+    values = {k: v for k, v in vars(args).items() if k not in ("cifar100", *NO_EFFECT)}
     preset = SEARCH_DEMO if args.demo else {}
     for key in SEARCH_DEMO:
         if values[key] is None:
@@ -250,7 +256,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         if args.stem == "auto":
             given = given - {"stem"}   # the run keeps the stem it chose
         values["stem"] = paper("stem") if args.stem == "auto" else args.stem
-        return SearchConfig(given=given, **values)
+        return SearchConfig(given=given, no_effect=no_effect, **values)
     try:
         values["stem"], values["stem_reason"] = resolve_stem(args.stem, values["image_size"])
     except ValueError as e:
@@ -259,4 +265,4 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         parser.error(f"--arch_warmup_epochs {values['arch_warmup_epochs']} >= --epochs "
                      f"{values['epochs']}: no alpha would ever be updated and the cell would "
                      "come from the random initial alphas; use fewer warm-up epochs or more epochs")
-    return SearchConfig(given=given, **values)
+    return SearchConfig(given=given, no_effect=no_effect, **values)

@@ -56,22 +56,32 @@ from engine import (
 from errors import UserError, load_json
 from flags import (
     DEFAULT_DATA_DIR,
+    NO_EFFECT,
     ArgumentParser,
     HelpFormatter,
+    add_no_effect_flags,
     default_workers,
     int_at_least,
+    no_effect_lines,
     nonneg_int,
     positive_int,
+    report_steps,
     workers_help,
 )
 from genotypes import check_same_cell, format_genotype
 from loop import evaluate
 from model import format_summary, model_summary
-from run_files import SPLIT
+from run_files import CHECKPOINT, SPLIT
 from runs import run_main, setup_logging
 from utils import logger
 
 RELEASE_WORKERS = 4
+# The release's test.py defines these; they change nothing here (the log says so).
+NO_EFFECT_HERE = {
+    **NO_EFFECT,
+    "cutout": "evaluation takes the images as they are (no augmentation)",
+    "cutout_length": "evaluation takes the images as they are (no augmentation)",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,10 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default 128 on CIFAR and ImageNet, as the release's test scripts")
     p.add_argument("--workers", type=nonneg_int, default=default_workers(RELEASE_WORKERS),
                    help=workers_help(RELEASE_WORKERS))
-    p.add_argument("--report_freq", type=positive_int, default=50, help="steps between progress lines")
+    p.add_argument("--report_freq", type=report_steps, default=50, help="steps between progress lines")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto = CUDA when available")
     add_dist_timeout_arg(p)
+    add_no_effect_flags(p, NO_EFFECT_HERE, switches=("cutout",))
     return p
 
 
@@ -171,6 +182,17 @@ def folder_test_set(data_info: dict | None, root: str | None, checkpoint_path: s
     return test_set, what
 
 
+def run_folder_hint(path: str, ours: bool) -> str:
+    """For a bare state dict with a training run's checkpoint.pt beside it (``RUN/weights.pt``):
+    the dataset was guessed from the weights alone, while the run folder says what it is."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if ours or not os.path.isfile(os.path.join(folder, CHECKPOINT)):
+        return ""
+    return (f". {path} holds the weights only, so the dataset was guessed from their shapes "
+            f"(CIFAR): give the run folder instead (--model_path {folder}), whose "
+            f"{CHECKPOINT} records its dataset, classes and image size")
+
+
 def _read_split(path: str) -> dict:
     try:
         with open(path) as f:
@@ -187,6 +209,8 @@ def _read_split(path: str) -> dict:
 def main(args: argparse.Namespace) -> int:
     env = init_distributed(args.device, args.dist_timeout)
     setup_logging(None, env.is_main)
+    for line in no_effect_lines(args, NO_EFFECT_HERE):
+        logger.info(line)
     if not args.model_path:
         raise UserError("--model_path is required (a checkpoint file or a run folder)")
     trained = resolve_trained_network(
@@ -210,8 +234,11 @@ def main(args: argparse.Namespace) -> int:
             raise DataError(f"the validation folder has {len(test_set.classes)} classes but the "
                             f"network only {num_classes} outputs")
     else:
-        test_set = get_dataset(dataset, root or DEFAULT_DATA_DIR, False,
-                               cifar_transforms(dataset, False), offer_download=False)
+        try:
+            test_set = get_dataset(dataset, root or DEFAULT_DATA_DIR, False,
+                                   cifar_transforms(dataset, False), offer_download=False)
+        except DataError as e:
+            raise DataError(f"{str(e).rstrip('.')}{run_folder_hint(path, ours)}") from None
 
     model = load_trained_network(trained).to(env.device)
 

@@ -8,7 +8,7 @@ drop path 0.3 growing linearly, 20 cells, C = 36; ``--auxiliary`` (weight 0.4) a
     python train_cifar.py --tmp_data_dir DATA --auxiliary --cutout --save LOG --note NOTE [--cifar100]
     python train_cifar.py --arch search-run/genotype.json ...      # a searched cell
     python train_cifar.py --init_channels 64 ...                    # the paper's large setting
-    python train_cifar.py --dataset demo --epochs 5 --layers 8 --init_channels 16   # a quick try
+    python train_cifar.py --demo                                    # a first try: ~1 min on a CPU
     torchrun --nproc_per_node 8 train_cifar.py ...                  # global batch and lr unchanged
     python train_cifar.py --tmp_data_dir DATA --resume LOG/eval-NOTE-20190101-120000
     python train_cifar.py --dataset folder --tmp_data_dir TREE --image_size 64 --arch RUN/genotype.json
@@ -24,10 +24,11 @@ import math
 import sys
 from functools import partial
 
+import torch
 import torch.nn as nn
 
 from checkpoint import checkpoint_genotype, resume_training
-from config import CifarConfig, default_of
+from config import CIFAR_DEMO, CIFAR_DEMO_DATASET, CifarConfig, default_of
 from data import (
     cifar_transforms,
     get_dataset,
@@ -37,7 +38,15 @@ from data import (
 from distributed import barrier, init_distributed
 from engine import RunSpec, check_sizes, fit, folder_data, network_info
 from errors import UserError
-from flags import ArgumentParser, HelpFormatter, nonneg_float, positive_int
+from flags import (
+    ArgumentParser,
+    HelpFormatter,
+    add_no_effect_flags,
+    add_presets,
+    nonneg_float,
+    nonneg_int,
+    positive_int,
+)
 from genotypes import get_genotype
 from runs import run_main
 from train_flags import add_folder_args, add_training_args, parse_training
@@ -49,7 +58,8 @@ AUX_POOL, AUX_STRIDE = 5, 3   # the CIFAR auxiliary head's average pool
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0] + " First try: python train_cifar.py --demo",
+                       formatter_class=HelpFormatter)
     add_training_args(p, CifarConfig,
                       weight_decay_help="SGD weight decay (default 3e-4, 5e-4 on CIFAR-100)")
     p.add_argument("--learning_rate_min", type=nonneg_float, default=paper("learning_rate_min"),
@@ -60,14 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cutout square side")
     p.add_argument("--cifar100", action="store_true", default=False, help="train on CIFAR-100")
     p.add_argument("--dataset", choices=["cifar10", "cifar100", "demo", "folder"], default=None,
-                   help="cifar10 unless --cifar100; demo: generated data, no download; folder: "
-                        "your own images in --tmp_data_dir (train/ and val/ or test/ class "
-                        "folders, or class folders at the top with --val_portion held out)")
+                   help="cifar10 unless --cifar100 (demo with --demo); demo: generated data, no "
+                        "download; folder: your own images in --tmp_data_dir (train/ and val/ or "
+                        "test/ class folders, or class folders at the top with --val_portion "
+                        "held out)")
     add_folder_args(p, CifarConfig, min_image_size=MIN_IMAGE_SIZE,
                     image_help="--dataset folder: images are resized (shorter side) and "
                                "centre-cropped to this size")
     p.add_argument("--download", action="store_true",
                    help="download CIFAR into --tmp_data_dir if it is not there")
+    p.add_argument("--threads", type=nonneg_int, default=None,
+                   help="CPU threads for PyTorch; 0 = PyTorch's default (all cores)")
+    p.add_argument("--demo", action="store_true",
+                   help="train a small network on the built-in demo data in minutes on a CPU "
+                        "(flags given with it override its presets)")
+    add_no_effect_flags(p)      # the release's --gpu
+    add_presets(p, {k: paper(k) for k in CIFAR_DEMO}, CIFAR_DEMO)
     return p
 
 
@@ -80,8 +98,14 @@ def parse_args(argv: list[str] | None = None) -> CifarConfig:
     parser = build_parser()
 
     def resolve(values: dict, given: frozenset[str]) -> frozenset[str]:
-        """--dataset wins; --cifar100 is the release's spelling of --dataset cifar100. The
-        weight decay is the paper's for the dataset: 3e-4, 5e-4 on CIFAR-100."""
+        """--demo's presets for the flags not given; --dataset wins; --cifar100 is the
+        release's spelling of --dataset cifar100. The weight decay is the paper's for the
+        dataset: 3e-4, 5e-4 on CIFAR-100."""
+        if values["demo"] and values["dataset"] is None and not values["cifar100"]:
+            values["dataset"] = CIFAR_DEMO_DATASET
+        for key in CIFAR_DEMO:
+            if values[key] is None:
+                values[key] = CIFAR_DEMO[key] if values["demo"] else paper(key)
         if values["dataset"] is None:
             values["dataset"] = "cifar100" if values["cifar100"] else paper("dataset")
         elif values["cifar100"] and values["dataset"] != "cifar100":
@@ -116,9 +140,16 @@ def auxiliary_fits(image_size: int) -> bool:
     return side >= AUX_POOL and (side - AUX_POOL) // AUX_STRIDE + 1 == 2
 
 
+def set_threads(threads: int) -> None:
+    """--threads: PyTorch's CPU threads (0: its default, all cores)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def main(cfg: CifarConfig) -> int:
     env = init_distributed(cfg.device, cfg.dist_timeout)
     cfg, resume = resume_training(cfg)
+    set_threads(cfg.threads)     # after the resume: a resumed --demo run keeps its one thread
     check_config(cfg)
     genotype = checkpoint_genotype(resume, cfg.resume) if resume else get_genotype(cfg.arch)
     check_sizes(cfg.init_channels, cfg.layers, "cifar")

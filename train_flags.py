@@ -15,12 +15,14 @@ from flags import (
     fraction,
     int_at_least,
     momentum,
+    no_effect_lines,
     nonneg_float,
     nonneg_int,
     parse_given,
     positive_float,
     positive_int,
     prob,
+    report_steps,
     run_note,
     seed_int,
     workers_help,
@@ -61,7 +63,7 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: type[TrainConfig]
     p.add_argument("--momentum", type=momentum, default=paper("momentum"), help="SGD momentum")
     p.add_argument("--weight_decay", type=nonneg_float, default=paper("weight_decay"),
                    help=weight_decay_help)
-    p.add_argument("--report_freq", type=positive_int, default=paper("report_freq"),
+    p.add_argument("--report_freq", type=report_steps, default=paper("report_freq"),
                    help="steps between progress lines")
     p.add_argument("--epochs", type=positive_int, default=paper("epochs"), help="training epochs")
     p.add_argument("--init_channels", type=int_at_least(2), default=paper("init_channels"),
@@ -113,4 +115,5 @@ def parse_training(parser: argparse.ArgumentParser, recipe: type[TrainConfig],
     if resolve is not None:
         given = resolve(values, given) or given
     names = {f.name for f in fields(recipe)}
-    return recipe(given=given, **{k: v for k, v in values.items() if k in names})
+    return recipe(given=given, no_effect=tuple(no_effect_lines(args)),
+                  **{k: v for k, v in values.items() if k in names})

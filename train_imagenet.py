@@ -32,7 +32,7 @@ from data import DataError, get_image_folder, imagenet_transforms
 from distributed import init_distributed
 from engine import RunSpec, check_sizes, fit, folder_data, network_info
 from errors import UserError
-from flags import ArgumentParser, HelpFormatter, prob
+from flags import ArgumentParser, HelpFormatter, add_no_effect_flags, prob
 from genotypes import get_genotype
 from runs import run_main
 from train_flags import add_folder_args, add_training_args, parse_training
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                     image_help="--dataset folder: training crops of this side "
                                "(RandomResizedCrop); evaluation resizes to 256/224 of it and "
                                "centre-crops")
+    add_no_effect_flags(p)      # the release's --gpu
     return p
 
 

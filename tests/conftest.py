@@ -10,7 +10,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))   # reference.py: the plain paths
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
 torch.set_num_threads(1)  # tiny nets: threads only add overhead, and CI has 2 cores
 
@@ -61,10 +60,8 @@ def test_device():
 
 @pytest.fixture
 def fixtures_dir():
-    path = os.path.join(SHARED, "fixtures")
-    if not os.path.isdir(path):
-        pytest.skip("../shared/fixtures is not beside the checkout")
-    return path
+    """The authors' checkpoint layouts, kept in the repository (tests/fixtures)."""
+    return os.path.join(ROOT, "tests", "fixtures")
 
 
 @pytest.fixture

@@ -158,7 +158,8 @@ def test_help_shows_every_default_once(script, capsys):
     expected = {
         "search": ["--seed SEED seeds everything (the release's default) (default: 2)",
                    "(default: ../data)", "Cutout square side (default: 16)"],
-        "cifar": ["training epochs (default: 600)", "SGD momentum (default: 0.9)",
+        "cifar": ["training epochs (default 600, demo 10)", "SGD momentum (default: 0.9)",
+                  "number of cells (default 20, demo 5)", f"here {flags.default_workers(4)}; demo 0)",
                   "seeds everything (default: 0)", "(default: auto)", "cutout square side (default: 16)",
                   "SGD weight decay (default 3e-4, 5e-4 on CIFAR-100) --report_freq"],
         "imagenet": ["training epochs (default: 250)", "(default: 1024)", "(default: 0.5)"],
