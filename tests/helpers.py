@@ -28,6 +28,33 @@ TRAIN_TINY = ["--epochs", "2", "--layers", "2", "--init_channels", "4", "--batch
               "--workers", "0", "--report_freq", "5", "--device", "cpu"]
 
 
+# The two tiny --deterministic searches whose outputs tests/fixtures/recorded holds (the
+# paper's plan on the demo data and on a generated CIFAR folder).
+RECORDED_RUNS = {
+    "demo": ["--demo", "--deterministic", "--epochs", "2", "--arch_warmup_epochs", "1",
+             "--subset_per_class", "8", "8", "--batch_size", "8", "--plot_format", "none"],
+    "cifar": [*SEARCH_TINY, "--deterministic", "--threads", "1", "--plot_format", "none"],
+}
+SEARCH_TIMING_FIELDS = ("epoch_time_s", "images_per_s", "peak_memory_mb")
+
+
+def run_recorded_search(name: str, work: str) -> str:
+    """Run one of RECORDED_RUNS in a fresh folder under ``work``; its run folder."""
+    import train_search as ts
+    from runs import close_logging
+
+    argv = [*RECORDED_RUNS[name], "--save", os.path.join(work, "runs") + os.sep]
+    if name == "cifar":
+        argv += ["--tmp_data_dir", write_cifar_folder(os.path.join(work, "data"))]
+    threads = torch.get_num_threads()
+    try:
+        assert run_script(ts, argv) == 0
+    finally:
+        close_logging()
+        torch.set_num_threads(threads)
+    return only_search_dir(os.path.join(work, "runs") + os.sep)
+
+
 def tiny(argv: list[str], **flags) -> list[str]:
     """``argv`` with the values of ``flags`` replaced (or added): ``tiny(SEARCH_TINY,
     epochs=3, add_layers=[0, 0])``; a list value replaces every occurrence of a repeated
