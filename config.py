@@ -20,6 +20,7 @@ from typing import Any, ClassVar, TypeVar
 
 from distributed import DIST_TIMEOUT_S
 from flags import DEFAULT_DATA_DIR, default_workers
+from genotypes import PRIMITIVES
 
 C = TypeVar("C", bound="RunConfig")
 
@@ -94,27 +95,54 @@ class RunConfig:
 # ---------------------------------------------------------------------------------------
 
 RELEASE_SEARCH_WORKERS = 2       # the release's loader processes; never more than the cores
-# Ops per edge each stage runs ("the size of operation space is set to be 8, 5 and 3")
-# and keeps for the next one; after the last stage the final derivation keeps 1.
-PAPER_OPS = (8, 5, 3)
+ALL_OPS = len(PRIMITIVES)        # the first stage runs every op (8)
+# How many ops per edge each stage keeps for the next one ("the size of operation space
+# is set to be 8, 5 and 3": the release's num_to_keep = [5, 3, 1]); after the last stage
+# the final derivation keeps 1. Stage 1 runs all 8, stage s + 1 what stage s kept.
 PAPER_KEEP = (5, 3, 1)
+PAPER_OPS = (ALL_OPS, *PAPER_KEEP[:-1])
+DROPOUT_DECAY = 0.2              # p = rate * exp(-(e - W) * 0.2) after the warm-up
 # Skip-connect dropout rates per stage (paper Sec. 4.1.1); other datasets use CIFAR-10's.
 PAPER_DROPOUT_RATES = {"cifar10": (0.0, 0.4, 0.7), "cifar100": (0.1, 0.2, 0.3)}
+APPROXIMATED, RANDOM = "approximated", "random"   # a stage's search space
 
 
 @dataclass(frozen=True)
 class StagePlan:
     """One stage of the search: its network (cells, C), its skip-connect dropout rate, the
-    ops per edge it runs and how many of them it keeps for the next stage."""
+    ops per edge it runs and how many of them it keeps for the next stage, and its search
+    space: the one the earlier stages approximated (the paper's), or one drawn at random
+    from the full space (``--random_space``, the control of paper Sec. 4.4)."""
     layers: int
     init_channels: int
     dropout_rate: float
     ops: int
     keep: int
+    space: str = APPROXIMATED
 
     @property
     def drops(self) -> int:
         return self.ops - self.keep
+
+
+def stage_ops(num_to_keep: tuple[int, ...]) -> tuple[int, ...]:
+    """The ops per edge each stage runs: all 8 first, then what the stage before kept."""
+    return (ALL_OPS, *num_to_keep[:-1])
+
+
+def plan_problem(num_to_keep: tuple[int, ...]) -> str | None:
+    """Why ``--num_to_keep`` values are no plan (None when they are one)."""
+    if not num_to_keep:
+        return "needs one value per stage"
+    ops = stage_ops(num_to_keep)
+    for s, (run, keep) in enumerate(zip(ops, num_to_keep)):
+        if not 1 <= keep <= run:
+            return (f"stage {s + 1} runs {run} ops per edge and cannot keep {keep} (give 1 to "
+                    f"{run})")
+    if num_to_keep[-1] != 1:
+        return (f"the last value is what the final derivation keeps: 1 op per edge (got "
+                f"{num_to_keep[-1]})")
+    return None
 
 
 @dataclass(frozen=True)
@@ -151,6 +179,12 @@ class SearchConfig(RunConfig):
     add_width: tuple[int, ...] = (0, 0, 0)
     dropout_rate: tuple[float, ...] = PAPER_DROPOUT_RATES["cifar10"]
     max_skip: int = 2
+    # the stage plans: ops kept per stage (their number is the number of stages), the
+    # dropout decay, the random-space control, and the preset of the whole plan
+    num_to_keep: tuple[int, ...] = PAPER_KEEP
+    dropout_decay: float = DROPOUT_DECAY
+    random_space: bool = False
+    plan: str = "paper"
     # the run
     save: str = "runs/"
     note: str = "try"
@@ -178,10 +212,21 @@ class SearchConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "stages", tuple(
+        n = len(self.num_to_keep)
+        counts = {"--add_layers": len(self.add_layers), "--add_width": len(self.add_width),
+                  "--dropout_rate": len(self.dropout_rate)}
+        wrong = [f"{flag} {k}" for flag, k in counts.items() if k != n]
+        if wrong or plan_problem(self.num_to_keep):
+            raise ValueError(f"the stage plan does not fit together: {n} stages (--num_to_keep "
+                             f"{list(self.num_to_keep)}) but values per stage of {', '.join(wrong)}"
+                             if wrong else f"--num_to_keep {plan_problem(self.num_to_keep)}")
+        stages = tuple(
             StagePlan(self.layers + self.add_layers[s], self.init_channels + self.add_width[s],
-                      self.dropout_rate[s], PAPER_OPS[s], PAPER_KEEP[s])
-            for s in range(len(PAPER_OPS))))
+                      self.dropout_rate[s], ops, keep)
+            for s, (ops, keep) in enumerate(zip(stage_ops(self.num_to_keep), self.num_to_keep)))
+        if self.random_space:   # the earlier stages are not run (paper Sec. 4.4)
+            stages = (dataclasses.replace(stages[-1], space=RANDOM),)
+        object.__setattr__(self, "stages", stages)
 
     @property
     def num_stages(self) -> int:
@@ -204,13 +249,31 @@ class SearchConfig(RunConfig):
 # ~3,900. At the paper's 0.025 the convolutions learn too little to be preferred over
 # pooling, and at its 6e-4 the alphas (Adam moves each by at most about its rate per step)
 # end within 2% of uniform, so near-ties pick the cell; the demo's rates let the weights
-# learn and the alphas decide. add_layers: 3/5/7 cells (the paper's +6 per stage scaled to
-# +2), so that stage 2 has a normal cell between its reductions (4 cells are N R R N).
+# learn and the alphas decide. The cells per plan: SEARCH_DEMO_PLANS below.
 # Measurements: benchmarks/RESULTS.md (2026-12-05). Flags given with --demo override these.
 SEARCH_DEMO = dict(dataset="demo", epochs=5, arch_warmup_epochs=2, batch_size=50,
-                   learning_rate=0.1, arch_learning_rate=0.02, init_channels=4, layers=3,
-                   add_layers=(0, 2, 4), workers=0, report_freq=5, note="demo",
-                   image_size=16, threads=1, channels_last=True)
+                   learning_rate=0.1, arch_learning_rate=0.02, init_channels=4, workers=0,
+                   report_freq=5, note="demo", image_size=16, threads=1, channels_last=True)
+
+# The plans of --plan: the paper's (every default), and DARTS as the paper's baseline, first
+# order (SPEC section 2b, its authors' search defaults): one stage of 8 cells with all 8
+# ops, 50 epochs of batch 64, the weights' rate annealed to 0.001, the alphas at Adam 3e-4
+# from epoch 0 (no warm-up), no skip-connect dropout, no skip budget. The paper's
+# "regularisation applied to DARTS" is --plan darts --dropout_rate R --max_skip 2. Flags
+# given with a plan override it.
+SEARCH_PLANS = {
+    "paper": {},
+    "darts": dict(layers=8, add_layers=(0,), add_width=(0,), num_to_keep=(1,), epochs=50,
+                  arch_warmup_epochs=0, batch_size=64, learning_rate_min=0.001,
+                  arch_learning_rate=3e-4, dropout_rate=(0.0,), max_skip=-1),
+}
+# --demo scales any plan down: SEARCH_DEMO, with each plan's cells (the paper's 5/11/17
+# scaled to 3/5/7: +2 per stage, so that stage 2 has a normal cell between its
+# reductions, as 4 cells, N R R N, would not; DARTS's 8 to 5, N R N R N) and warm-up.
+SEARCH_DEMO_PLANS = {
+    "paper": dict(layers=3, add_layers=(0, 2, 4)),
+    "darts": dict(layers=5, add_layers=(0,), arch_warmup_epochs=0),
+}
 
 
 # ---------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from config import PAPER_KEEP, PAPER_OPS
 from errors import UserError
 from genotypes import PRIMITIVES, Genotype, alpha_rows_problem
-from utils import logger
+from utils import logger, seed_for
 
 NONE = PRIMITIVES.index("none")
 SKIP = PRIMITIVES.index("skip_connect")
@@ -190,19 +191,42 @@ def skip_budget_genotypes(switches_normal: Switches, switches_reduce: Switches, 
 
 # The paper's stages (config.py's plan): 8, 5 and 3 candidate ops per edge, and how many
 # of the lowest-weighted ones each stage switches off: after the last stage one op per
-# edge is left, and `none` is always among those dropped.
+# edge is left, and `none` is always among those dropped. A run's own plan is its
+# SearchConfig's stages; these are the paper's, for files that predate the plans.
 NUM_STAGES = len(PAPER_OPS)
 OPS_PER_STAGE = PAPER_OPS
 DROPS_PER_STAGE = tuple(ops - keep for ops, keep in zip(PAPER_OPS, PAPER_KEEP))
 
 
-def prune_after_stage(stage: int, switches_normal: Switches, switches_reduce: Switches,
-                      probs_normal, probs_reduce) -> tuple[Switches, Switches]:
-    """Switch off the DROPS_PER_STAGE[stage] lowest-weighted ops of every edge (stage is
-    0-based); after the last stage `none` is always among them (paper Sec. 3.2)."""
-    last = stage == NUM_STAGES - 1
-    return (prune_switches(switches_normal, probs_normal, DROPS_PER_STAGE[stage], drop_none=last),
-            prune_switches(switches_reduce, probs_reduce, DROPS_PER_STAGE[stage], drop_none=last))
+def prune_after_stage(switches_normal: Switches, switches_reduce: Switches, probs_normal,
+                      probs_reduce, drops: int, last: bool) -> tuple[Switches, Switches]:
+    """Switch off the ``drops`` lowest-weighted ops of every edge (the stage's ops minus
+    what it keeps); after the ``last`` stage `none` is always among them (paper Sec. 3.2)."""
+    return (prune_switches(switches_normal, probs_normal, drops, drop_none=last),
+            prune_switches(switches_reduce, probs_reduce, drops, drop_none=last))
+
+
+# The random stream of --random_space's draw (apart from every other seeded stream).
+RANDOM_SPACE_STREAM = 0x5ACE
+
+
+def random_space_switches(ops: int, seed: int) -> tuple[Switches, Switches]:
+    """The control of paper Sec. 4.4: a search space of ``ops`` ops per edge drawn at random
+    from the full one, as large as the approximated space it replaces: on every edge `none`
+    plus ``ops - 1`` ops drawn uniformly, without replacement, from the other 7, every edge
+    of the normal cell and then of the reduction cell independently; seeded by ``seed``."""
+    if not 2 <= ops <= len(PRIMITIVES):
+        raise ValueError(f"a random space needs 2 to {len(PRIMITIVES)} ops per edge, got {ops}")
+    g = torch.Generator().manual_seed(seed_for(seed, RANDOM_SPACE_STREAM))
+    others = [k for k in range(len(PRIMITIVES)) if k != NONE]
+    cells = []
+    for _ in range(2):
+        cell = []
+        for _ in range(NUM_EDGES):
+            drawn = {others[i] for i in torch.randperm(len(others), generator=g)[:ops - 1].tolist()}
+            cell.append([k == NONE or k in drawn for k in range(len(PRIMITIVES))])
+        cells.append(cell)
+    return cells[0], cells[1]
 
 
 def softmax_rows(alphas: Sequence[Sequence[float]]) -> torch.Tensor:
@@ -211,30 +235,59 @@ def softmax_rows(alphas: Sequence[Sequence[float]]) -> torch.Tensor:
     return F.softmax(torch.tensor(alphas, dtype=torch.float32), dim=-1)
 
 
-def replay_stages(stages: Sequence[dict], source: str = "arch state", finished: bool = True
-                  ) -> list[tuple[Switches, Switches]]:
-    """The switches each stage ran with, recomputed from the raw alphas of the stages,
-    starting with all ops on and pruning after each stage as the search does. With
-    ``finished=False`` the stages may be the first ones of a search still running, and
-    one more entry follows: the switches the next stage runs with."""
-    if not isinstance(stages, list) or (len(stages) != NUM_STAGES if finished
-                                        else len(stages) > NUM_STAGES):
-        raise UserError(f"{source}: 'stages' must be a list of {NUM_STAGES} objects")
-    sw_n, sw_r = all_on_switches(), all_on_switches()
-    result = []
+def _switches_problem(rows: Any, ops: int) -> str | None:
+    if not (isinstance(rows, list) and len(rows) == NUM_EDGES and all(
+            isinstance(r, list) and len(r) == len(PRIMITIVES) and all(isinstance(v, bool) for v in r)
+            and sum(r) == ops and r[NONE] for r in rows)):
+        return (f"needs {NUM_EDGES} rows of {len(PRIMITIVES)} true/false values, {ops} of them "
+                "true, `none` among them (a random space's switches)")
+    return None
+
+
+def replay_stages(stages: Sequence[dict], source: str = "arch state") -> list[tuple[Switches, Switches]]:
+    """The switches each stage ran with, from the saved stages of a search (any plan):
+    stage 1 on all ops, every later stage on the ops its predecessor kept, recomputed from
+    that stage's raw alphas as the search pruned them (the drops: one stage's ops per edge
+    minus the next one's); a stage on a random space (``"space": "random"``) from the
+    switches it saved. Every stage's alphas are checked."""
+    if not isinstance(stages, list) or not stages:
+        raise UserError(f"{source}: 'stages' must be a list of one object per finished stage")
+    result: list[tuple[Switches, Switches]] = []
+    ops_of: list[int] = []
     for s, stage in enumerate(stages):
+        if not isinstance(stage, dict):
+            raise UserError(f"{source}: stage {s + 1} is not a JSON object")
+        # Files written before the stage plans hold the paper's 8, 5, 3 (and say so).
+        ops = stage.get("ops_per_edge", OPS_PER_STAGE[s] if s < NUM_STAGES else None)
+        if isinstance(ops, bool) or not isinstance(ops, int) or not 1 <= ops <= len(PRIMITIVES):
+            raise UserError(f"{source}: stage {s + 1} needs 'ops_per_edge', 1 to {len(PRIMITIVES)}")
+        if stage.get("space") == "random":
+            for key in ("switches_normal", "switches_reduce"):
+                problem = _switches_problem(stage.get(key), ops)
+                if problem:
+                    raise UserError(f"{source}: stage {s + 1} '{key}' {problem}")
+            switches = (stage["switches_normal"], stage["switches_reduce"])
+        elif s == 0:
+            if ops != len(PRIMITIVES):
+                raise UserError(f"{source}: stage 1 runs {ops} ops per edge; the first stage of a "
+                                f"search runs all {len(PRIMITIVES)}")
+            switches = (all_on_switches(), all_on_switches())
+        else:
+            if ops > ops_of[-1]:
+                raise UserError(f"{source}: stage {s + 1} runs {ops} ops per edge after stage "
+                                f"{s}'s {ops_of[-1]}: a stage runs at most the ops its predecessor "
+                                "had")
+            previous = stages[s - 1]
+            switches = prune_after_stage(*result[-1], softmax_rows(previous["alphas_normal"]),
+                                         softmax_rows(previous["alphas_reduce"]), ops_of[-1] - ops,
+                                         False)
         for key in ("alphas_normal", "alphas_reduce"):
-            rows = stage.get(key) if isinstance(stage, dict) else None
-            problem = alpha_rows_problem(rows, [OPS_PER_STAGE[s]] * NUM_EDGES)
+            problem = alpha_rows_problem(stage.get(key), [ops] * NUM_EDGES)
             if problem:
                 raise UserError(f"{source}: stage {s + 1} '{key}' {problem} (it needs {NUM_EDGES} "
-                                f"rows of {OPS_PER_STAGE[s]} numbers, one column per op on)")
-        result.append((sw_n, sw_r))
-        if not finished or s < len(stages) - 1:
-            sw_n, sw_r = prune_after_stage(s, sw_n, sw_r, softmax_rows(stage["alphas_normal"]),
-                                           softmax_rows(stage["alphas_reduce"]))
-    if not finished and len(stages) < NUM_STAGES:
-        result.append((sw_n, sw_r))
+                                f"rows of {ops} numbers, one column per op on)")
+        result.append(switches)
+        ops_of.append(ops)
     return result
 
 

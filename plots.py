@@ -30,6 +30,7 @@ from runs import (
     SEARCH,
     RunFolderError,
     read_arch_state,
+    read_checkpoint_info,
     read_metrics,
     run_kind,
     run_main,
@@ -351,7 +352,14 @@ def plot_run(run_dir: str, fmt: str = "png") -> list[str]:
     out = []
     if kind == SEARCH:
         records = [r for r in records if "stage" in r]
-        switches = search_stage_switches(read_arch_state(run_dir), max(int(r["stage"]) for r in records))
+        state = read_arch_state(run_dir)
+        try:   # the switches of a stage still running
+            ckpt = read_checkpoint_info(run_dir) or {}
+        except RunFolderError:
+            ckpt = {}
+        running = ((ckpt["switches_normal"], ckpt["switches_reduce"])
+                   if ckpt.get("stage") == len((state or {}).get("stages", [])) else None)
+        switches = search_stage_switches(state, max(int(r["stage"]) for r in records), running)
         records = _alphas_that_fit(records, switches, run_dir)
         out.append(save_figure(alphas_figure(records, switches), os.path.join(run_dir, f"alphas.{fmt}")))
         out.append(save_figure(search_curves_figure(records), os.path.join(run_dir, f"curves.{fmt}")))

@@ -2,7 +2,8 @@
 
 A search run (``{save}search-{note}-{time}/``) holds the log, ``metrics.jsonl``, its
 ``checkpoint.pt``, ``arch_state.json`` (the alphas and switches of every finished stage),
-``genotype.json`` (the final cell) and the cells per skip-connect budget; a training run
+``genotype.json`` (the final cell), each stage's cell (``stage1_genotype.json``, ...) and
+the cells per skip-connect budget; a training run
 (``{save}eval-{note}-{time}/``) the log, ``metrics.jsonl``, ``checkpoint.pt`` (resume,
 test.py), ``weights.pt`` (the release's plain state dict) and, for an image folder with a
 held-out part, ``split.json``. docs/outputs.md describes each file.
@@ -18,6 +19,12 @@ ARCH_STATE = "arch_state.json"
 GENOTYPE = "genotype.json"              # the final cell of a search
 BUDGETS = "genotypes_by_skip_budget.json"
 SPLIT = "split.json"                    # an image folder's held-out images (test.py, --resume)
+
+
+def stage_genotype(stage: int) -> str:
+    """The cell of a search's stage ``stage`` (1-based), derived with the final rule."""
+    return f"stage{stage}_genotype.json"
+
 
 # Folder name prefixes: {save}search-{note}-{time}, {save}eval-{note}-{time}.
 SEARCH_PREFIX, TRAIN_PREFIX = "search", "eval"

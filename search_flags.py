@@ -12,10 +12,13 @@ from config import (
     PAPER_DROPOUT_RATES,
     RELEASE_SEARCH_WORKERS,
     SEARCH_DEMO,
+    SEARCH_DEMO_PLANS,
+    SEARCH_PLANS,
     SearchConfig,
     default_of,
+    plan_problem,
+    stage_ops,
 )
-from derivation import NUM_STAGES
 from distributed import add_dist_timeout_arg
 from flags import (
     NO_EFFECT,
@@ -71,31 +74,41 @@ def resolve_stem(stem: str, image_size: int) -> tuple[str, str]:
     return stem, reason
 
 
-def stage_values(given: Sequence | None, flag: str, default: Sequence,
-                 implicit_first: bool) -> tuple:
-    """The three per-stage values of a repeated flag.
+def stage_values(given: Sequence | None, flag: str, default: Sequence | None,
+                 stages: int, implicit_first: bool) -> tuple:
+    """The per-stage values of a repeated flag, one per stage of the plan.
 
     ``implicit_first``: the release's ``--add_layers``/``--add_width`` lists start with an
-    implicit 0 for stage 1, so two flags (``--add_layers 6 --add_layers 12``) mean 0, 6, 12;
-    three flags are taken as given.
+    implicit 0 for stage 1, so one value fewer than the stages (``--add_layers 6
+    --add_layers 12`` of three stages) means 0, 6, 12; as many values are taken as given.
+    Not given, the ``default`` (the plan's) applies when it has one value per stage.
     """
+    forms = (f"{stages - 1} (stage 1 is then 0) or {stages}" if implicit_first and stages > 1
+             else f"{stages}")
+    plan = f"the plan has {stages} stage(s)"
     if given is None:
-        return tuple(default)
+        if default is not None and len(default) == stages:
+            return tuple(default)
+        if implicit_first and (default is None or not any(default)):
+            return (0,) * stages            # nothing added anywhere
+        if implicit_first and stages == 1:
+            return (0,)
+        raise ValueError(f"{flag}: {plan} (--num_to_keep), and its default {list(default or [])} "
+                         f"does not fit it; give {flag} {forms} times, one value per stage")
     values = tuple(given)
-    if implicit_first and len(values) == NUM_STAGES - 1:
+    if implicit_first and len(values) == stages - 1:
         return (type(values[0])(0),) + values
-    if len(values) == NUM_STAGES:
+    if len(values) == stages:
         return values
     # Deviation: the release silently falls back to its defaults here.
-    forms = "2 (stage 1 is then 0) or 3" if implicit_first else "3"
-    raise ValueError(f"{flag} was given {len(values)} time(s); give it {forms} times, one "
-                     f"value per stage (got {list(values)})")
+    raise ValueError(f"{flag} was given {len(values)} time(s); {plan}: give it {forms} times, "
+                     f"one value per stage (got {list(values)})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
-        description="P-DARTS progressive architecture search (3 stages of 5/11/17 cells). "
-                    "First try: python train_search.py --demo",
+        description="P-DARTS progressive architecture search (the paper's plan: 3 stages of "
+                    "5/11/17 cells and 8/5/3 ops per edge). First try: python train_search.py --demo",
         formatter_class=HelpFormatter)
     d = SEARCH_DEMO
     g = p.add_argument_group("data")
@@ -171,21 +184,46 @@ def build_parser() -> argparse.ArgumentParser:
                         f"about what a 28-pixel one does); auto = imagenet when --image_size is "
                         f"{AUTO_IMAGENET_STEM} or more, else cifar")
     g.add_argument("--layers", type=positive_int, default=None,
-                   help=f"cells in stage 1 (default {paper('layers')}, demo {d['layers']})")
+                   help=f"cells in stage 1 (default {paper('layers')}, demo "
+                        f"{SEARCH_DEMO_PLANS['paper']['layers']})")
+
+    g = p.add_argument_group("the stage plan (one value per stage; repeat a flag per stage)")
+    g.add_argument("--plan", choices=sorted(SEARCH_PLANS), default=paper("plan"),
+                   help="paper: the paper's three stages (every default); darts: DARTS (first "
+                        "order) as the paper's baseline, one stage of 8 cells with all 8 ops, 50 "
+                        "epochs of batch 64, lr 0.025 to 0.001, alphas at 3e-4 from epoch 0, no "
+                        "skip dropout, no skip budget. Flags given override the plan; --demo "
+                        "scales any plan down")
+    g.add_argument("--num_to_keep", type=positive_int, action="append", default=None,
+                   help="ops per edge a stage keeps for the next one; given once per stage, "
+                        "it sets the number of stages: stage 1 runs all 8 ops, stage s+1 what "
+                        "stage s kept, the last value is the final cell's 1 (default 5 3 1: "
+                        "8, 5 and 3 ops; darts: 1)")
     g.add_argument("--add_layers", type=nonneg_int, action="append", default=None,
-                   help="cells added per stage; repeat: twice means 0, A, B (the release's "
-                        "form), three times gives all three (default 0, 6, 12 -> 5/11/17 cells; "
-                        "demo 0, 2, 4 -> 3/5/7 cells)")
+                   help="cells added per stage; repeat: one time fewer than the stages means "
+                        "stage 1 adds 0 (the release's --add_layers 6 --add_layers 12 is 0, 6, "
+                        "12 -> 5/11/17 cells; demo 0, 2, 4 -> 3/5/7 cells)")
     g.add_argument("--add_width", type=nonneg_int, action="append", default=None,
-                   help="channels added to C per stage; repeat like --add_layers (default 0, 0, 0)")
+                   help="channels added to C per stage; repeat like --add_layers (default 0 for "
+                        "every stage)")
     g.add_argument("--dropout_rate", type=prob, action="append", default=None,
-                   help="skip-connect dropout rate per stage; give it 3 times. Default: the "
-                        "paper's rates, CIFAR-10 (and demo/folder) 0.0 0.4 0.7, CIFAR-100 0.1 0.2 0.3 "
-                        "(the authors' README example: 0.1 0.4 0.7)")
+                   help="skip-connect dropout rate per stage; give it once per stage. Default: "
+                        "the paper's rates, CIFAR-10 (and demo/folder) 0.0 0.4 0.7, CIFAR-100 "
+                        "0.1 0.2 0.3 (the authors' README example: 0.1 0.4 0.7); darts 0.0")
+    g.add_argument("--dropout_decay", type=nonneg_float, default=paper("dropout_decay"),
+                   help="after the warm-up the skip-connect dropout rate decays as "
+                        "rate * exp(-(epoch - warm-up) * decay) (paper: 0.2)")
+    g.add_argument("--random_space", action="store_true",
+                   help="the control of paper Sec. 4.4: run only the last stage, on a search "
+                        "space drawn at random (seeded by --seed) from the full one with as many "
+                        "ops per edge as the approximated space has (none plus ops drawn from "
+                        "the other 7 on every edge), instead of the space the earlier stages "
+                        "chose")
     # Deviation: the budget M is a flag (the paper's M = 2 is the default).
     g.add_argument("--max_skip", type=int_between(-1, 8), default=paper("max_skip"),
-                   help="at most this many skip-connects in the final normal cell (paper: 2); "
-                        "-1 = no restriction")
+                   help="at most this many skip-connects in the final normal cell (paper: 2; "
+                        "darts: -1); -1 = no restriction. With --derive: the run's own unless "
+                        "given")
 
     g = p.add_argument_group("run")
     # Deviation: the default folder is runs/ (ignored by git).
@@ -226,10 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
-    """The command line as the run's config: the preset's defaults (the paper's, or
-    --demo's) for the flags not given, per-stage flags as one value per stage, the stem
-    resolved. With --resume this is what the command line asks of the run: the
-    flags it gave are compared with the run's own (checkpoint.resume_config)."""
+    """The command line as the run's config: the flags given, else the plan's values
+    (--plan), scaled down by --demo, else the paper's; per-stage flags as one value per
+    stage of the plan; the stem resolved. With --resume this is what the command line asks
+    of the run: the flags it gave are compared with the run's own (checkpoint.resume_config)."""
     parser = build_parser()
     args, given = parse_given(parser, argv)
     if args.cifar100:
@@ -239,17 +277,30 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         given = given - {"cifar100"} | {"dataset"}
     no_effect = tuple(no_effect_lines(args))
     values = {k: v for k, v in vars(args).items() if k not in ("cifar100", *NO_EFFECT)}
-    preset = SEARCH_DEMO if args.demo else {}
-    for key in SEARCH_DEMO:
+    presets = {**SEARCH_PLANS[args.plan],
+               **({**SEARCH_DEMO, **SEARCH_DEMO_PLANS[args.plan]} if args.demo else {})}
+    per_stage = ("num_to_keep", "add_layers", "add_width", "dropout_rate")
+    for key, value in presets.items():
+        if key not in given and key not in per_stage:
+            values[key] = value
+    for key in (*SEARCH_DEMO, "layers"):     # the flags whose default depends on --demo
         if values[key] is None:
-            values[key] = preset.get(key, paper(key))
+            values[key] = paper(key)
+    keep = (tuple(args.num_to_keep) if args.num_to_keep
+            else presets.get("num_to_keep", paper("num_to_keep")))
+    problem = plan_problem(keep)
+    if problem:
+        parser.error(f"--num_to_keep {' '.join(map(str, keep))}: {problem}")
+    values["num_to_keep"], stages = keep, len(keep)
     try:
-        values["add_layers"] = stage_values(args.add_layers, "--add_layers", values["add_layers"],
-                                            True)
-        values["add_width"] = stage_values(args.add_width, "--add_width", (0,) * NUM_STAGES, True)
+        values["add_layers"] = stage_values(args.add_layers, "--add_layers",
+                                            presets.get("add_layers", paper("add_layers")), stages, True)
+        values["add_width"] = stage_values(args.add_width, "--add_width", presets.get("add_width"),
+                                           stages, True)
         # Deviation: no --dropout_rate means the paper's rates, not the release's fallback.
         rates = PAPER_DROPOUT_RATES.get(values["dataset"], PAPER_DROPOUT_RATES["cifar10"])
-        values["dropout_rate"] = stage_values(args.dropout_rate, "--dropout_rate", rates, False)
+        values["dropout_rate"] = stage_values(args.dropout_rate, "--dropout_rate",
+                                              presets.get("dropout_rate", rates), stages, False)
     except ValueError as e:
         parser.error(str(e))
     if args.resume:
@@ -265,4 +316,8 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         parser.error(f"--arch_warmup_epochs {values['arch_warmup_epochs']} >= --epochs "
                      f"{values['epochs']}: no alpha would ever be updated and the cell would "
                      "come from the random initial alphas; use fewer warm-up epochs or more epochs")
+    if args.random_space and stage_ops(keep)[-1] < 2:
+        parser.error(f"--random_space: the last stage of the plan runs {stage_ops(keep)[-1]} op "
+                     "per edge; a random space needs none and at least one op drawn, so a plan "
+                     "whose last stage runs 2 or more (--num_to_keep)")
     return SearchConfig(given=given, no_effect=no_effect, **values)

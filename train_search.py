@@ -45,7 +45,7 @@ from checkpoint import (
     search_state,
     warn_old_schedule,
 )
-from config import SearchConfig
+from config import DROPOUT_DECAY, RANDOM, SearchConfig
 from data import SearchData, build_search_data, check_search_batch, describe_split, search_split
 from derivation import (
     CollapseMonitor,
@@ -55,6 +55,7 @@ from derivation import (
     final_cells,
     ops_on,
     prune_after_stage,
+    random_space_switches,
     replay_stages,
     softmax_rows,
 )
@@ -89,7 +90,7 @@ from loop import (
 from memory import plan_memory, report_out_of_memory
 from model_search import STEM_REDUCTION, Network
 from plots import plot_run_safely
-from run_files import ARCH_STATE, BUDGETS, CHECKPOINT, GENOTYPE, METRICS, SEARCH_PREFIX
+from run_files import ARCH_STATE, BUDGETS, CHECKPOINT, GENOTYPE, METRICS, SEARCH_PREFIX, stage_genotype
 from runs import (
     MetricsWriter,
     log_run_start,
@@ -125,7 +126,8 @@ from visualize import draw_safely
 # Faithful to the release: the alpha half is validated when `epochs - epoch < 5`, i.e. in
 # the last 4 epochs of a stage (21-24 of 25).
 VALID_LAST_EPOCHS = 4
-DROPOUT_DECAY = 0.2         # p = rate * exp(-(e - W) * 0.2) after the warm-up
+# The dropout decay (0.2: p = rate * exp(-(e - W) * 0.2) after the warm-up) is the plan's
+# --dropout_decay (config.DROPOUT_DECAY).
 
 
 # ---------------------------------------------------------------------------------------
@@ -140,12 +142,13 @@ def learning_rate(epoch: int, epochs: int, lr0: float, lr_min: float,
     return cosine_lr(lr0, epoch, epochs, lr_min, stepped_before_epoch)
 
 
-def skip_dropout_rate(epoch: int, epochs: int, rate: float, warmup: int) -> float:
+def skip_dropout_rate(epoch: int, epochs: int, rate: float, warmup: int,
+                      decay: float = DROPOUT_DECAY) -> float:
     """Skip-connect dropout rate for an epoch (paper Sec. 3.3): a linear decay during the
-    weights-only warm-up, then an exponential one."""
+    weights-only warm-up, then an exponential one (``decay``: the paper's 0.2)."""
     if epoch < warmup:
         return rate * (epochs - epoch - 1) / epochs
-    return rate * math.exp(-(epoch - warmup) * DROPOUT_DECAY)
+    return rate * math.exp(-(epoch - warmup) * decay)
 
 
 def is_validation_epoch(epoch: int, epochs: int) -> bool:
@@ -294,13 +297,27 @@ def run_derive(cfg: SearchConfig) -> int:
     switches = replay_stages(state["stages"], cfg.derive)
     sw_n, sw_r = switches[-1]
     last = state["stages"][-1]
+    # The budget: the one given, else the run's own (a finished search's file has it),
+    # else the default.
+    saved = state.get("max_skip")
+    if "max_skip" in cfg.given:
+        max_skip, whose = cfg.max_skip, "given"
+    elif isinstance(saved, int) and not isinstance(saved, bool) and -1 <= saved <= 8:
+        max_skip, whose = saved, "the run's"
+    else:
+        max_skip, whose = cfg.max_skip, "the default; the file names none"
+    if "genotype" not in state:
+        print(f"{cfg.derive} holds {len(state['stages'])} finished stage(s) and no final cell (the "
+              f"search did not finish): the cell below is derived from stage "
+              f"{len(state['stages'])}'s alphas")
     chosen, unrestricted, num_skips, budgets = final_cells(
         sw_n, sw_r, softmax_rows(last["alphas_normal"]), softmax_rows(last["alphas_reduce"]),
-        cfg.max_skip)
+        max_skip)
     print(f"unrestricted cell ({num_skips} skip-connects in the normal cell): "
           f"{format_genotype(unrestricted)}")
     for m, g in budgets:
         print(f"max_skip {m}: {format_genotype(g)}")
+    print(f"final cell at max_skip {'none' if max_skip < 0 else max_skip} ({whose}):")
     print(format_genotype(chosen))
     return 0
 
@@ -383,9 +400,9 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
     model.checkpoint_cells = cfg.checkpoint_cells
     forward = prepare_model(model, cfg.channels_last, cfg.compile)
     reset_peak_memory(env.device)
-    logger.info("=== stage %d/%d: %d cells, C=%d, %d ops per edge, skip dropout %.2f, "
+    logger.info("=== stage %d/%d: %d cells, C=%d, %d ops per edge%s, skip dropout %.2f, "
                 "%.3fM weights ===", stage + 1, cfg.num_stages, plan.layers, plan.init_channels,
-                plan.ops, plan.dropout_rate,
+                plan.ops, " (a random space)" if plan.space == RANDOM else "", plan.dropout_rate,
                 sum(p.numel() for p in model.weight_parameters()) / 1e6)
     # A smaller batch in the advice scales the weights' SGD rate (linear scaling); Adam's
     # alpha rate does not depend on the gradient's scale and stays.
@@ -403,7 +420,8 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
                            cfg.lr_stepped_before_epoch)
         for group in w_opt.param_groups:
             group["lr"] = lr
-        drop = skip_dropout_rate(epoch, cfg.epochs, plan.dropout_rate, cfg.arch_warmup_epochs)
+        drop = skip_dropout_rate(epoch, cfg.epochs, plan.dropout_rate, cfg.arch_warmup_epochs,
+                                 cfg.dropout_decay)
         model.set_drop_rate(drop)
         update_arch = epoch >= cfg.arch_warmup_epochs
         run.data.set_epoch(stage, epoch)
@@ -433,6 +451,7 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
         probs_n, probs_r = model.arch_probs()
         record = {
             "stage": stage + 1, "epoch": epoch, "lr": lr, "skip_dropout": drop,
+            "layers": plan.layers, "init_channels": plan.init_channels, "ops_per_edge": plan.ops,
             "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
             "arch_loss": stats["arch_loss"], **valid, "epoch_time_s": round(seconds, 3),
             "images_per_s": round(stats["images"] / max(seconds, 1e-9), 2),
@@ -478,9 +497,13 @@ def end_stage(run: SearchRun, stage: int, model: Network, switches_n: Switches,
                                  None if cfg.max_skip < 0 else cfg.max_skip)
     logger.info("stage %d cell (derived with the final rule): %s", stage + 1,
                 format_genotype(stage_cell))
+    # What the stage used beyond the paper's plan is said only where it differs, so that a
+    # run of the paper's plan writes the arch_state.json it always wrote.
+    differs = {**({"space": plan.space} if plan.space == RANDOM else {}),
+               **({"dropout_decay": cfg.dropout_decay} if cfg.dropout_decay != DROPOUT_DECAY else {})}
     run.stages_done.append({
         "stage": stage + 1, "layers": plan.layers, "init_channels": plan.init_channels,
-        "ops_per_edge": plan.ops, "dropout_rate": plan.dropout_rate,
+        "ops_per_edge": plan.ops, "dropout_rate": plan.dropout_rate, **differs,
         "alphas_normal": model.alphas_normal.detach().float().cpu().tolist(),
         "alphas_reduce": model.alphas_reduce.detach().float().cpu().tolist(),
         "switches_normal": switches_n, "switches_reduce": switches_r,
@@ -488,12 +511,23 @@ def end_stage(run: SearchRun, stage: int, model: Network, switches_n: Switches,
     })
     last = stage == cfg.num_stages - 1
     logger.info("------ dropping %d ops per edge%s ------", plan.drops, " (none first)" if last else "")
-    new_n, new_r = prune_after_stage(stage, switches_n, switches_r, probs_n, probs_r)
+    new_n, new_r = prune_after_stage(switches_n, switches_r, probs_n, probs_r, plan.drops, last)
     _log_switches(stage + 1, new_n, new_r)
     if env.is_main:
         write_arch_state(run.run_dir, run.stages_done)
+        # The stage's cell, trainable as the paper's Figure 3 cells: train_cifar.py --arch.
+        write_json_atomic(cell_file(cfg, stage_cell, stage + 1),
+                          os.path.join(run.run_dir, stage_genotype(stage + 1)))
         draw_safely(stage_cell, run.run_dir, f"stage{stage + 1}_")
     return new_n, new_r
+
+
+def cell_file(cfg: SearchConfig, genotype: Genotype, stage: int | None = None) -> dict:
+    """A genotype file's content: the cell and how it was found (training scripts ignore
+    the metadata; the cell is the same either way)."""
+    metadata = {"stem": cfg.stem, "image_size": cfg.image_size, "dataset": cfg.dataset}
+    return {**genotype_to_dict(genotype),
+            "metadata": metadata if stage is None else {**metadata, "stage": stage}}
 
 
 def finish_search(run: SearchRun, model: Network, switches_n: Switches,
@@ -522,9 +556,7 @@ def finish_search(run: SearchRun, model: Network, switches_n: Switches,
         raise RuntimeError(f"ranks derived different cells: {lines}")
     if env.distributed:
         logger.info("all %d processes derived this same cell", env.world_size)
-    # How the cell was found; training scripts ignore it (the cell is the same either way).
-    cell = {**genotype_to_dict(chosen), "metadata": {
-        "stem": cfg.stem, "image_size": cfg.image_size, "dataset": cfg.dataset}}
+    cell = cell_file(cfg, chosen)
     if env.is_main:
         write_json_atomic(cell, os.path.join(run.run_dir, GENOTYPE))
         write_json_atomic({"num_skip_connects": num_skips, "unrestricted": genotype_to_dict(unrestricted),
@@ -534,6 +566,23 @@ def finish_search(run: SearchRun, model: Network, switches_n: Switches,
                          {"max_skip": cfg.max_skip, "genotype": cell, "stem": cfg.stem})
         draw_safely(chosen, run.run_dir, "")
     return chosen
+
+
+def log_plan(cfg: SearchConfig) -> None:
+    """The stages the run will search, one line each (the plan of paper Sec. 4.1.1 by
+    default)."""
+    if cfg.random_space:
+        logger.info("plan %s with --random_space: only its last stage is run, on a search space "
+                    "drawn at random (seed %d) from the full one, %d ops per edge (none and %d "
+                    "drawn from the other 7 on every edge)", cfg.plan, cfg.seed, cfg.stages[0].ops,
+                    cfg.stages[0].ops - 1)
+    else:
+        logger.info("plan %s: %d stage(s), %d epochs each (%d weights-only), skip-dropout decay %g",
+                    cfg.plan, cfg.num_stages, cfg.epochs, cfg.arch_warmup_epochs, cfg.dropout_decay)
+    for s, plan in enumerate(cfg.stages):
+        logger.info("  stage %d: %d cells, C=%d, %d ops per edge -> keeps %d, skip dropout %.2f%s",
+                    s + 1, plan.layers, plan.init_channels, plan.ops, plan.keep, plan.dropout_rate,
+                    " (random space)" if plan.space == RANDOM else "")
 
 
 def main(cfg: SearchConfig) -> int:
@@ -605,7 +654,10 @@ def _main(cfg: SearchConfig) -> int:
                     MetricsWriter(os.path.join(run_dir, METRICS) if env.is_main else None),
                     split.digest)
 
+    log_plan(cfg)
     switches_n, switches_r = all_on_switches(), all_on_switches()
+    if cfg.random_space:
+        switches_n, switches_r = random_space_switches(cfg.stages[0].ops, cfg.seed)
     start_stage = 0
     if ckpt is not None:
         switches_n, switches_r = ckpt["switches_normal"], ckpt["switches_reduce"]

@@ -101,7 +101,8 @@ def test_search_draws_plots_logs_collapse_counts_and_reports(cifar10_dir, tmp_pa
     partial = [r for r in records if r["stage"] <= 2]
     state = runs.read_arch_state(run_dir)
     state["stages"] = state["stages"][:1]
-    assert runs.search_stage_switches(state, 2) == switches[:2]
+    assert runs.search_stage_switches(state, 2) == switches[:2]          # the paper's pruning
+    assert runs.search_stage_switches(state, 2, switches[1]) == switches[:2]  # its checkpoint's
     assert len(plots.alphas_figure(partial, switches[:2]).axes) == 4
 
     # On demand, as PNG.

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train_search as ts
-from config import SEARCH_DEMO
+from config import SEARCH_DEMO, SEARCH_DEMO_PLANS
 from data import DataError, EpochSampler, build_search_data, folder_transforms
 from derivation import NUM_EDGES, all_on_switches, ops_on, prune_after_stage, replay_stages
 from genotypes import PRIMITIVES, format_genotype
@@ -98,7 +98,7 @@ def test_bad_flag_counts_are_errors(argv, capsys):
 
 def test_demo_presets_and_overrides():
     d = ts.parse_args(["--demo"])
-    assert d.dataset == "demo" and d.epochs < 25 and d.add_layers == SEARCH_DEMO["add_layers"]
+    assert d.dataset == "demo" and d.epochs < 25 and d.add_layers == SEARCH_DEMO_PLANS["paper"]["add_layers"]
     o = ts.parse_args(["--demo", "--epochs", "3", "--add_layers", "1", "--add_layers", "2"])
     assert o.epochs == 3 and o.add_layers == (0, 1, 2) and o.dataset == "demo"
     # The rates: the paper's unless --demo (its stages have ~100x fewer steps).
@@ -122,16 +122,16 @@ def test_pruning_keeps_5_then_3_then_1_and_forces_none_out_last():
     sw = all_on_switches()
     # none is the strongest op everywhere in every stage.
     p1 = _probs([[0.30, 0.02, 0.05, 0.15, 0.20, 0.10, 0.08, 0.10]] * NUM_EDGES)
-    sw2, _ = prune_after_stage(0, sw, sw, p1, p1)
+    sw2, _ = prune_after_stage(sw, sw, p1, p1, 3, False)
     # The 3 lowest (max_pool .02, avg_pool .05, dil3 .08) go; none stays (not the last stage).
     assert all(ops_on(r) == [I["none"], I["skip_connect"], I["sep_conv_3x3"], I["sep_conv_5x5"],
                              I["dil_conv_5x5"]] for r in sw2)
     p2 = _probs([[0.40, 0.25, 0.20, 0.05, 0.10]] * NUM_EDGES)
-    sw3, _ = prune_after_stage(1, sw2, sw2, p2, p2)
+    sw3, _ = prune_after_stage(sw2, sw2, p2, p2, 2, False)
     assert all(ops_on(r) == [I["none"], I["skip_connect"], I["sep_conv_3x3"]] for r in sw3)
     # Last stage: none goes first although it is the strongest, then the lowest other.
     p3 = _probs([[0.60, 0.15, 0.25]] * 7 + [[0.60, 0.25, 0.15]] * 7)
-    final, _ = prune_after_stage(2, sw3, sw3, p3, p3)
+    final, _ = prune_after_stage(sw3, sw3, p3, p3, 2, True)
     assert [ops_on(r) for r in final] == [[I["sep_conv_3x3"]]] * 7 + [[I["skip_connect"]]] * 7
 
 
