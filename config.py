@@ -34,7 +34,7 @@ NOT_SAVED = {"saved": False}
 RUNTIME_FLAGS = frozenset({
     "resume", "tmp_data_dir", "download", "workers", "threads", "report_freq", "device",
     "dist_timeout", "host_data", "channels_last", "compile", "checkpoint_cells",
-    "plot_format", "deterministic", "skip_bad_images", "derive",
+    "plot_format", "deterministic", "skip_bad_images", "derive", "out",
 })
 # Accepted on --resume and ignored: they only name the folder of a new run.
 NEW_RUN_FLAGS = frozenset({"save", "note"})
@@ -197,6 +197,7 @@ class SearchConfig(RunConfig):
     demo: bool = False
     resume: str | None = None
     derive: str | None = None
+    out: str | None = None               # with --derive: the chosen cell's genotype file
     host_data: bool = False
     amp: str = "none"
     channels_last: bool = False

@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--derive", metavar="FILE", default=None,
                    help="no training: re-derive the final cell from saved alphas (arch_state.json) "
                         "at --max_skip and print it")
+    g.add_argument("--out", metavar="FILE.json", default=None,
+                   help="with --derive: also write the chosen cell there as a genotype JSON file, "
+                        "which train_cifar.py --arch trains")
     g.add_argument("--host_data", action="store_true",
                    help="on CUDA, keep the CIFAR/demo augmentation in DataLoader workers on the "
                         "CPU instead of the default GPU pipeline (same distribution, other draws)")
@@ -316,6 +319,8 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
         parser.error(f"--arch_warmup_epochs {values['arch_warmup_epochs']} >= --epochs "
                      f"{values['epochs']}: no alpha would ever be updated and the cell would "
                      "come from the random initial alphas; use fewer warm-up epochs or more epochs")
+    if args.out and not args.derive:
+        parser.error("--out writes the cell of --derive; give --derive RUN/arch_state.json too")
     if args.random_space and stage_ops(keep)[-1] < 2:
         parser.error(f"--random_space: the last stage of the plan runs {stage_ops(keep)[-1]} op "
                      "per edge; a random space needs none and at least one op drawn, so a plan "

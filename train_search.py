@@ -317,6 +317,11 @@ def run_derive(cfg: SearchConfig) -> int:
           f"{format_genotype(unrestricted)}")
     for m, g in budgets:
         print(f"max_skip {m}: {format_genotype(g)}")
+    if cfg.out:
+        write_json_atomic({**genotype_to_dict(chosen), "metadata": {
+            "stem": state.get("stem", "cifar"), "derived_from": os.path.abspath(cfg.derive),
+            "max_skip": max_skip}}, cfg.out)
+        print(f"wrote {cfg.out} (train it: python train_cifar.py --arch {cfg.out})")
     print(f"final cell at max_skip {'none' if max_skip < 0 else max_skip} ({whose}):")
     print(format_genotype(chosen))
     return 0
