@@ -203,11 +203,16 @@ class SearchConfig(RunConfig):
     channels_last: bool = False
     compile: bool = False
     checkpoint_cells: bool = False
+    # The search cell's layout: "auto" on the command line, resolved when the run starts
+    # (search_flags.resolve_cell_layout) to "batched" or "per_edge", which the run saves and
+    # a resume keeps (the optimizers' state is saved in the cells' own parameter order).
+    cell_layout: str = "auto"
     plot_format: str = "png"
     # Derived once, not saved: why the stem is what it is (for the log), and whether the
     # weights' schedule is the release's (False: a run begun before the correction,
     # known from its checkpoint).
     stem_reason: str = field(default="the run's", compare=False, metadata=NOT_SAVED)
+    cell_layout_reason: str = field(default="the run's", compare=False, metadata=NOT_SAVED)
     lr_stepped_before_epoch: bool = field(default=True, metadata=NOT_SAVED)
     stages: tuple[StagePlan, ...] = field(init=False, compare=False, metadata=NOT_SAVED)
 
@@ -233,8 +238,9 @@ class SearchConfig(RunConfig):
     def num_stages(self) -> int:
         return len(self.stages)
 
-    # Runs saved before --stem existed (or with "auto" unresolved) used the release's.
-    OLDER_RUNS: ClassVar[dict[str, Any]] = {"stem": "cifar"}
+    # Runs saved before --stem existed (or with "auto" unresolved) used the release's;
+    # runs saved before --cell_layout, the batched cell.
+    OLDER_RUNS: ClassVar[dict[str, Any]] = {"stem": "cifar", "cell_layout": "batched"}
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any], **changes: Any) -> SearchConfig:

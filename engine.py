@@ -102,6 +102,7 @@ from runs import (
 from speed import (
     autocast,
     check_amp,
+    default_channels_last,
     grad_scaler,
     loss_precision,
     prepare_model,
@@ -553,6 +554,8 @@ def fit(cfg: TrainConfig, env: DistInfo, spec: RunSpec, resume: dict | None = No
 
 def _fit(cfg: TrainConfig, env: DistInfo, spec: RunSpec, resume: dict | None) -> int:
     device = env.device
+    if resume is None and "channels_last" not in cfg.given:   # a resumed run keeps its own
+        cfg = cfg.replace(channels_last=cfg.channels_last or default_channels_last(device))
     check_amp(device, cfg.amp)
     batch = per_process_batch(cfg.batch_size, env.world_size)
     # Deviation: the release runs such a batch as one short batch per epoch, silently.
@@ -604,6 +607,8 @@ def _fit(cfg: TrainConfig, env: DistInfo, spec: RunSpec, resume: dict | None) ->
     # DataParallel. Faithful to the release: batch-norm statistics stay per GPU (no
     # SyncBatchNorm unless --sync_bn), and the batch and learning rate are global.
     prepare_model(model, channels_last=cfg.channels_last)
+    logger.info("memory format: %s", "NHWC (--channels_last; on by default on the CPU, "
+                "--no-channels_last for NCHW)" if cfg.channels_last else "NCHW")
     train_model: nn.Module = model
     if env.distributed:
         if cfg.sync_bn:

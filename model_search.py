@@ -6,12 +6,15 @@ cell type, PRIMITIVES order). Alphas have shape 14 x (ops on). A stride-1
 ``skip_connect`` is followed by skip-connect dropout whose rate ``set_drop_rate`` changes
 between epochs (paper Sec. 3.3, "search space regularization").
 
-Two cells compute the same thing. ``Cell`` (with ``MixedOp``) runs the 14 edges one by
+Three cells compute the same thing. ``Cell`` (with ``MixedOp``) runs the 14 edges one by
 one, op by op, as the release does: the plain path (``Network(..., batched=False)``).
 ``BatchedCell``, the default, runs the edges that read the same input and have the same
 op switched on as one op over their inputs stacked on channels, and mixes all of them
 into the nodes with one matrix product: about a third of the operators per step, which
-is what bounds the search on a GPU. Its ``state_dict`` is the release's layout.
+is what bounds the search on a GPU. ``PerEdgeCell`` (``cell_layout="per_edge"``) is
+``Cell`` with what edges reading the same input compute alike done once: in
+channels_last, the fastest on a CPU at the paper's sizes (``--cell_layout``). Every
+layout's ``state_dict`` is the release's layout.
 
 The rules that prune ops after a stage and derive the final cell from the alphas are
 in derivation.py; they need no network.
@@ -131,6 +134,72 @@ class Cell(nn.Module):
             for j, h in enumerate(states):
                 y = self.cell_ops[offset + j](h, weights[offset + j])
                 s = y if s is None else s + y
+            offset += len(states)
+            states.append(s)
+        return torch.cat(states[-self._multiplier:], dim=1)
+
+
+# The per-edge cell's work items: what an (edge, op) computes from the state it reads.
+_RELU, _POOL, _AS_IS = "relu", "pool", "as_is"
+
+
+class PerEdgeCell(Cell):
+    """``Cell``'s modules, parameters, state-dict keys and initial weights, and its sums
+    edge by edge, op by op (`none` skipped), with what the edges reading the same state
+    would compute alike done once: the ReLU that starts every convolution op (and the
+    stride-2 skip), and each pooling (pooling has no parameters; each edge keeps its own
+    batch norm after it). Each weighted output is added to its node in one fused
+    multiply-add. The same maths as ``Cell``; the sums are added in another order, so
+    float32 rounding differs. On the CPU with channels_last this is the fastest layout at
+    the paper's sizes: unlike the batched cell's stacked tensors, every op's input and
+    output stay NHWC (benchmarks/RESULTS.md, issue 35)."""
+
+    def __init__(self, steps: int, multiplier: int, C_prev_prev: int, C_prev: int, C: int,
+                 reduction: bool, reduction_prev: bool, switches: Switches,
+                 drop_rate: float = 0.0) -> None:
+        super().__init__(steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev,
+                         switches, drop_rate, skip_zero=True)
+        # Per edge: (position among its ops on, kind, module, PRIMITIVES index), `none` left
+        # out. Plain lists: the modules stay registered only where Cell put them.
+        self._work = []
+        for mixed in self.cell_ops:
+            items = []
+            for pos, (k, op) in enumerate(zip(mixed.op_indices, mixed.m_ops, strict=True)):
+                if k == NONE:
+                    continue
+                if isinstance(op, (SepConv, DilConv, FactorizedReduce)):
+                    items.append((pos, _RELU, op.after_relu, k))
+                elif "pool" in PRIMITIVES[k]:
+                    items.append((pos, _POOL, op, k))      # Sequential(pool, BN)
+                else:
+                    items.append((pos, _AS_IS, op, k))     # skip (+ its dropout)
+            self._work.append(items)
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        rows = weights.unbind(0)
+        offset = 0
+        relus: dict[int, torch.Tensor] = {}                  # state -> ReLU(state)
+        pooled: dict[tuple[int, int], torch.Tensor] = {}     # (state, op) -> pooled state
+        for _ in range(self._steps):
+            s = None
+            for j, h in enumerate(states):
+                edge = offset + j
+                w = rows[edge].unbind(0)
+                for pos, kind, op, k in self._work[edge]:
+                    if kind == _RELU:
+                        if j not in relus:
+                            relus[j] = F.relu(h)
+                        y = op(relus[j])
+                    elif kind == _POOL:
+                        if (j, k) not in pooled:
+                            pooled[(j, k)] = op[0](h)
+                        y = op[1](pooled[(j, k)])
+                    else:
+                        y = op(h)
+                    s = y * w[pos] if s is None else torch.addcmul(s, y, w[pos])
+            if s is None:   # only `none` on the node's edges: zeros of the right shape
+                s = self.cell_ops[offset](states[0], rows[offset])
             offset += len(states)
             states.append(s)
         return torch.cat(states[-self._multiplier:], dim=1)
@@ -450,6 +519,7 @@ def _mix(w: torch.Tensor, y: torch.Tensor, C: int) -> torch.Tensor:
     return out.view(N, H, W, rows, C).permute(0, 3, 4, 1, 2)
 
 
+CELL_LAYOUTS = ("batched", "per_edge")   # --cell_layout's concrete values
 STEMS = ("cifar", "imagenet")
 STEM_REDUCTION = {"cifar": 1, "imagenet": 8}   # how much the stem shrinks the image
 
@@ -480,6 +550,8 @@ class Network(nn.Module):
     ``batched`` (default) builds BatchedCells, else the release's per-edge Cells (the
     plain path); both have the same state-dict layout and, for the same random state,
     the same initial weights. ``skip_zero=False`` (plain cells only) computes `none`.
+    ``cell_layout`` (``--cell_layout``; it overrides ``batched``): "batched" the
+    BatchedCells, "per_edge" the PerEdgeCells (same state dict and initial weights too).
     ``checkpoint_cells``: recompute each cell's activations in the backward pass instead
     of keeping them (memory.run_cell; same results).
 
@@ -492,8 +564,14 @@ class Network(nn.Module):
     def __init__(self, C: int, num_classes: int, layers: int, switches_normal: Switches,
                  switches_reduce: Switches, drop_rate: float = 0.0, steps: int = STEPS,
                  multiplier: int = 4, stem_multiplier: int = 3, skip_zero: bool = True,
-                 batched: bool = True, stem: str = "cifar") -> None:
+                 batched: bool = True, stem: str = "cifar", cell_layout: str | None = None) -> None:
         super().__init__()
+        if cell_layout is not None:
+            if cell_layout not in CELL_LAYOUTS:
+                raise ValueError(f"cell_layout must be one of {', '.join(CELL_LAYOUTS)}, "
+                                 f"got {cell_layout!r}")
+            batched = cell_layout == "batched"
+        self.cell_layout = cell_layout or ("batched" if batched else "release")
         if batched and not skip_zero:
             raise ValueError("skip_zero=False (compute `none`) needs batched=False")
         if stem not in STEMS:
@@ -533,6 +611,9 @@ class Network(nn.Module):
             switches = self.switches_reduce if reduction else self.switches_normal
             if batched:
                 cell = BatchedCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction,
+                                   reduction_prev, switches, drop_rate)
+            elif cell_layout == "per_edge":
+                cell = PerEdgeCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction,
                                    reduction_prev, switches, drop_rate)
             else:
                 cell = Cell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = [
     "OPS",
@@ -20,6 +21,15 @@ __all__ = [
     "Zero",
     "FactorizedReduce",
 ]
+
+
+def _after_first(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``layers`` without its first module (the ReLU) on ``x``."""
+    rest = iter(layers)
+    next(rest)
+    for layer in rest:
+        x = layer(x)
+    return x
 
 
 class ReLUConvBN(nn.Module):
@@ -62,6 +72,11 @@ class DilConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
 
+    def after_relu(self, x: torch.Tensor) -> torch.Tensor:
+        """The op on an input its first ReLU has already been applied to (the per-edge
+        search cell computes that ReLU once for every op reading the same input)."""
+        return _after_first(self.op, x)
+
 
 class SepConv(nn.Module):
     """Two stacked (ReLU, depthwise conv, pointwise conv, BN); only the first is strided.
@@ -87,6 +102,10 @@ class SepConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
 
+    def after_relu(self, x: torch.Tensor) -> torch.Tensor:
+        """As ``DilConv.after_relu``."""
+        return _after_first(self.op, x)
+
 
 class Identity(nn.Module):
     """The stride-1 ``skip_connect``. A class of its own so cells can recognise it
@@ -109,6 +128,23 @@ class Zero(nn.Module):
         return x[:, :, :: self.stride, :: self.stride].mul(0.0)
 
 
+# oneDNN, behind PyTorch's CPU convolutions, computes the weight gradient of a 1x1 stride-2
+# convolution on a channels_last input with fewer input channels per group than its
+# channel block (16 with AVX-512, 8 with AVX2) through a workspace it overruns (the
+# "reduce to unit stride" path; uxlfoundation/oneDNN#6035, open). With torch 2.14.1 on
+# this project's AVX-512 CPU that crashed the process (segmentation fault) from 48x48 inputs
+# with 4, 8 or 12 channels, and the report measured wrong gradients with AVX2. Sixteen
+# channels and more, NCHW and CUDA take other paths.
+_ONEDNN_CHANNEL_BLOCK = 16
+
+
+def _rtus_bug(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` (1x1, stride 2) on ``x`` would take oneDNN's faulty path."""
+    return (x.device.type == "cpu" and x.dim() == 4
+            and conv.in_channels // conv.groups < _ONEDNN_CHANNEL_BLOCK
+            and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+
+
 class FactorizedReduce(nn.Module):
     """Halve the resolution with two 1x1 stride-2 convs, the second on the input shifted
     by one pixel, concatenated on channels. ``stack`` and ``relu`` as in ``DilConv``
@@ -128,11 +164,21 @@ class FactorizedReduce(nn.Module):
         self.bn = nn.BatchNorm2d(stack * C_out, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(x)
+        return self.after_relu(self.relu(x))
+
+    def after_relu(self, x: torch.Tensor) -> torch.Tensor:
+        """The op on an input its first ReLU has already been applied to (the per-edge
+        search cell computes that ReLU once for every op reading the same input)."""
         # For odd sizes the shifted branch would be one pixel smaller; pad it back so
         # both branches agree (never happens at the paper's 32/224 input sizes).
-        a = self.conv_1(x)
-        b = self.conv_2(x[:, :, 1:, 1:])
+        if _rtus_bug(x, self.conv_1):
+            # The same 1x1 convolutions at stride 1 on every other pixel: the same products
+            # and sums, without oneDNN's strided 1x1 path (see _rtus_bug).
+            a = F.conv2d(x[:, :, ::2, ::2], self.conv_1.weight, groups=self.stack)
+            b = F.conv2d(x[:, :, 1::2, 1::2], self.conv_2.weight, groups=self.stack)
+        else:
+            a = self.conv_1(x)
+            b = self.conv_2(x[:, :, 1:, 1:])
         if b.shape[-2:] != a.shape[-2:]:
             b = nn.functional.pad(b, (0, a.shape[-1] - b.shape[-1], 0, a.shape[-2] - b.shape[-2]))
         if self.stack == 1:

@@ -43,8 +43,8 @@ from flags import (
     seed_int,
     workers_help,
 )
-from model_search import STEM_REDUCTION, STEMS
-from speed import add_speed_args
+from model_search import CELL_LAYOUTS, STEM_REDUCTION, STEMS
+from speed import PER_EDGE_FROM_ELEMENTS, add_speed_args, search_layout
 
 RELEASE_WORKERS = RELEASE_SEARCH_WORKERS
 MIN_IMAGE_SIZE = 8          # the smallest --image_size the two reduction cells can halve twice
@@ -186,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layers", type=positive_int, default=None,
                    help=f"cells in stage 1 (default {paper('layers')}, demo "
                         f"{SEARCH_DEMO_PLANS['paper']['layers']})")
+    g.add_argument("--cell_layout", choices=("auto",) + CELL_LAYOUTS, default="auto",
+                   help="how the search cell computes (the same maths; float rounding differs): "
+                        "batched (edges stacked by what they read: a third of the operators, "
+                        "for GPUs and tiny CPU runs), per_edge (edge by edge, channels_last on "
+                        "the CPU unless --no-channels_last: about 2.7x the release's step on the CPU "
+                        "at the paper's size); auto = batched on CUDA and for tiny CPU runs "
+                        "(the demo), per_edge on the CPU from "
+                        f"{PER_EDGE_FROM_ELEMENTS:,} elements per op (images x C x side x side). "
+                        "A run saves the layout it used and a resume keeps it. --cell_layout "
+                        "batched --deterministic reproduces runs from before this flag bit for bit")
 
     g = p.add_argument_group("the stage plan (one value per stage; repeat a flag per stage)")
     g.add_argument("--plan", choices=sorted(SEARCH_PLANS), default=paper("plan"),
@@ -261,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host_data", action="store_true",
                    help="on CUDA, keep the CIFAR/demo augmentation in DataLoader workers on the "
                         "CPU instead of the default GPU pipeline (same distribution, other draws)")
-    add_speed_args(p, channels_last_default=None)   # the demo turns it on
+    add_speed_args(p, channels_last_default=None,   # the layout and the demo turn it on
+                   channels_last_help=" (default: on with the per-edge cells on the CPU, see "
+                                      "--cell_layout, and with --demo; else off)")
     add_plot_args(g)
     return p
 
@@ -309,6 +321,8 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
     if args.resume:
         if args.stem == "auto":
             given = given - {"stem"}   # the run keeps the stem it chose
+        if args.cell_layout == "auto":
+            given = given - {"cell_layout"}   # and the cell layout
         values["stem"] = paper("stem") if args.stem == "auto" else args.stem
         return SearchConfig(given=given, no_effect=no_effect, **values)
     try:
@@ -326,3 +340,20 @@ def parse_args(argv: Sequence[str] | None = None) -> SearchConfig:
                      "per edge; a random space needs none and at least one op drawn, so a plan "
                      "whose last stage runs 2 or more (--num_to_keep)")
     return SearchConfig(given=given, no_effect=no_effect, **values)
+
+
+def resolve_cell_layout(cfg: SearchConfig, device, world_size: int = 1) -> SearchConfig:
+    """A new run's config with ``--cell_layout auto`` resolved (speed.search_layout, from
+    the device and stage 1's per-process size) and, for the per-edge cells on the CPU,
+    channels_last on unless the command line set it; a concrete layout is kept as given
+    (``batched``: exactly the cells and memory format of the runs before the flag)."""
+    side = cfg.image_size // STEM_REDUCTION[cfg.stem]
+    images = max(1, cfg.batch_size // world_size)
+    if cfg.cell_layout == "auto":
+        layout, channels_last, reason = search_layout(device, images, cfg.init_channels, side)
+    else:
+        layout, reason = cfg.cell_layout, f"--cell_layout {cfg.cell_layout}"
+        channels_last = True if layout == "per_edge" and device.type == "cpu" else None
+    if channels_last is None or "channels_last" in cfg.given:
+        channels_last = cfg.channels_last
+    return cfg.replace(cell_layout=layout, channels_last=channels_last, cell_layout_reason=reason)

@@ -99,7 +99,9 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: type[TrainConfig]
     p.add_argument("--host_data", action="store_true",
                    help="on CUDA, keep CIFAR augmentation in DataLoader workers on the CPU "
                         "instead of the default GPU pipeline (same distribution, other draws)")
-    add_speed_args(p)
+    add_speed_args(p, channels_last_default=None,   # resolved when the run starts
+                   channels_last_help=" (default: on for the CPU, where it is faster; off on "
+                                      "CUDA)")
     add_plot_args(p)
 
 
@@ -114,6 +116,8 @@ def parse_training(parser: argparse.ArgumentParser, recipe: type[TrainConfig],
     values = vars(args)
     if resolve is not None:
         given = resolve(values, given) or given
+    if values.get("channels_last") is None:   # not given: the device decides (engine)
+        values["channels_last"] = default_of(recipe, "channels_last")
     names = {f.name for f in fields(recipe)}
     return recipe(given=given, no_effect=tuple(no_effect_lines(args)),
                   **{k: v for k, v in values.items() if k in names})

@@ -102,7 +102,7 @@ from runs import (
     truncate_metrics,
     write_arch_state,
 )
-from search_flags import parse_args  # the flags: search_flags.py
+from search_flags import parse_args, resolve_cell_layout  # the flags: search_flags.py
 from speed import autocast, check_amp, grad_scaler, loss_precision, prepare_model
 from utils import (
     AverageMeter,
@@ -387,7 +387,8 @@ def search_stage(run: SearchRun, stage: int, switches_n: Switches, switches_r: S
     # Deviation: seeded per stage (the release seeds once) so a resume rebuilds it.
     torch.manual_seed(seed_for(cfg.seed, stage))
     model = Network(plan.init_channels, run.num_classes, plan.layers, switches_n, switches_r,
-                    drop_rate=plan.dropout_rate, stem=cfg.stem).to(env.device)
+                    drop_rate=plan.dropout_rate, stem=cfg.stem,
+                    cell_layout=cfg.cell_layout).to(env.device)
     if env.distributed:
         broadcast_model(model)
         if env.rank > 0:  # different dropout masks and augmentations per rank
@@ -603,6 +604,8 @@ def _main(cfg: SearchConfig) -> int:
         return run_derive(cfg)
     env = init_distributed(cfg.device, cfg.dist_timeout)
     cfg, ckpt = resume_search(cfg)
+    if ckpt is None:    # a resumed run keeps the layout it saved
+        cfg = resolve_cell_layout(cfg, env.device, env.world_size)
     if ckpt is not None:
         if search_complete(cfg.resume, ckpt, cfg):
             return report_complete(cfg.resume, cfg, env.is_main)
@@ -651,10 +654,11 @@ def _main(cfg: SearchConfig) -> int:
                 describe_split(dataset, split))
     if data.on_device:
         logger.info("input pipeline: images on the GPU as uint8, augmented there in batches")
+    logger.info("cell layout: %s, channels_last %s (%s)", cfg.cell_layout, cfg.channels_last,
+                cfg.cell_layout_reason)
     if cfg.amp != "none" or cfg.channels_last or cfg.compile:
-        logger.info("speed options: amp %s, channels_last %s, compile %s (float rounding "
-                    "differs from the default float32 path)", cfg.amp, cfg.channels_last,
-                    cfg.compile)
+        logger.info("speed options: amp %s, channels_last %s, compile %s (each changes float "
+                    "rounding)", cfg.amp, cfg.channels_last, cfg.compile)
     run = SearchRun(cfg, env, data, num_classes, run_dir,
                     MetricsWriter(os.path.join(run_dir, METRICS) if env.is_main else None),
                     split.digest)

@@ -52,8 +52,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from flags import positive_int
 from genotypes import PRIMITIVES
-from model_search import Network
-from speed import prepare_input, prepare_model
+from model_search import CELL_LAYOUTS, Network
+from speed import prepare_input, prepare_model, search_layout
 from train_search import search_step
 
 STAGES = {
@@ -89,16 +89,29 @@ def make_step(stage: int, path: str, device: torch.device, batch: int, pattern: 
               seed: int = 0, C: int = 16, image: int = 32, layers: int | None = None):
     """One search step of ``path`` on a fixed batch pair of ``image``-sided images, as a
     callable. ``layers`` defaults to the stage's cells; C, image and layers are smaller
-    only in gpu_check.py's --tiny mode."""
+    only in gpu_check.py's --tiny mode.
+
+    ``path``: ``plain`` (the release's step), ``default`` (what train_search.py runs by
+    default on ``device`` at this size: ``speed.search_layout``'s cells and memory
+    format), or a cell layout, ``batched`` or ``per_edge`` (NCHW unless ``+channels_last``);
+    ``+bf16``, ``+channels_last``, ``+compile``, ``+all`` add the opt-in flags."""
     spec = STAGES[stage]
     switches = stage_switches(stage, pattern, seed)
     switches_reduce = stage_switches(stage, pattern, seed + 100)
-    plain = path == "plain"
-    torch.manual_seed(0)
-    # plain: the release's per-edge cells; default: the batched cells.
-    model = Network(C, 10, layers or spec["layers"], switches, switches_reduce, drop_rate=spec["drop"],
-                    skip_zero=not plain, batched=not plain).to(device).train()
+    base = path.split("+")[0]
+    if base not in ("plain", "default", *CELL_LAYOUTS):
+        raise ValueError(f"unknown path {path!r}")
+    plain = base == "plain"
     amp, channels_last, compile_model = path_options(path)
+    layout = base
+    if base == "default":
+        layout, nhwc, _ = search_layout(device, batch, C, image)
+        channels_last = channels_last or nhwc
+    torch.manual_seed(0)
+    # plain: the release's per-edge cells, `none` computed; else the layout's cells.
+    model = Network(C, 10, layers or spec["layers"], switches, switches_reduce, drop_rate=spec["drop"],
+                    skip_zero=not plain, batched=False,
+                    cell_layout=None if plain else layout).to(device).train()
     forward = prepare_model(model, channels_last, compile_model)
     w_opt = torch.optim.SGD(model.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4,
                             foreach=not plain)

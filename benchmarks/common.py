@@ -58,12 +58,17 @@ def measure_paths(make_step: Callable[[str], Callable[[], None]], paths: list[st
             start = time.perf_counter()
             step()
             times[path].append(time.perf_counter() - start)
-    return [(path, _row(images_per_step, statistics.median(times[path]), float("nan")))
-            for path in paths]
+    return [(path, _row(images_per_step, statistics.median(times[path]), float("nan"),
+                        min(times[path]), max(times[path]))) for path in paths]
 
 
-def _row(images: int, seconds: float, peak_mib: float) -> dict[str, float]:
-    return {"images_per_sec": images / seconds, "step_ms": 1000 * seconds, "peak_mib": peak_mib}
+def _row(images: int, seconds: float, peak_mib: float, fastest: float | None = None,
+         slowest: float | None = None) -> dict[str, float]:
+    """Images/s and the step time (the median on the CPU, with the fastest and slowest
+    round: NCHW steps on a shared CPU are bimodal)."""
+    return {"images_per_sec": images / seconds, "step_ms": 1000 * seconds, "peak_mib": peak_mib,
+            "min_ms": 1000 * (fastest if fastest is not None else seconds),
+            "max_ms": 1000 * (slowest if slowest is not None else seconds)}
 
 
 def environment(device: torch.device) -> str:
@@ -75,11 +80,13 @@ def environment(device: torch.device) -> str:
 def print_table(title: str, rows: list[tuple[str, dict[str, float]]], baseline: str) -> None:
     base = dict(rows)[baseline]["images_per_sec"]
     print(f"\n{title}")
-    print(f"| {'path':<28} | {'images/s':>10} | {'step ms':>9} | {'peak MiB':>9} | {'vs plain':>8} |")
-    print(f"|{'-' * 30}|{'-' * 12}|{'-' * 11}|{'-' * 11}|{'-' * 10}|")
+    print(f"| {'path':<36} | {'images/s':>10} | {'step ms':>9} | {'min-max ms':>15} | "
+          f"{'peak MiB':>9} | {'vs ' + baseline:>9} |")
+    print(f"|{'-' * 38}|{'-' * 12}|{'-' * 11}|{'-' * 17}|{'-' * 11}|{'-' * 11}|")
     for name, r in rows:
-        print(f"| {name:<28} | {r['images_per_sec']:>10.1f} | {r['step_ms']:>9.1f} | "
-              f"{r['peak_mib']:>9.0f} | {r['images_per_sec'] / base:>7.2f}x |")
+        spread = f"{r['min_ms']:.0f}-{r['max_ms']:.0f}"
+        print(f"| {name:<36} | {r['images_per_sec']:>10.1f} | {r['step_ms']:>9.1f} | {spread:>15} | "
+              f"{r['peak_mib']:>9.0f} | {r['images_per_sec'] / base:>8.2f}x |")
 
 
 def pick_device(arg: str) -> torch.device:
@@ -92,6 +99,11 @@ def pick_device(arg: str) -> torch.device:
 # path, and the default path with each opt-in feature ("all" = all of them).
 ALL_PATHS = ["plain", "default", "default+bf16", "default+channels_last", "default+compile", "default+all"]
 CPU_PATHS = ["plain", "default", "default+channels_last"]
+# The search benchmark: every cell layout, in both memory formats, and the default.
+SEARCH_CPU_PATHS = ["plain", "batched", "batched+channels_last", "per_edge", "per_edge+channels_last",
+                    "default"]
+SEARCH_CUDA_PATHS = ["plain", "batched", "per_edge", "default", "default+bf16", "default+channels_last",
+                     "default+compile", "default+all"]
 
 
 def add_common_args(parser, cpu_steps: int) -> None:
@@ -108,7 +120,8 @@ def add_common_args(parser, cpu_steps: int) -> None:
     parser.add_argument("--threads", type=nonneg_int, default=0, help="CPU threads (0 = PyTorch's default)")
 
 
-def setup(args, cpu_steps: int) -> tuple[torch.device, int, int, list[str]]:
+def setup(args, cpu_steps: int, cpu_paths: list[str] | None = None,
+          cuda_paths: list[str] | None = None) -> tuple[torch.device, int, int, list[str]]:
     """Apply the common flags; return (device, timed steps, warm-up steps, paths)."""
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,7 +131,8 @@ def setup(args, cpu_steps: int) -> tuple[torch.device, int, int, list[str]]:
         torch.backends.cudnn.benchmark = True
     steps = args.steps or (20 if cuda else cpu_steps)
     warmup = args.warmup or (5 if cuda else 1)
-    paths = args.paths.split(",") if args.paths else (ALL_PATHS if cuda else CPU_PATHS)
+    paths = (args.paths.split(",") if args.paths else
+             (cuda_paths or ALL_PATHS) if cuda else (cpu_paths or CPU_PATHS))
     print(environment(device))
     return device, steps, warmup, paths
 

@@ -302,7 +302,7 @@ def test_search_step_autocasts_with_amp_bf16():
 @pytest.mark.parametrize("n_ops,layers", [(8, 5), (5, 11), (3, 17)])
 def test_search_step_dispatches_a_third_of_the_plain_operators(n_ops, layers):
     """Issue 9's measure, on a small network: one warm search step (alpha + weight step)
-    of the default path dispatches at most a third of the aten operators of the plain
+    of the batched cell (the default on CUDA) dispatches at most a third of the aten operators of the plain
     (release) path, with the ops on drawn per edge as pruning leaves them. A regression
     in the batched cell (a per-edge loop, per-call BN counters) shows here."""
     from torch.utils._python_dispatch import TorchDispatchMode
