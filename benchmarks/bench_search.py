@@ -20,12 +20,16 @@ Paths:
   SPEC: `none` computed as a zero tensor, every backward pass fills the gradients of
   weights and alphas alike, per-parameter (non-foreach) Adam, SGD and clipping, both
   losses read back to the host every step.
-- default: what train_search.py runs: ``search_step`` with `none` skipped, gradients
-  for the alphas only in the alpha step and for the weights only in the weight step,
-  foreach optimizers and clipping, losses kept on the device. Identical numerics.
+- batched, per_edge: ``search_step`` (`none` skipped, gradients for the alphas only in
+  the alpha step and for the weights only in the weight step, foreach optimizers and
+  clipping, losses kept on the device) with the batched cell or the per-edge cells
+  (``--cell_layout``), in NCHW; ``+channels_last`` in NHWC. The same maths as plain.
+- default: what train_search.py runs by default on the device at this size
+  (``speed.search_layout``: batched on CUDA; on the CPU per_edge+channels_last from
+  ``speed.PER_EDGE_FROM_ELEMENTS`` elements per op, batched below); its row names it.
 - +bf16, +channels_last, +compile, +all: the opt-in flags (change float rounding).
 
-Before the timings, per stage and path (plain, default): aten operators one warm search
+Before the timings, per stage and path (plain, batched: what CUDA runs): aten operators one warm search
 step dispatches (a TorchDispatchMode around it, batch 2; a device-independent stand-in
 for launch-bound GPU time) and the bytes of activations saved for backward
 (saved_tensors_hooks, each storage once). ``--counts_only`` stops there.
@@ -46,7 +50,15 @@ import random
 from functools import partial
 
 import torch
-from common import add_common_args, measure_paths, path_options, print_table, setup
+from common import (
+    SEARCH_CPU_PATHS,
+    SEARCH_CUDA_PATHS,
+    add_common_args,
+    measure_paths,
+    path_options,
+    print_table,
+    setup,
+)
 from reference import reference_search_step
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -85,6 +97,12 @@ def stage_switches(stage: int, pattern: str = "fixed", seed: int = 0) -> list[li
     return rows
 
 
+def default_path(device: torch.device, batch: int, C: int = 16, image: int = 32) -> str:
+    """The path train_search.py runs by default on ``device`` for this size."""
+    layout, channels_last, _ = search_layout(device, batch, C, image)
+    return layout + ("+channels_last" if channels_last else "")
+
+
 def make_step(stage: int, path: str, device: torch.device, batch: int, pattern: str = "fixed",
               seed: int = 0, C: int = 16, image: int = 32, layers: int | None = None):
     """One search step of ``path`` on a fixed batch pair of ``image``-sided images, as a
@@ -106,7 +124,7 @@ def make_step(stage: int, path: str, device: torch.device, batch: int, pattern: 
     layout = base
     if base == "default":
         layout, nhwc, _ = search_layout(device, batch, C, image)
-        channels_last = channels_last or nhwc
+        channels_last = channels_last or bool(nhwc)
     torch.manual_seed(0)
     # plain: the release's per-edge cells, `none` computed; else the layout's cells.
     model = Network(C, 10, layers or spec["layers"], switches, switches_reduce, drop_rate=spec["drop"],
@@ -175,16 +193,21 @@ def main() -> None:
                         "first n ops of PRIMITIVES on every edge, n ops drawn per edge, or "
                         "`none` and n - 1 others drawn per edge")
     p.add_argument("--seed", type=int, default=0, help="seed of --switches random and random_none")
+    p.add_argument("--init_channels", type=positive_int, default=16,
+                   help="C of the timed networks (the paper's 16; the demo's 4)")
+    p.add_argument("--image_size", type=positive_int, default=32,
+                   help="side of the timed images (CIFAR's 32; the demo's 16)")
     args = p.parse_args()
-    device, steps, warmup, paths = setup(args, cpu_steps=3)
+    device, steps, warmup, paths = setup(args, cpu_steps=3, cpu_paths=SEARCH_CPU_PATHS,
+                                         cuda_paths=SEARCH_CUDA_PATHS)
     stages = [int(s) for s in args.stages.split(",")]
     print(f"\noperators and saved activations per search step (batch 2 + 2, switches "
           f"{args.switches}{f' seed {args.seed}' if args.switches.startswith('random') else ''})")
-    print("| stage | plain ops | default ops | fewer | plain saved MiB | default saved MiB |")
+    print("| stage | plain ops | batched ops | fewer | plain saved MiB | batched saved MiB |")
     print("|---|---|---|---|---|---|")
     for stage in stages:
         (ops_p, mem_p), (ops_d, mem_d) = (count_step(stage, path, device, 2, args.switches, args.seed)
-                                    for path in ("plain", "default"))
+                                    for path in ("plain", "batched"))   # CUDA's default
         print(f"| {stage} | {ops_p} | {ops_d} | {ops_p / ops_d:.2f}x | {mem_p / 2 ** 20:.1f} | "
               f"{mem_d / 2 ** 20:.1f} |")
     if args.counts_only:
@@ -201,13 +224,18 @@ def main() -> None:
         # shared machines are noisy and its steps are the cheapest.
         rounds = steps if cuda or args.steps or stage != 1 else 2 * steps
         rows = measure_paths(partial(make_step, stage, device=device, batch=batch,
-                                     pattern=args.switches, seed=args.seed), paths, device,
+                                     pattern=args.switches, seed=args.seed,
+                                     C=args.init_channels, image=args.image_size), paths, device,
                              2 * batch, warmup, rounds)
         spec = STAGES[stage]
+        rows = [(f"default = {default_path(device, batch, args.init_channels, args.image_size)}"
+                 if name == "default" else name, r)
+                for name, r in rows]
         print_table(f"stage {stage}: {spec['layers']} cells, {len(spec['ops'])} ops per edge, "
-                    f"search step at batch {batch}", rows, "plain")
-        if stage == 1 and "plain" in dict(rows) and "default" in dict(rows):
-            r = dict(rows)
+                    f"search step at batch {batch}, C {args.init_channels}, "
+                    f"{args.image_size} px", rows, rows[0][0])
+        r = {name.split(" ")[0]: row for name, row in rows}
+        if stage == 1 and "plain" in r and "default" in r:
             speedup = r["default"]["images_per_sec"] / r["plain"]["images_per_sec"]
     if speedup is not None:
         print(f"speedup {speedup:.2f}")

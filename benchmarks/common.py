@@ -102,6 +102,8 @@ CPU_PATHS = ["plain", "default", "default+channels_last"]
 # The search benchmark: every cell layout, in both memory formats, and the default.
 SEARCH_CPU_PATHS = ["plain", "batched", "batched+channels_last", "per_edge", "per_edge+channels_last",
                     "default"]
+# The training benchmark on the CPU: the earlier default (NCHW) and today's (NHWC there).
+TRAIN_CPU_PATHS = ["plain", "nchw", "default"]
 SEARCH_CUDA_PATHS = ["plain", "batched", "per_edge", "default", "default+bf16", "default+channels_last",
                      "default+compile", "default+all"]
 
