@@ -271,9 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host_data", action="store_true",
                    help="on CUDA, keep the CIFAR/demo augmentation in DataLoader workers on the "
                         "CPU instead of the default GPU pipeline (same distribution, other draws)")
-    add_speed_args(p, channels_last_default=None,   # the layout and the demo turn it on
-                   channels_last_help=" (default: on with the per-edge cells on the CPU, see "
-                                      "--cell_layout, and with --demo; else off)")
+    add_speed_args(p, " (default: on with the per-edge cells on the CPU, see --cell_layout, "
+                      "and with --demo; else off)")
     add_plot_args(g)
     return p
 

@@ -26,17 +26,15 @@ import torch.nn as nn
 from errors import UserError
 
 
-def add_speed_args(parser: argparse.ArgumentParser, channels_last_default: bool | None = False,
-                   channels_last_help: str = "") -> None:
-    """The opt-in speed flags. With ``channels_last_default=None`` the script sets the
-    default itself (``channels_last_help`` says how) and ``--no-channels_last`` exists too."""
-    group = parser.add_argument_group("speed (opt-in; each changes float rounding, see README)")
+def add_speed_args(parser: argparse.ArgumentParser, channels_last_help: str) -> None:
+    """The speed flags. ``--channels_last`` / ``--no-channels_last`` default to None: the
+    script resolves it (the device, the cell layout, --demo), as ``channels_last_help``
+    says."""
+    group = parser.add_argument_group("speed (each changes float rounding, see README)")
     group.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
                        help="mixed precision autocast; weights, alphas, BN statistics and "
                             "optimizer state stay float32 (default: none = float32)")
-    group.add_argument("--channels_last", default=channels_last_default,
-                       action="store_true" if channels_last_default is not None
-                       else argparse.BooleanOptionalAction,
+    group.add_argument("--channels_last", default=None, action=argparse.BooleanOptionalAction,
                        help="NHWC memory layout for network and inputs" + channels_last_help)
     group.add_argument("--compile", action="store_true",
                        help="torch.compile the network; compiling takes minutes per graph, "

@@ -99,9 +99,7 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: type[TrainConfig]
     p.add_argument("--host_data", action="store_true",
                    help="on CUDA, keep CIFAR augmentation in DataLoader workers on the CPU "
                         "instead of the default GPU pipeline (same distribution, other draws)")
-    add_speed_args(p, channels_last_default=None,   # resolved when the run starts
-                   channels_last_help=" (default: on for the CPU, where it is faster; off on "
-                                      "CUDA)")
+    add_speed_args(p, " (default: on for the CPU, where it is faster; off on CUDA)")
     add_plot_args(p)
 
 

@@ -72,6 +72,42 @@ def tiny(argv: list[str], **flags) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------
+# Search networks in the equivalence tests
+# ---------------------------------------------------------------------------------------
+
+def random_stage_switches(n_ops: int, seed: int, none: str) -> list[list[bool]]:
+    """Different ops on different edges, as pruning leaves them: ``n_ops`` per edge,
+    `none` on for every edge (none="all"; always with 8 ops), off for every edge ("off")
+    or on every other edge ("some")."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for e in range(14):
+        with_none = none == "all" or n_ops == 8 or (none == "some" and e % 2 == 0)
+        others = (torch.randperm(7, generator=g)[: n_ops - with_none] + 1).tolist()
+        rows.append([(k == 0 and with_none) or k in others for k in range(8)])
+    return rows
+
+
+def search_optimizers(net, foreach: bool = True):
+    """The weights' SGD and the alphas' Adam of a search step, at test rates."""
+    w = torch.optim.SGD(net.weight_parameters(), 0.05, momentum=0.9, weight_decay=3e-4, foreach=foreach)
+    a = torch.optim.Adam(net.arch_parameters(), lr=6e-3, betas=(0.5, 0.999), weight_decay=1e-3,
+                         foreach=foreach)
+    return w, a
+
+
+def optimizer_state(net, opt) -> dict:
+    """{state key: {release-layout name: tensor}} of an optimizer over ``net``'s parameters
+    (comparable between cell layouts, whose parameters differ)."""
+    names = {id(p): n for n, p in net.named_parameters()}
+    by_key = {}
+    for p, state in opt.state.items():
+        for key, value in state.items():
+            by_key.setdefault(key, {})[names[id(p)]] = value
+    return {key: net.release_layout(named) for key, named in by_key.items()}
+
+
+# ---------------------------------------------------------------------------------------
 # Running scripts and reading their runs back
 # ---------------------------------------------------------------------------------------
 

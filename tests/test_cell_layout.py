@@ -13,8 +13,11 @@ from helpers import (
     TRAIN_TINY,
     load,
     only_run_dir,
+    optimizer_state,
+    random_stage_switches,
     run_script,
     search,
+    search_optimizers,
     stopped_after_epochs,
     tiny,
 )
@@ -34,18 +37,6 @@ NHWC = torch.channels_last
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")   # a device name; no GPU needed
 
 
-def _switches(n_ops, seed, none):
-    """Pruned-looking switches: n_ops per edge, different ops on different edges, `none`
-    on every edge ("all"), on every other edge ("some") or on none ("off")."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for e in range(14):
-        with_none = none == "all" or n_ops == 8 or (none == "some" and e % 2 == 0)
-        others = (torch.randperm(7, generator=g)[: n_ops - with_none] + 1).tolist()
-        rows.append([(k == 0 and with_none) or k in others for k in range(8)])
-    return rows
-
-
 def _nets(sw_n, sw_r, layouts, drop_rate=0.0, layers=5):
     """One float64 search network per layout ("release": the plain cells, `none`
     skipped), from the same seed."""
@@ -63,29 +54,13 @@ def _nets(sw_n, sw_r, layouts, drop_rate=0.0, layers=5):
     return nets
 
 
-def _opts(net):
-    w = torch.optim.SGD(net.weight_parameters(), 0.05, momentum=0.9, weight_decay=3e-4, foreach=True)
-    a = torch.optim.Adam(net.arch_parameters(), lr=6e-3, betas=(0.5, 0.999), weight_decay=1e-3,
-                         foreach=True)
-    return w, a
-
-
-def _optimizer_state(net, opt):
-    names = {id(p): n for n, p in net.named_parameters()}
-    by_key = {}
-    for p, state in opt.state.items():
-        for key, value in state.items():
-            by_key.setdefault(key, {})[names[id(p)]] = value
-    return {key: net.release_layout(named) for key, named in by_key.items()}
-
-
 # ---------------------------------------------------------------------------------------
 # The per-edge cells: the same network, the same maths
 # ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n_ops", [8, 5, 3])
 def test_per_edge_network_has_the_release_state_dict_and_initial_weights(n_ops):
-    sw_n, sw_r = _switches(n_ops, 1, "some"), _switches(n_ops, 2, "all")
+    sw_n, sw_r = random_stage_switches(n_ops, 1, "some"), random_stage_switches(n_ops, 2, "all")
     batched, per_edge = _nets(sw_n, sw_r, ["batched", "per_edge"])
     assert all(isinstance(c, PerEdgeCell) for c in per_edge.cells)
     assert per_edge.cell_layout == "per_edge" and batched.cell_layout == "batched"
@@ -109,7 +84,7 @@ def test_per_edge_cells_draw_the_release_cells_skip_dropout_masks(n_ops):
     random state gives the same masks, so outputs and gradients agree (float64). With
     one op per edge, the normal cells' node 0 reads only `none` edges: zeros, as in the
     release."""
-    sw_n, sw_r = _switches(n_ops, 3, "some"), _switches(n_ops, 4, "off")
+    sw_n, sw_r = random_stage_switches(n_ops, 3, "some"), random_stage_switches(n_ops, 4, "off")
     if n_ops == 1:
         sw_n[0] = sw_n[1] = [True] + [False] * 7
         sw_n[2] = [False, False, False, True, False, False, False, False]   # skip_connect
@@ -138,11 +113,11 @@ def test_per_edge_search_steps_equal_the_batched_ones(n_ops, none, channels_last
     cells, in NHWC as the CPU runs them by default or in NCHW, against the batched cells
     in NCHW (the layout of earlier versions): losses, weights, alphas, BN statistics and
     both optimizers' state agree in float64."""
-    sw_n, sw_r = _switches(n_ops, 5, "all" if n_ops == 8 else none), _switches(n_ops, 6, none)
+    sw_n, sw_r = random_stage_switches(n_ops, 5, none), random_stage_switches(n_ops, 6, none)
     batched, per_edge = (net.to(test_device) for net in _nets(sw_n, sw_r, ["batched", "per_edge"]))
     forward = prepare_model(per_edge, channels_last)
     before = {k: v.clone() for k, v in batched.state_dict().items()}
-    (bw, ba), (pw, pa) = _opts(batched), _opts(per_edge)
+    (bw, ba), (pw, pa) = search_optimizers(batched), search_optimizers(per_edge)
     g = torch.Generator().manual_seed(1)
     for step in range(3):
         x_w, x_a = (torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64).to(test_device)
@@ -168,7 +143,7 @@ def test_per_edge_search_steps_equal_the_batched_ones(n_ops, none, channels_last
     for name in ("alphas_normal", "alphas_reduce", "classifier.weight"):   # the steps moved them
         assert not torch.equal(sb[name], before[name]), name
     for opt_b, opt_p in ((bw, pw), (ba, pa)):
-        ob, op = _optimizer_state(batched, opt_b), _optimizer_state(per_edge, opt_p)
+        ob, op = optimizer_state(batched, opt_b), optimizer_state(per_edge, opt_p)
         assert ob.keys() == op.keys()
         for key in ob:
             assert ob[key].keys() == op[key].keys(), key

@@ -10,6 +10,7 @@ on CUDA with PDARTS_TEST_DEVICE=cuda (benchmarks/gpu_check.py runs them so)."""
 import pytest
 import torch
 import torch.nn as nn
+from helpers import optimizer_state, random_stage_switches, search_optimizers
 from reference import reference_search_step, reference_train_step
 
 from engine import train_step
@@ -96,35 +97,6 @@ def _search_pair(n_ops, drop_rate=0.3, dtype=torch.float32):
     return nets
 
 
-def _search_opts(net, foreach):
-    w = torch.optim.SGD(net.weight_parameters(), 0.05, momentum=0.9, weight_decay=3e-4, foreach=foreach)
-    a = torch.optim.Adam(net.arch_parameters(), lr=6e-3, betas=(0.5, 0.999), weight_decay=1e-3,
-                         foreach=foreach)
-    return w, a
-
-
-def _optimizer_state(net, opt):
-    """{state key: {release-layout name: tensor}} of an optimizer over ``net``'s parameters."""
-    names = {id(p): n for n, p in net.named_parameters()}
-    by_key = {}
-    for p, state in opt.state.items():
-        for key, value in state.items():
-            by_key.setdefault(key, {})[names[id(p)]] = value
-    return {key: net.release_layout(named) for key, named in by_key.items()}
-
-
-def _random_stage_switches(n_ops, seed, none):
-    """Different ops on different edges, as pruning leaves them; `none` on for every edge
-    (none="all"), off for every edge ("off") or on some edges only ("some")."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for e in range(14):
-        with_none = none == "all" or (none == "some" and e % 2 == 0)
-        others = (torch.randperm(7, generator=g)[: n_ops - with_none] + 1).tolist()
-        rows.append([(k == 0 and with_none) or k in others for k in range(8)])
-    return rows
-
-
 @pytest.mark.parametrize("n_ops,none", [(8, "all"), (5, "some"), (5, "off"), (3, "all"),
                                         (3, "some"), (3, "off")])
 def test_batched_search_step_equals_plain(n_ops, none, test_device):
@@ -136,8 +108,8 @@ def test_batched_search_step_equals_plain(n_ops, none, test_device):
     from model_search import Network
     from train_search import search_step
 
-    sw_n = _random_stage_switches(n_ops, 1, "all" if n_ops == 8 else none)
-    sw_r = _random_stage_switches(n_ops, 2, "all" if n_ops == 8 else none)
+    sw_n = random_stage_switches(n_ops, 1, "all" if n_ops == 8 else none)
+    sw_r = random_stage_switches(n_ops, 2, "all" if n_ops == 8 else none)
     # In float64: with BN over 4 images of 2x2 pixels in the last cells, float32
     # rounding (the two paths sum in different orders) can grow past 1e-5 within a few
     # steps for some initial weights; float64 leaves only the maths to compare.
@@ -151,7 +123,7 @@ def test_batched_search_step_equals_plain(n_ops, none, test_device):
     plain.to(test_device)
     fast.to(test_device)
     before = {k: v.clone() for k, v in plain.state_dict().items()}
-    (pw, pa), (fw, fa) = _search_opts(plain, False), _search_opts(fast, True)
+    (pw, pa), (fw, fa) = search_optimizers(plain, False), search_optimizers(fast, True)
     g = torch.Generator().manual_seed(1)
     for step in range(4):
         x_w, x_a = (torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64).to(test_device)
@@ -174,7 +146,7 @@ def test_batched_search_step_equals_plain(n_ops, none, test_device):
                  if n_ops == 8 else "classifier.weight"):   # the steps moved them
         assert not torch.equal(plain_state[name], before[name]), name
     for opt_p, opt_f, net_p, net_f in ((pw, fw, plain, fast), (pa, fa, plain, fast)):
-        sp, sf = _optimizer_state(net_p, opt_p), _optimizer_state(net_f, opt_f)
+        sp, sf = optimizer_state(net_p, opt_p), optimizer_state(net_f, opt_f)
         assert sp.keys() == sf.keys()
         for key in sp:
             assert sp[key].keys() == sf[key].keys(), key
@@ -209,7 +181,7 @@ def test_search_step_default_equals_plain(n_ops, test_device):
 
     plain, fast = (net.to(test_device)
                    for net in _search_pair(n_ops, drop_rate=0.0, dtype=torch.float64))
-    (pw, pa), (fw, fa) = _search_opts(plain, False), _search_opts(fast, True)
+    (pw, pa), (fw, fa) = search_optimizers(plain, False), search_optimizers(fast, True)
     alphas_before = fast.alphas_normal.detach().clone()
     g = torch.Generator().manual_seed(1)
     for step in range(4):
@@ -229,7 +201,7 @@ def test_search_step_default_equals_plain(n_ops, test_device):
         assert name == name_f
         torch.testing.assert_close(a, b, **TOL, msg=name)
     for opt_p, opt_f in ((pw, fw), (pa, fa)):
-        sp, sf = _optimizer_state(plain, opt_p), _optimizer_state(fast, opt_f)
+        sp, sf = optimizer_state(plain, opt_p), optimizer_state(fast, opt_f)
         for key in sp:
             for name in sp[key]:
                 torch.testing.assert_close(sf[key][name], sp[key][name], **TOL, msg=key)
@@ -244,7 +216,7 @@ def test_search_step_through_a_compiled_forward():
     from train_search import search_step
 
     nets = _search_pair(5)[1], _search_pair(5)[1]
-    opts = [_search_opts(n, True) for n in nets]
+    opts = [search_optimizers(n, True) for n in nets]
     graphs = []
 
     def counting_backend(gm, example_inputs):     # the eager backend, counting captures
@@ -285,7 +257,7 @@ def test_search_step_autocasts_with_amp_bf16():
     from train_search import search_step
 
     nets = _search_pair(5)[1], _search_pair(5)[1]
-    opts = [_search_opts(n, True) for n in nets]
+    opts = [search_optimizers(n, True) for n in nets]
     g = torch.Generator().manual_seed(3)
     batches = [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g))
                for _ in range(2)]
@@ -317,14 +289,14 @@ def test_search_step_dispatches_a_third_of_the_plain_operators(n_ops, layers):
             self.n += 1
             return func(*args, **(kwargs or {}))
 
-    sw_n = _random_stage_switches(n_ops, 3, "all")
-    sw_r = _random_stage_switches(n_ops, 4, "all")
+    sw_n = random_stage_switches(n_ops, 3, "all")
+    sw_r = random_stage_switches(n_ops, 4, "all")
     counts = {}
     for plain in (True, False):
         torch.manual_seed(0)
         net = Network(4, 10, layers, sw_n, sw_r, drop_rate=0.3, skip_zero=not plain,
                       batched=not plain)
-        w_opt, a_opt = _search_opts(net, not plain)
+        w_opt, a_opt = search_optimizers(net, not plain)
         batch = (torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))
         step = reference_search_step if plain else search_step
         step(net, batch, batch, w_opt, a_opt, 5.0, True)   # warm: optimizer state exists
